@@ -1,0 +1,10 @@
+"""Plain-32 on CIFAR-10 (§4.2, Fig. 6 left): ResNet-32 without shortcuts."""
+
+from configs import default as default_lib
+
+
+def get_config():
+  config = default_lib.get_config()
+  config.depth = 32
+  config.residual = False
+  return config

@@ -1,0 +1,98 @@
+r"""Command line of resnet_jax.
+
+  python -m resnet_jax.main --config=configs/resnet56.py --mode=summary
+  python -m resnet_jax.main --config=configs/resnet56.py --workdir=DIR
+
+Any config field can be overridden, e.g. ``--config.batch_size=64``. A config
+that does not describe a network or run of the paper is one error line on
+stderr and exit status 2.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+import ml_collections
+from ml_collections import config_flags
+
+from resnet_jax import input_pipeline
+from resnet_jax import models
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+flags.DEFINE_enum('mode', 'summary', ['summary'],
+                  'summary: print the layer table, parameter count and '
+                  'multiply-adds per image.')
+config_flags.DEFINE_config_file(
+    'config', None, 'A config file from configs/.', lock_config=True)
+flags.mark_flags_as_required(['config'])
+
+USER_ERRORS = (models.ModelError, input_pipeline.DataError)
+
+
+def fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def summary(config) -> str:
+  """The layer table of a config's network, its parameters and multiply-adds."""
+  info = input_pipeline.dataset_info(config.dataset)
+  model = models.from_config(config, info.num_classes)
+  rows, variables = models.layer_table(model, info.image_size)
+  params = models.param_count(variables['params'])
+  macs = sum(row['macs'] for row in rows)
+  width = max(len(row['name']) for row in rows)
+  lines = [
+      f'{models.display_name(config)} ({config.model}, shortcut '
+      f'{config.shortcut if config.residual else "none"}) for '
+      f'{config.dataset}, {info.image_size}x{info.image_size} input',
+      f'{"layer":<{width}}  {"kernel":>6}  {"output":>12}  {"params":>10}  '
+      f'{"mult-adds":>13}',
+  ]
+  for row in rows:
+    output = 'x'.join(map(str, row['output']))
+    lines.append(f'{row["name"]:<{width}}  {row["kernel"]:>6}  {output:>12}  '
+                 f'{row["params"]:>10,}  {row["macs"]:>13,}')
+  lines += [
+      f'Parameters: {params:,} (conv and dense weights above, plus BN scale '
+      'and bias)',
+      f'Multiply-adds per image: {macs:,} ({macs / 1e9:.2f} x10^9)',
+  ]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = FLAGS.config
+  if not isinstance(config, ml_collections.ConfigDict):
+    try:
+      getattr(config, 'model', None)  # A deferred failed load raises here.
+    except OSError as e:
+      fail(f'cannot load the config file: {str(e).splitlines()[-1].strip()}')
+    fail('the config file\'s get_config() must return a ConfigDict')
+  try:
+    if FLAGS.mode == 'summary':
+      print(summary(config))
+  except USER_ERRORS as e:
+    fail(str(e))
+
+
+def parse_flags(argv):
+  """absl's parser, with a flag error as one line and exit status 2."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
+  except (AttributeError, KeyError) as e:  # --config.<unknown field>=...
+    field = str(e).strip('"\'')
+    fail(f'unknown config field {field!r} (every field is in '
+         'configs/default.py)')
+  except Exception as e:  # pylint: disable=broad-except
+    # The config file's own code raised (a syntax error, a bad import).
+    fail(f'cannot load the config file: {type(e).__name__}: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,308 @@
+"""The networks of *Deep Residual Learning for Image Recognition* (He et al., 2015).
+
+Two families share one implementation:
+
+* ``model='cifar'`` -- the CIFAR-10 nets of §4.2 / Table 6: a 3x3 conv with 16
+  filters, three stages of ``n`` basic blocks on 32/16/8-pixel maps with
+  16/32/64 filters, global average pooling and a dense classifier. Depth is
+  ``6n + 2`` (ResNet-20, 32, 44, 56, 110, 1202).
+* ``model='imagenet'`` -- the ImageNet nets of Table 1 / §3.3: a 7x7/2 conv
+  with 64 filters and a 3x3/2 max pool, then four stages of basic blocks
+  (18, 34 layers) or bottleneck blocks (50, 101, 152 layers). With
+  ``stem='3x3'`` the same stages run on 32-pixel images behind a 3x3/1 stem
+  and no pool: the CIFAR ResNet-18 of the common PyTorch reproductions.
+
+``residual=False`` gives the *plain* twin of each net: the same stack without
+the shortcut additions and with the same number of parameters (option A adds
+none). Shortcut options follow §3.3 and Table 3:
+
+* ``'A'`` identity; where dimensions grow, the input is subsampled with stride 2
+  and the new channels are zero (padded evenly on both sides), no parameters;
+* ``'B'`` identity, and a projection (1x1 conv + BN) where dimensions grow;
+* ``'C'`` a projection on every block.
+
+Numerical conventions match the reference implementations: symmetric explicit
+padding (1 for 3x3 convs, also with stride 2; 3 for the 7x7 stem; 1 for the
+max pool), He normal initialisation (fan-in, gain 2), BatchNorm with epsilon
+1e-5 and momentum 0.9 (PyTorch's 0.1), no bias on convolutions.
+"""
+
+from collections.abc import Callable, Sequence
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SHORTCUTS = ('A', 'B', 'C')
+BOTTLENECK_STRIDES = ('1x1', '3x3')
+STEMS = ('3x3', '7x7')
+
+# Table 1: blocks per stage, and whether the stages are built from bottlenecks.
+IMAGENET_STAGES = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+}
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+CIFAR_WIDTHS = (16, 32, 64)
+BOTTLENECK_EXPANSION = 4
+
+# He et al. initialise with zero-mean Gaussians of std sqrt(2 / fan_in) (the
+# untruncated normal of PyTorch's kaiming_normal_, not jax's he_normal).
+he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
+
+
+class ModelError(ValueError):
+  """A model configuration that does not describe a network of the paper."""
+
+
+def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  """Symmetric padding for a k x k window (Flax 'SAME' is asymmetric at stride 2)."""
+  return ((k // 2, k // 2), (k // 2, k // 2))
+
+
+def conv_layer(features: int, kernel: int, strides: int, *, name: str,
+          dtype) -> nn.Conv:
+  """A k x k bias-free conv with symmetric padding and He initialisation."""
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                 padding=_pad(kernel), use_bias=False, kernel_init=he_normal,
+                 dtype=dtype, name=name)
+
+
+class Block(nn.Module):
+  """A basic (two 3x3 convs, Fig. 2) or bottleneck (1x1-3x3-1x1, Fig. 5) block.
+
+  Every BN output that follows a 3x3 conv is sown into the ``intermediates``
+  collection as ``response``: the layer responses of Fig. 7 (§4.2).
+  """
+  width: int
+  strides: int
+  bottleneck: bool
+  residual: bool
+  shortcut: str
+  bottleneck_stride: str
+  zero_init_residual: bool
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+
+  @nn.compact
+  def __call__(self, x):
+    out_features = self.width * (BOTTLENECK_EXPANSION if self.bottleneck else 1)
+    last_scale_init = (nn.initializers.zeros if self.zero_init_residual
+                       else nn.initializers.ones)
+    if self.bottleneck:
+      s1, s3 = ((self.strides, 1) if self.bottleneck_stride == '1x1'
+                else (1, self.strides))
+      y = self.conv(self.width, 1, s1, name='conv1')(x)
+      y = nn.relu(self.norm(name='bn1')(y))
+      y = self.conv(self.width, 3, s3, name='conv2')(y)
+      y = self.norm(name='bn2')(y)
+      self.sow('intermediates', 'response', y)
+      y = nn.relu(y)
+      y = self.conv(out_features, 1, 1, name='conv3')(y)
+      y = self.norm(scale_init=last_scale_init, name='bn3')(y)
+    else:
+      y = self.conv(self.width, 3, self.strides, name='conv1')(x)
+      y = self.norm(name='bn1')(y)
+      self.sow('intermediates', 'response', y)
+      y = nn.relu(y)
+      y = self.conv(out_features, 3, 1, name='conv2')(y)
+      y = self.norm(scale_init=last_scale_init, name='bn2')(y)
+      self.sow('intermediates', 'response', y)
+    if not self.residual:
+      return nn.relu(y)
+
+    grows = self.strides != 1 or x.shape[-1] != out_features
+    if self.shortcut == 'C' or (self.shortcut == 'B' and grows):
+      x = self.conv(out_features, 1, self.strides, name='proj_conv')(x)
+      x = self.norm(name='proj_bn')(x)
+    elif grows:  # Option A: subsample, then zero-pad the new channels.
+      x = x[:, ::self.strides, ::self.strides, :]
+      extra = out_features - x.shape[-1]
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """A ResNet (or plain net) of the paper; see the module docstring.
+
+  Attributes:
+    stage_sizes: blocks per stage.
+    widths: filters of each stage (bottleneck blocks output 4x as many).
+    stem: '3x3' (3x3/1 conv, no pool; §4.2) or '7x7' (7x7/2 conv + 3x3/2 max
+      pool; Table 1).
+    bottleneck: bottleneck blocks (Fig. 5 right) instead of basic ones.
+    residual: False builds the plain net.
+    shortcut: option 'A', 'B' or 'C' (§3.3).
+    bottleneck_stride: '1x1' strides the first 1x1 conv of a bottleneck (the
+      paper, "v1"); '3x3' strides its 3x3 conv ("v1.5", torchvision and flax).
+    zero_init_residual: initialise the last BN scale of each residual branch
+      to zero (Goyal et al., 2017); the paper does not.
+    num_classes: outputs of the final dense layer.
+    dtype: computation dtype; parameters stay float32.
+  """
+  stage_sizes: Sequence[int]
+  widths: Sequence[int]
+  stem: str
+  bottleneck: bool = False
+  residual: bool = True
+  shortcut: str = 'A'
+  bottleneck_stride: str = '1x1'
+  zero_init_residual: bool = False
+  num_classes: int = 10
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    conv = functools.partial(conv_layer, dtype=self.dtype)
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9,
+        epsilon=1e-5, dtype=self.dtype)
+    x = jnp.asarray(x, self.dtype)
+    if self.stem == '7x7':
+      x = conv(self.widths[0], 7, 2, name='conv_init')(x)
+      x = nn.relu(norm(name='bn_init')(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+    else:
+      x = conv(self.widths[0], 3, 1, name='conv_init')(x)
+      x = norm(name='bn_init')(x)
+      self.sow('intermediates', 'response', x)
+      x = nn.relu(x)
+    for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
+      for j in range(size):
+        x = Block(
+            width=width,
+            strides=2 if i > 0 and j == 0 else 1,
+            bottleneck=self.bottleneck,
+            residual=self.residual,
+            shortcut=self.shortcut,
+            bottleneck_stride=self.bottleneck_stride,
+            zero_init_residual=self.zero_init_residual,
+            conv=conv,
+            norm=norm,
+            name=f'stage{i + 1}_block{j + 1}')(x)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=he_normal,
+                 name='head')(x)
+    return jnp.asarray(x, jnp.float32)
+
+
+def create_model(*, model: str, depth: int, num_classes: int,
+                 residual: bool = True, shortcut: str = 'A',
+                 stem: str | None = None, bottleneck_stride: str = '1x1',
+                 zero_init_residual: bool = False,
+                 dtype: str = 'float32') -> ResNet:
+  """Builds a paper network by family and depth; raises ModelError otherwise."""
+  if shortcut not in SHORTCUTS:
+    raise ModelError(f'shortcut must be one of {", ".join(SHORTCUTS)} (§3.3), '
+                     f'got {shortcut!r}')
+  if bottleneck_stride not in BOTTLENECK_STRIDES:
+    raise ModelError(f'bottleneck_stride must be "1x1" (paper) or "3x3" '
+                     f'(v1.5), got {bottleneck_stride!r}')
+  if dtype not in ('float32', 'bfloat16'):
+    raise ModelError(f'dtype must be float32 or bfloat16, got {dtype!r}')
+  if model == 'cifar':
+    if depth < 8 or (depth - 2) % 6:
+      raise ModelError(f'CIFAR nets have depth 6n+2 with n >= 1 (20, 32, 44, '
+                       f'56, 110, 1202), got {depth}')
+    if stem not in (None, '3x3'):
+      raise ModelError(f'the CIFAR nets of §4.2 have a 3x3 stem, got {stem!r}')
+    n = (depth - 2) // 6
+    stage_sizes, widths, bottleneck, stem = (n,) * 3, CIFAR_WIDTHS, False, '3x3'
+  elif model == 'imagenet':
+    if depth not in IMAGENET_STAGES:
+      raise ModelError(f'ImageNet nets (Table 1) have depth '
+                       f'{", ".join(map(str, IMAGENET_STAGES))}, got {depth}')
+    if stem not in (None, *STEMS):
+      raise ModelError(f'stem must be "7x7" or "3x3", got {stem!r}')
+    stage_sizes, bottleneck = IMAGENET_STAGES[depth]
+    widths, stem = IMAGENET_WIDTHS, stem or '7x7'
+  else:
+    raise ModelError(f'unknown model {model!r}: use "cifar" (§4.2) or '
+                     f'"imagenet" (Table 1)')
+  return ResNet(
+      stage_sizes=stage_sizes, widths=widths, stem=stem, bottleneck=bottleneck,
+      residual=residual, shortcut=shortcut,
+      bottleneck_stride=bottleneck_stride,
+      zero_init_residual=zero_init_residual, num_classes=num_classes,
+      dtype=jnp.dtype(dtype))
+
+
+def param_count(params) -> int:
+  """Number of trainable parameters (BN running statistics are not)."""
+  return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def layer_table(model: ResNet, image_size: int):
+  """Lists every conv and dense layer with its output shape and cost.
+
+  Runs abstractly (no arrays are computed). Returns ``(rows, variables)``,
+  each row a dict with ``name``, ``kernel`` (e.g. '3x3/2'), ``output`` shape
+  (without batch), ``params`` and ``macs`` (multiply-adds per image, the
+  paper's measure of complexity in Table 1).
+  """
+  rows = []
+
+  def record(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    module = context.module
+    if context.method_name == '__call__' and isinstance(
+        module, (nn.Conv, nn.Dense)):
+      x = args[0]
+      if isinstance(module, nn.Conv):
+        k = module.kernel_size
+        kernel = f'{k[0]}x{k[1]}/{module.strides[0]}'
+        macs = int(np.prod(y.shape[1:])) * int(np.prod(k)) * x.shape[-1]
+        params = int(np.prod(k)) * x.shape[-1] * module.features
+      else:
+        kernel = 'dense'
+        macs = x.shape[-1] * module.features
+        params = macs + module.features
+      rows.append(dict(name='/'.join(module.path), kernel=kernel,
+                       output=tuple(y.shape[1:]), params=params, macs=macs))
+    return y
+
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(
+        functools.partial(model.init, train=False), jax.random.key(0), x)
+  return rows, variables
+
+
+def layer_responses(model: ResNet, variables, x) -> list[jax.Array]:
+  """Outputs of every 3x3 conv's BN, before the ReLU or the addition (Fig. 7).
+
+  Evaluates ``x`` in inference mode and returns the responses in network
+  order (stem first), each of shape ``x.shape[:1] + (h, w, c)``.
+  """
+  _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  # Sown values are stored in call order, which Python dicts keep.
+  found = []
+
+  def walk(tree):
+    for key, value in tree.items():
+      if key == 'response':
+        found.extend(value)
+      else:
+        walk(value)
+
+  walk(state['intermediates'])
+  return found
+
+
+def from_config(config, num_classes: int) -> ResNet:
+  """The network a config names (fields as in configs/default.py)."""
+  return create_model(
+      model=config.model, depth=config.depth, num_classes=num_classes,
+      residual=config.residual, shortcut=config.shortcut,
+      stem=config.stem or None, bottleneck_stride=config.bottleneck_stride,
+      zero_init_residual=config.zero_init_residual, dtype=config.dtype)
+
+
+def display_name(config) -> str:
+  """The paper's name for a config's network, e.g. 'ResNet-56' or 'plain-34'."""
+  return f'{"ResNet" if config.residual else "plain"}-{config.depth}'

@@ -1,0 +1,95 @@
+"""The command line: summaries of every config, and one-line errors."""
+
+import importlib
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from resnet_jax import main
+
+ROOT = pathlib.Path(__file__).parent.parent
+CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
+
+# Paper §4.2 / Table 1 counts (option A for CIFAR and plain nets, option B for
+# the ImageNet ResNets, as their configs choose).
+PARAMETERS = {
+    'default': 269_722, 'smoke': 75_290,
+    'resnet20': 269_722, 'resnet32': 464_154, 'resnet44': 658_586,
+    'resnet56': 853_018, 'resnet110': 1_727_962, 'resnet1202': 19_421_274,
+    'plain20': 269_722, 'plain32': 464_154, 'plain44': 658_586,
+    'plain56': 853_018, 'plain110': 1_727_962,
+    'imagenet_resnet18': 11_689_512, 'imagenet_resnet34': 21_797_672,
+    'imagenet_resnet50': 25_557_032, 'imagenet_resnet101': 44_549_160,
+    'imagenet_resnet152': 60_192_808,
+    # Option B minus its three projections (1x1 conv + BN at 64->128->256->512).
+    'imagenet_plain18': 11_689_512 - 173_824,
+    'imagenet_plain34': 21_797_672 - 173_824,
+    'cifar_resnet18': 11_173_962,
+}
+
+
+def run(*args):
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def summary_numbers(text):
+  params = re.search(r'^Parameters: ([\d,]+)', text, re.M).group(1)
+  macs = re.search(r'^Multiply-adds per image: ([\d,]+)', text, re.M).group(1)
+  return params, macs
+
+
+def test_every_config_is_listed():
+  assert set(CONFIGS) == set(PARAMETERS)
+
+
+@pytest.fixture(scope='module')
+def summaries():
+  out = {}
+  for name in CONFIGS:
+    config = importlib.import_module(f'configs.{name}').get_config()
+    out[name] = main.summary(config)
+  return out
+
+
+def test_every_config_has_the_paper_parameter_count(summaries):
+  for name, text in summaries.items():
+    assert summary_numbers(text)[0] == f'{PARAMETERS[name]:,}', name
+
+
+def test_readme_table_is_the_summary_output(summaries):
+  readme = (ROOT / 'README.md').read_text()
+  for name, text in summaries.items():
+    params, macs = summary_numbers(text)
+    row = f'| `configs/{name}.py` | {text.split()[0]} | {params} | {macs} |'
+    assert row in readme, f'README is stale for {name}: expected {row}'
+
+
+def test_summary_command():
+  result = run('--config=configs/resnet56.py', '--mode=summary')
+  assert result.returncode == 0, result.stderr
+  assert 'Parameters: 853,018 ' in result.stdout
+  assert 'Multiply-adds per image: 125,485,696 ' in result.stdout
+  # One row per conv and dense layer: 1 + 2 * 27 + 1.
+  assert len(re.findall(r'^(conv_init|stage|head)', result.stdout, re.M)) == 56
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--config.depth=57'], 'depth 6n+2'),
+    (['--config.shortcut=D'], 'shortcut must be one of A, B, C'),
+    (['--config.model=vgg'], "unknown model 'vgg'"),
+    (['--config.dataset=mnist'], "unknown dataset 'mnist'"),
+    (['--config.no_such_field=1'], "unknown config field 'no_such_field'"),
+    (['--config.depth=deep'], 'invalid literal'),
+    (['--config=configs/missing.py'], 'No such file'),
+    (['--mode=sumary'], 'value should be one of'),
+])
+def test_bad_input_is_one_error_line_and_exit_2(args, message):
+  result = run('--config=configs/resnet56.py', '--mode=summary', *args)
+  assert result.returncode == 2
+  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and message in errors[0], result.stderr
+  assert 'Traceback' not in result.stderr

@@ -1,0 +1,189 @@
+"""The networks match the paper and its reference implementations exactly."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import models
+
+
+def cifar(depth, **kwargs):
+  return models.create_model(model='cifar', depth=depth, num_classes=10,
+                             **kwargs)
+
+
+def imagenet(depth, **kwargs):
+  return models.create_model(model='imagenet', depth=depth, num_classes=1000,
+                             **kwargs)
+
+
+def count(model, image_size=32):
+  rows, variables = models.layer_table(model, image_size)
+  return models.param_count(variables['params']), sum(r['macs'] for r in rows)
+
+
+def init(model, x):
+  return model.init(jax.random.key(0), x, train=False)
+
+
+@pytest.mark.parametrize('depth, params', [
+    (20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018),
+    (110, 1_727_962), (1202, 19_421_274)])
+def test_cifar_parameter_counts(depth, params):
+  assert count(cifar(depth))[0] == params
+  assert count(cifar(depth, residual=False))[0] == params  # The plain twin.
+
+
+def test_projection_shortcuts_add_exactly_their_parameters():
+  # B: a 1x1 conv + BN at the two places where dimensions grow (16->32->64).
+  b = 16 * 32 + 2 * 32 + 32 * 64 + 2 * 64
+  assert count(cifar(20, shortcut='B'))[0] == 269_722 + b
+  # C: one on each of the 9 blocks.
+  c = 3 * (16 * 16 + 2 * 16) + 2 * (32 * 32 + 2 * 32) + 2 * (64 * 64 + 2 * 64)
+  assert count(cifar(20, shortcut='C'))[0] == 269_722 + b + c
+
+
+@pytest.mark.parametrize('depth, params, paper_gmacs', [
+    (18, 11_689_512, 1.8), (34, 21_797_672, 3.6), (50, 25_557_032, 3.8),
+    (101, 44_549_160, 7.6), (152, 60_192_808, 11.3)])
+def test_imagenet_parameters_and_multiply_adds(depth, params, paper_gmacs):
+  n, macs = count(imagenet(depth, shortcut='B'), 224)
+  assert n == params
+  assert macs / 1e9 == pytest.approx(paper_gmacs, rel=0.05)
+  if depth >= 50:  # v1.5 moves the stride to the 3x3 conv: same parameters,
+    n15, macs15 = count(  # more work.
+        imagenet(depth, shortcut='B', bottleneck_stride='3x3'), 224)
+    assert n15 == params and macs15 > macs * 1.02
+
+
+def test_imagenet_plain_nets_match_their_resnets():
+  for depth in (18, 34):
+    assert count(imagenet(depth, residual=False), 224) == count(
+        imagenet(depth, shortcut='A'), 224)
+
+
+def test_cifar_resnet18_of_the_reproductions():
+  model = models.create_model(model='imagenet', depth=18, num_classes=10,
+                              shortcut='B', stem='3x3')
+  rows, variables = models.layer_table(model, 32)
+  assert models.param_count(variables['params']) == 11_173_962
+  assert rows[-2]['output'] == (4, 4, 512)  # No max pool: 32 -> 4 px.
+
+
+def test_stage_shapes_follow_table_1():
+  rows, _ = models.layer_table(imagenet(50), 224)
+  outputs = {r['name'].split('/')[0]: r['output'] for r in rows}
+  assert outputs['conv_init'] == (112, 112, 64)
+  assert outputs['stage1_block1'] == (56, 56, 256)
+  assert outputs['stage4_block3'] == (7, 7, 2048)
+
+
+@pytest.mark.parametrize('kwargs', [
+    dict(model='cifar', depth=21), dict(model='cifar', depth=2),
+    dict(model='imagenet', depth=20), dict(model='vgg', depth=16),
+    dict(model='cifar', depth=20, shortcut='D'),
+    dict(model='cifar', depth=20, stem='7x7'),
+    dict(model='cifar', depth=20, bottleneck_stride='2x2'),
+    dict(model='cifar', depth=20, dtype='float16')])
+def test_invalid_models_are_rejected(kwargs):
+  with pytest.raises(models.ModelError):
+    models.create_model(num_classes=10, **kwargs)
+
+
+def block(**kwargs):
+  """One block in inference mode, with the model's conv and BN."""
+  defaults = dict(
+      bottleneck=False, residual=True, shortcut='A', bottleneck_stride='1x1',
+      zero_init_residual=False,
+      conv=functools.partial(models.conv_layer, dtype=jnp.float32),
+      norm=functools.partial(nn.BatchNorm, use_running_average=True))
+  return models.Block(**(defaults | kwargs))
+
+
+def test_option_a_subsamples_and_zero_pads_evenly():
+  # With the residual branch's last BN scale at zero, a block outputs
+  # relu(shortcut(x)): the shortcut alone.
+  b = block(width=32, strides=2, zero_init_residual=True)
+  x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 16))
+  y = b.apply(b.init(jax.random.key(0), x), x)
+  assert y.shape == (2, 4, 4, 32)
+  np.testing.assert_array_equal(y[..., :8], 0)
+  np.testing.assert_array_equal(y[..., 24:], 0)
+  np.testing.assert_allclose(y[..., 8:24], x[:, ::2, ::2, :], rtol=1e-6)
+
+
+def test_strided_blocks_pad_symmetrically():
+  # Output row 0 of a 3x3/2 conv padded by 1 on both sides sees input rows
+  # 0-1; the next 3x3 conv widens that to rows 0-3. Flax 'SAME' pads a
+  # stride-2 conv by 0 before and 1 after, which would reach row 4.
+  b = block(width=32, strides=2, residual=False)
+  x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 16))
+  variables = b.init(jax.random.key(0), x)
+  grad = jax.grad(lambda x: b.apply(variables, x)[0, 0, 0].sum())(x)
+  rows = np.nonzero(np.abs(grad).sum(axis=(0, 2, 3)))[0]
+  assert list(rows) == [0, 1, 2, 3]
+
+
+def test_he_normal_initialisation_is_untruncated():
+  variables = init(cifar(20), jnp.ones((1, 32, 32, 3)))
+  kernel = variables['params']['stage3_block2']['conv1']['kernel']
+  std = np.sqrt(2 / (3 * 3 * 64))
+  assert np.std(kernel) == pytest.approx(std, rel=0.03)
+  assert np.abs(kernel).max() > 3 * std  # A 2-sigma truncation cuts these.
+  head = variables['params']['head']
+  np.testing.assert_array_equal(head['bias'], 0)
+  assert np.std(head['kernel']) == pytest.approx(np.sqrt(2 / 64), rel=0.2)
+
+
+def test_batchnorm_uses_pytorch_momentum_and_epsilon():
+  model = cifar(8)
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  variables = init(model, x)
+  _, state = model.apply(variables, x, mutable=['batch_stats', 'intermediates'],
+                         capture_intermediates=True)
+  conv_out = state['intermediates']['conv_init']['__call__'][0]
+  mean = state['batch_stats']['bn_init']['mean']
+  np.testing.assert_allclose(mean, 0.1 * conv_out.mean(axis=(0, 1, 2)),
+                             rtol=1e-4, atol=1e-7)
+  # Training-mode output is (h - mean) / sqrt(var + 1e-5).
+  response = state['intermediates']['response'][0]
+  var = conv_out.var(axis=(0, 1, 2))
+  expected = (conv_out - conv_out.mean(axis=(0, 1, 2))) / np.sqrt(var + 1e-5)
+  np.testing.assert_allclose(response, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_layer_responses_in_network_order():
+  model = cifar(20)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = init(model, x)
+  responses = models.layer_responses(model, variables, x)
+  assert len(responses) == 19  # The stem and the 18 convs of 9 blocks.
+  assert [r.shape[1:] for r in responses] == (
+      [(32, 32, 16)] * 7 + [(16, 16, 32)] * 6 + [(8, 8, 64)] * 6)
+  # The read-out leaves the model's output unchanged.
+  np.testing.assert_array_equal(
+      model.apply(variables, x, train=False),
+      model.apply(variables, x, train=False, mutable=['intermediates'])[0])
+  # Bottlenecks have one 3x3 conv per block; the 7x7 stem is not 3x3.
+  model = imagenet(50)
+  x = jnp.ones((1, 64, 64, 3))
+  assert len(models.layer_responses(model, init(model, x), x)) == 16
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  f32, bf16 = cifar(20), cifar(20, dtype='bfloat16')
+  variables = init(f32, x)
+  assert all(p.dtype == jnp.float32
+             for p in jax.tree.leaves(init(bf16, x)['params']))
+  responses = models.layer_responses(bf16, variables, x)
+  assert responses[0].dtype == jnp.bfloat16
+  out32 = f32.apply(variables, x, train=False)
+  out16 = bf16.apply(variables, x, train=False)
+  assert out16.dtype == jnp.float32
+  assert not np.array_equal(out16, out32)
+  np.testing.assert_allclose(out16, out32, atol=0.1 * np.abs(out32).max())
