@@ -1,33 +1,51 @@
 r"""Command line of resnet_jax.
 
-  python -m resnet_jax.main --config=configs/resnet56.py --mode=summary
   python -m resnet_jax.main --config=configs/resnet56.py --workdir=DIR
+  python -m resnet_jax.main --config=configs/resnet56.py --workdir=DIR \
+      --mode=eval
+  python -m resnet_jax.main --config=configs/resnet56.py --mode=summary
+
+Training resumes from the workdir's latest checkpoint. On several hosts, run
+the same command on each with --distributed (and, where JAX cannot detect the
+cluster, --coordinator_address, --num_processes and --process_id).
 
 Any config field can be overridden, e.g. ``--config.batch_size=64``. A config
 that does not describe a network or run of the paper is one error line on
 stderr and exit status 2.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
 from absl import flags
+from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 
 from resnet_jax import input_pipeline
 from resnet_jax import models
+from resnet_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-flags.DEFINE_enum('mode', 'summary', ['summary'],
-                  'summary: print the layer table, parameter count and '
-                  'multiply-adds per image.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'summary'],
+                  'train: train and evaluate, resuming from the workdir; '
+                  'eval: test error of a checkpoint in the workdir; summary: '
+                  'the layer table, parameter count and multiply-adds.')
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() (multi-host runs).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, with --distributed.')
+flags.DEFINE_integer('num_processes', None, 'With --distributed.')
+flags.DEFINE_integer('process_id', None, 'With --distributed.')
 config_flags.DEFINE_config_file(
     'config', None, 'A config file from configs/.', lock_config=True)
 flags.mark_flags_as_required(['config'])
 
-USER_ERRORS = (models.ModelError, input_pipeline.DataError)
+USER_ERRORS = (models.ModelError, input_pipeline.DataError,
+               train.TrainingError)
 
 
 def fail(message: str):
@@ -62,7 +80,13 @@ def summary(config) -> str:
   return '\n'.join(lines)
 
 
+def quiet_orbax(record) -> bool:
+  """Keeps orbax's per-save INFO lines out of the console and logs."""
+  return 'orbax' not in record.pathname or record.levelno >= std_logging.WARNING
+
+
 def main(argv):
+  logging.get_absl_handler().python_handler.addFilter(quiet_orbax)
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   config = FLAGS.config
@@ -75,8 +99,31 @@ def main(argv):
   try:
     if FLAGS.mode == 'summary':
       print(summary(config))
+      return
+    if not FLAGS.workdir:
+      fail(f'--mode={FLAGS.mode} needs --workdir')
+    if FLAGS.distributed:
+      initialize_distributed()
+    if FLAGS.mode == 'train':
+      result = train.train_and_evaluate(config, FLAGS.workdir)
+      print(f'{models.display_name(config)}: final test error '
+            f'{result["error"]:.2f}% on {result["images"]} images')
+    else:
+      result = train.evaluate_checkpoint(config, FLAGS.workdir)
+      print(f'{models.display_name(config)} at step {result["step"]}: test '
+            f'error {result["error"]:.2f}% (top-1), '
+            f'{result["top5_error"]:.2f}% (top-5) on {result["images"]} '
+            'images')
   except USER_ERRORS as e:
     fail(str(e))
+
+
+def initialize_distributed():
+  """Joins the other processes of a multi-host run."""
+  # CPU processes talk through gloo; accelerators use their own collectives.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                             FLAGS.process_id)
 
 
 def parse_flags(argv):

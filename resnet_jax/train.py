@@ -1,0 +1,478 @@
+"""Training and evaluation on every device of every host (§3.4, §4.2).
+
+One loop for every scale: ``jax.jit`` over a 1-D ``data`` mesh of all devices
+(``jax.make_mesh``), the training state replicated and each global batch split
+across the devices, so BatchNorm statistics are those of the global batch.
+The optimiser is the paper's momentum SGD with weight decay, as decoupled L2
+in optax, on a piecewise-constant schedule in iterations (or epochs).
+
+clu (its writers import TensorFlow) and orbax are imported where they are
+used, so the training step imports with jax, flax and optax alone.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+import shutil
+import time
+from typing import Any
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from resnet_jax import input_pipeline
+from resnet_jax import models
+
+# The config fields that define the network: a workdir holds one of them.
+MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
+                'bottleneck_stride', 'dataset')
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on: bad settings, a diverged loss, a bad workdir."""
+
+
+class TrainState(train_state.TrainState):
+  """Everything a run needs to continue, all of it checkpointed."""
+  batch_stats: Any
+  rng: jax.Array  # Raw key data: batches and augmentation derive from it.
+  mean: jax.Array  # Input normalisation, from the training split.
+  std: jax.Array
+
+
+def schedule_in_steps(config, train_size: int) -> tuple[int, list[int]]:
+  """Training length and learning-rate boundaries in steps.
+
+  An epoch is ``train_size / batch_size`` steps (not rounded: epochs follow
+  each other without a gap); epoch counts round up to whole steps.
+  """
+  if config.schedule_unit == 'steps':
+    per_unit = 1
+  elif config.schedule_unit == 'epochs':
+    per_unit = train_size / config.batch_size
+  else:
+    raise TrainingError(f'schedule_unit must be steps or epochs, got '
+                        f'{config.schedule_unit!r}')
+  to_steps = lambda x: math.ceil(x * per_unit - 1e-9)
+  return to_steps(config.train_length), [to_steps(b) for b in
+                                         config.lr_boundaries]
+
+
+def learning_rate_schedule(config, boundaries: list[int]) -> optax.Schedule:
+  """Piecewise constant (x lr_factor at each boundary), after the warm-up.
+
+  The warm-up (§4.2, ResNet-110) runs at warmup_learning_rate for the first
+  warmup_steps steps; the boundaries stay where they are.
+  """
+  main = optax.piecewise_constant_schedule(
+      config.learning_rate, {b: config.lr_factor for b in boundaries})
+  if not config.warmup_steps:
+    return main
+  return lambda step: jnp.where(step < config.warmup_steps,
+                                config.warmup_learning_rate, main(step))
+
+
+def create_optimizer(config, schedule) -> optax.GradientTransformation:
+  """Weight decay as decoupled L2 before momentum SGD: the paper's update.
+
+  ``add_decayed_weights`` adds ``weight_decay * w`` to the gradient, which
+  momentum SGD then treats as part of it, exactly as Caffe and PyTorch apply
+  weight decay.
+  """
+  if config.weight_decay_mask == 'all':
+    mask = None
+  elif config.weight_decay_mask == 'kernels':
+    mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: path[-1].key == 'kernel', params)
+  else:
+    raise TrainingError(f'weight_decay_mask must be all or kernels, got '
+                        f'{config.weight_decay_mask!r}')
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay, mask),
+      optax.sgd(schedule, momentum=config.momentum,
+                nesterov=config.nesterov))
+
+
+def create_train_state(model, tx, seed: int, image_size: int, mean,
+                       std) -> TrainState:
+  params_key, data_key = jax.random.split(jax.random.key(seed))
+  variables = model.init(params_key, jnp.zeros((1, image_size, image_size, 3)),
+                         train=False)
+  return TrainState.create(
+      apply_fn=model.apply, params=variables['params'], tx=tx,
+      batch_stats=variables['batch_stats'],
+      rng=jax.random.key_data(data_key), mean=jnp.asarray(mean),
+      std=jnp.asarray(std))
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, images, labels, schedule):
+  """One step of momentum SGD on a batch of uint8 images (already augmented)."""
+  x = input_pipeline.normalize(images, state.mean, state.std)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
+        mutable=['batch_stats'])
+    return cross_entropy(logits, labels).mean(), (logits, updates)
+
+  grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  metrics = {
+      'loss': cross_entropy(logits, labels).mean(),
+      'error': jnp.mean(jnp.argmax(logits, -1) != labels),
+      'learning_rate': schedule(state.step),
+  }
+  state = state.apply_gradients(grads=grads,
+                                batch_stats=updates['batch_stats'])
+  return state, metrics
+
+
+def eval_step(state: TrainState, images, labels, mask):
+  """Sums of top-1/top-5 errors and loss over the unmasked examples."""
+  x = input_pipeline.normalize(images, state.mean, state.std)
+  logits = state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats}, x,
+      train=False)
+  top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+  return {
+      'count': mask.sum(),
+      'loss': jnp.sum(cross_entropy(logits, labels) * mask),
+      'error': jnp.sum((jnp.argmax(logits, -1) != labels) * mask),
+      'top5_error': jnp.sum(jnp.all(top5 != labels[:, None], -1) * mask),
+  }
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted steps of a run, sharded over ``mesh``."""
+  mesh: jax.sharding.Mesh
+  train: Any  # (state, images, labels) -> (state, metrics); on-device CIFAR.
+  eval: Any  # (state, images, labels, mask) -> sums.
+
+  @property
+  def replicated(self):
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch(self):
+    return NamedSharding(self.mesh, P('data'))
+
+
+def make_steps(mesh, schedule, batch_size: int, augment: bool) -> Steps:
+  """Jits the CIFAR training step (batch drawn on device) and the eval step.
+
+  The training step takes the whole uint8 training split, replicated, and
+  draws, augments and normalises its batch inside the same program.
+  """
+  replicated = NamedSharding(mesh, P())
+  batch = NamedSharding(mesh, P('data'))
+
+  def cifar_train_step(state, images, labels):
+    rng = jax.random.wrap_key_data(state.rng)
+    x, y = input_pipeline.train_batch(images, labels, rng, state.step,
+                                      batch_size, augment)
+    x = jax.lax.with_sharding_constraint(x, batch)
+    y = jax.lax.with_sharding_constraint(y, batch)
+    return train_step(state, x, y, schedule)
+
+  train = jax.jit(cifar_train_step, in_shardings=replicated,
+                  out_shardings=replicated, donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(replicated, batch, batch, batch),
+                     out_shardings=replicated)
+  return Steps(mesh, train, evaluate)
+
+
+def global_array(local: np.ndarray, sharding) -> jax.Array:
+  """This process's rows of a batch, as a slice of the global array."""
+  return jax.make_array_from_process_local_data(sharding, local)
+
+
+def replicate(array: np.ndarray, sharding) -> jax.Array:
+  """An array every process holds in full, replicated over all devices."""
+  return jax.make_array_from_callback(array.shape, sharding,
+                                      lambda index: array[index])
+
+
+def evaluate(steps: Steps, state, split: input_pipeline.Split,
+             batch_size: int) -> dict[str, float]:
+  """Top-1/top-5 error (%) and mean loss over a whole split.
+
+  The last batch is padded and masked; each process feeds its share of every
+  global batch.
+  """
+  processes, index = jax.process_count(), jax.process_index()
+  local = batch_size // processes
+  totals = None
+  for start in range(0, len(split), batch_size):
+    images = split.images[start:start + batch_size]
+    labels = split.labels[start:start + batch_size]
+    mask = np.ones(len(labels), np.float32)
+    pad = batch_size - len(labels)
+    if pad:
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:],
+                                                images.dtype)])
+      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
+    mine = slice(index * local, (index + 1) * local)
+    sums = steps.eval(state, *(global_array(a[mine], steps.batch)
+                               for a in (images, labels, mask)))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'error': 100 * totals['error'] / count,
+          'top5_error': 100 * totals['top5_error'] / count,
+          'loss': totals['loss'] / count, 'images': int(count)}
+
+
+def make_mesh(batch_sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
+  """A 1-D data mesh (of every device by default); batches must split on it."""
+  devices = jax.devices() if devices is None else devices
+  for name, size in batch_sizes.items():
+    if size % len(devices):
+      raise TrainingError(f'{name} {size} does not divide over '
+                          f'{len(devices)} devices; use a multiple of '
+                          f'{len(devices)}')
+  return jax.make_mesh((len(devices),), ('data',), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# Workdir: config.json, metrics.jsonl, checkpoints/ (orbax).
+
+
+def check_workdir_config(config, workdir: pathlib.Path):
+  """Records the config of a new run; refuses a workdir of another model."""
+  path = workdir / 'config.json'
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except ValueError as e:
+      raise TrainingError(f'{path} is unreadable: {e}') from e
+    different = [f'{k}: {saved.get(k)!r} there, {config[k]!r} here'
+                 for k in MODEL_FIELDS if saved.get(k) != config[k]]
+    if different:
+      raise TrainingError(f'{workdir} holds a run of another model ('
+                          f'{"; ".join(different)})')
+    return
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(config.to_json(indent=2, sort_keys=True) + '\n')
+
+
+class MetricsFile:
+  """metrics.jsonl: one JSON object per logged step, for plots and tables."""
+
+  def __init__(self, workdir: pathlib.Path, resume_step: int):
+    self.path = workdir / 'metrics.jsonl'
+    self.active = jax.process_index() == 0
+    if self.active and self.path.exists() and resume_step is not None:
+      # Drop what a killed run logged after its last checkpoint: the resumed
+      # run computes those steps again.
+      lines = [l for l in self.path.read_text().splitlines()
+               if l and json.loads(l)['step'] <= resume_step]
+      self.path.write_text(''.join(l + '\n' for l in lines))
+
+  def write(self, step: int, split: str, values: dict[str, float]):
+    if self.active:
+      record = {'step': step, 'split': split,
+                **{k: float(v) for k, v in values.items()}}
+      with self.path.open('a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def checkpoint_manager(workdir: pathlib.Path, keep: int, read_only=False):
+  """Keeps the latest ``keep`` checkpoints plus the best by validation error."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  policy = ocp.checkpoint_managers
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy.AnyPreservationPolicy([
+          policy.LatestN(n=keep),
+          policy.BestN(get_metric_fn=lambda m: m['validation_error'],
+                       reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False),
+      ]),
+      enable_async_checkpointing=not read_only, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager((workdir / 'checkpoints').absolute(),
+                               options=options)
+
+
+def restore(manager, abstract_state, step: int):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def abstract(state, sharding):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      state)
+
+
+def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
+  """The newest checkpoint that restores; broken newer ones are moved aside."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore(manager, abstract_state, step)
+    except Exception as e:  # pylint: disable=broad-except
+      aside = workdir / 'corrupt_checkpoints' / str(step)
+      logging.warning('Checkpoint %d is unreadable (%s: %s); moved to %s, '
+                      'falling back to the previous one.', step,
+                      type(e).__name__, str(e).splitlines()[0], aside)
+      print(f'warning: checkpoint {step} is unreadable; falling back to the '
+            f'previous one (moved to {aside})', flush=True)
+      if jax.process_index() == 0:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))
+      manager.reload()
+  return None
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
+def setup(config, devices=None):
+  """The pieces every mode shares: data, model, schedule, steps, state.
+
+  Returns (data, steps, initial state, total steps), on ``devices`` (all of
+  them by default).
+  """
+  info = input_pipeline.dataset_info(config.dataset)
+  model = models.from_config(config, info.num_classes)
+  if config.dataset == 'imagenet2012':
+    raise TrainingError('ImageNet training is not supported yet; use '
+                        '--mode=summary for the ImageNet nets')
+  mesh = make_mesh({'batch_size': config.batch_size,
+                    'eval_batch_size': config.eval_batch_size}, devices)
+  data = input_pipeline.load_cifar(config)
+  total_steps, boundaries = schedule_in_steps(config, len(data.train))
+  schedule = learning_rate_schedule(config, boundaries)
+  tx = create_optimizer(config, schedule)
+  steps = make_steps(mesh, schedule, config.batch_size, config.augment)
+  state = jax.jit(
+      functools.partial(create_train_state, model, tx, config.seed,
+                        info.image_size),
+      out_shardings=steps.replicated)(data.mean, data.std)
+  return data, steps, state, total_steps
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains (resuming from the workdir's checkpoints), returns test metrics."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from clu import periodic_actions  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(workdir)
+  check_workdir_config(config, workdir)
+  data, steps, state, total_steps = setup(config)
+  manager = checkpoint_manager(workdir, config.keep_checkpoints)
+  restored = restore_latest_good(manager, abstract(state, steps.replicated),
+                                 workdir)
+  resume_step = None
+  if restored is not None:
+    state = restored
+    resume_step = int(state.step)
+    logging.info('Resuming from step %d.', resume_step)
+    print(f'Resuming from checkpoint at step {resume_step}.', flush=True)
+  elif manager.all_steps():
+    raise TrainingError(f'no checkpoint in {workdir} is readable')
+  metrics_file = MetricsFile(workdir, resume_step)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  writer.write_hparams({k: v for k, v in config.items()
+                        if isinstance(v, (int, float, str, bool))})
+
+  eval_split, eval_name = ((data.validation, 'validation')
+                           if data.validation is not None else
+                           (data.test, 'test'))
+  images = replicate(data.train.images, steps.replicated)
+  labels = replicate(data.train.labels, steps.replicated)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                           writer=writer)
+  train_metrics = []
+  step = int(state.step)
+  last_time, last_step = time.time(), step
+  logging.info('Training %s for %d steps from step %d.',
+               models.display_name(config), total_steps, step)
+  while step < total_steps:
+    state, metrics = steps.train(state, images, labels)
+    train_metrics.append(metrics)
+    step += 1
+    report(step)
+    is_last = step == total_steps
+    if step % config.log_every_steps == 0 or is_last:
+      summary = {k: float(np.mean(v)) for k, v in
+                 jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
+                                             *train_metrics)).items()}
+      summary['learning_rate'] = float(train_metrics[-1]['learning_rate'])
+      train_metrics = []
+      if not math.isfinite(summary['loss']):
+        raise TrainingError(
+            f'the training loss is {summary["loss"]} at step {step}; stopped. '
+            'The last good checkpoint is kept.')
+      summary['error'] *= 100
+      now = time.time()
+      summary['steps_per_second'] = (step - last_step) / (now - last_time)
+      last_time, last_step = now, step
+      writer.write_scalars(step, {f'train_{k}': v for k, v in summary.items()})
+      metrics_file.write(step, 'train', summary)
+    metrics = None
+    if step % config.eval_every_steps == 0 or is_last:
+      result = evaluate(steps, state, eval_split, config.eval_batch_size)
+      writer.write_scalars(step, {f'{eval_name}_{k}': v
+                                  for k, v in result.items()})
+      metrics_file.write(step, eval_name, result)
+      if eval_name == 'validation':  # Never select checkpoints by test error.
+        metrics = {'validation_error': result['error']}
+    if step % config.checkpoint_every_steps == 0 or is_last:
+      if not bool(all_finite(state.params)):
+        raise TrainingError(
+            f'parameters are not finite at step {step}; stopped. The last '
+            'good checkpoint is kept.')
+      import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+      manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+  manager.wait_until_finished()
+
+  result = evaluate(steps, state, data.test, config.eval_batch_size)
+  writer.write_scalars(step, {f'final_test_{k}': v for k, v in result.items()})
+  metrics_file.write(step, 'final_test', result)
+  writer.flush()
+  return result
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+  """Test metrics of a workdir's checkpoint, on this machine's devices."""
+  workdir = pathlib.Path(workdir)
+  if not (workdir / 'config.json').exists():
+    raise TrainingError(f'{workdir} holds no run (no config.json)')
+  check_workdir_config(config, workdir)
+  data, steps, state, _ = setup(config)
+  manager = checkpoint_manager(workdir, config.keep_checkpoints,
+                               read_only=True)
+  available = manager.all_steps()
+  if not available:
+    raise TrainingError(f'{workdir} holds no checkpoint')
+  step = (manager.latest_step() if config.eval_checkpoint_step < 0
+          else config.eval_checkpoint_step)
+  if step not in available:
+    raise TrainingError(f'{workdir} has no checkpoint at step {step} '
+                        f'(it has {", ".join(map(str, sorted(available)))})')
+  try:
+    state = restore(manager, abstract(state, steps.replicated), step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise TrainingError(f'checkpoint {step} in {workdir} is unreadable: '
+                        f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
+  return {'step': step, **evaluate(steps, state, data.test,
+                                   config.eval_batch_size)}

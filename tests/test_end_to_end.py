@@ -1,0 +1,193 @@
+"""The main job end to end: resume after SIGKILL, eval elsewhere, bad input.
+
+Each run is a real ``python -m resnet_jax.main`` process on the CPU.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def command(workdir, *flags, mode='train'):
+  return [sys.executable, '-m', 'resnet_jax.main', '--config=configs/smoke.py',
+          f'--workdir={workdir}', f'--mode={mode}', *flags]
+
+
+def env(devices):
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def run(workdir, *flags, mode='train', devices=2):
+  return subprocess.run(command(workdir, *flags, mode=mode), cwd=ROOT,
+                        env=env(devices), capture_output=True, text=True,
+                        timeout=600)
+
+
+def ok(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def error_line(result):
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
+  return lines[0]
+
+
+def params(workdir, step):
+  """A checkpoint's parameters, on this process's first device."""
+  path = (pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) /
+          'default')
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      checkpointer.metadata(path).item_metadata)
+  return checkpointer.restore(path, target)['params']
+
+
+def records(workdir, split):
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [r for r in map(json.loads, lines) if r['split'] == split]
+
+
+LONG = ('--config.train_length=300', '--config.lr_boundaries=(150, 250)',
+        '--config.checkpoint_every_steps=100', '--config.eval_every_steps=100',
+        '--config.log_every_steps=50')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """A smoke run on 8 devices; tests copy it before changing it."""
+  workdir = tmp_path_factory.mktemp('runs') / 'smoke'
+  ok(run(workdir, devices=8))
+  return workdir
+
+
+def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
+  ok(run(tmp_path / 'straight', *LONG))
+  killed = tmp_path / 'killed'
+  process = subprocess.Popen(command(killed, *LONG), cwd=ROOT, env=env(2),
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (killed / 'checkpoints' / '100').exists():
+    assert process.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL
+  assert not (killed / 'checkpoints' / '300').exists()  # Killed mid-run.
+  resumed = ok(run(killed, *LONG))
+  assert 'Resuming from checkpoint at step' in resumed.stdout
+  a, b = params(tmp_path / 'straight', 300), params(killed, 300)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  # The metrics file reads as one run: no step is logged twice.
+  steps = [r['step'] for r in records(killed, 'train')]
+  assert steps == sorted(set(steps)) == [50, 100, 150, 200, 250, 300]
+
+
+def test_workdir_contents_and_checkpoint_policy(trained):
+  names = {p.name for p in trained.iterdir()}
+  assert {'config.json', 'metrics.jsonl', 'checkpoints'} <= names
+  assert any(n.startswith('events.out.tfevents') for n in names)
+  assert sorted(int(p.name) for p in (trained / 'checkpoints').iterdir()) == [
+      10, 20]
+  (final,) = records(trained, 'final_test')
+  assert final['images'] == 64 and 0 <= final['error'] <= 100
+
+
+def test_eval_restores_on_another_device_count(trained):
+  result = ok(run(trained, mode='eval', devices=1))
+  (final,) = records(trained, 'final_test')
+  assert (f'at step 20: test error {final["error"]:.2f}% (top-1)'
+          in result.stdout)
+  result = ok(run(trained, '--config.eval_checkpoint_step=10', mode='eval',
+                  devices=1))
+  assert 'at step 10:' in result.stdout
+
+
+def test_eval_errors(trained, tmp_path):
+  assert 'holds no run' in error_line(run(tmp_path / 'empty', mode='eval'))
+  assert 'another model' in error_line(
+      run(trained, '--config.depth=14', mode='eval'))
+  assert 'no checkpoint at step 15' in error_line(
+      run(trained, '--config.eval_checkpoint_step=15', mode='eval'))
+  broken = tmp_path / 'broken'
+  shutil.copytree(trained, broken)
+  for f in (broken / 'checkpoints' / '20').rglob('*'):
+    if f.is_file() and f.stat().st_size > 1000:
+      f.write_bytes(f.read_bytes()[:100])
+  assert 'unreadable' in error_line(run(broken, mode='eval'))
+
+
+def test_training_falls_back_from_a_corrupt_checkpoint(trained, tmp_path):
+  workdir = tmp_path / 'corrupt'
+  shutil.copytree(trained, workdir)
+  for f in (workdir / 'checkpoints' / '20').rglob('*'):
+    if f.is_file() and f.stat().st_size > 1000:
+      f.write_bytes(f.read_bytes()[:100])
+  result = ok(run(workdir, '--config.train_length=30', devices=8))
+  assert 'checkpoint 20 is unreadable; falling back' in result.stdout
+  assert 'Resuming from checkpoint at step 10' in result.stdout
+  assert (workdir / 'corrupt_checkpoints' / '20').is_dir()  # Kept, aside.
+  assert (workdir / 'checkpoints' / '30').is_dir()
+
+
+def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
+  message = error_line(run(tmp_path, '--config.learning_rate=1e30'))
+  assert 'stopped' in message and 'nan' in message, message
+  assert not (tmp_path / 'checkpoints' / '20').exists()
+
+
+def test_bad_workdir_input(trained, tmp_path):
+  assert 'needs --workdir' in error_line(subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.main', '--config=configs/smoke.py'],
+      cwd=ROOT, env=env(1), capture_output=True, text=True))
+  assert 'another model' in error_line(run(trained, '--config.depth=14'))
+  config = (trained / 'config.json').read_text()
+  assert json.loads(config)['depth'] == 8  # Not overwritten.
+  assert 'does not divide over 8' in error_line(
+      run(tmp_path, '--config.batch_size=36', devices=8))
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(trained, tmp_path):
+  """Two JAX processes (one CPU device each) agree with a 2-device run."""
+  port = free_port()
+  processes = [subprocess.Popen(
+      command(tmp_path / 'multi', '--distributed',
+              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+              f'--process_id={i}'),
+      cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for p, (out, err) in zip(processes, outputs):
+    assert p.returncode == 0, err[-3000:]
+  finals = [out.strip().splitlines()[-1] for out, _ in outputs]
+  assert finals[0] == finals[1] and 'final test error' in finals[0]
+  single = tmp_path / 'single'
+  ok(run(single, devices=2))
+  for x, y in zip(jax.tree.leaves(params(tmp_path / 'multi', 20)),
+                  jax.tree.leaves(params(single, 20))):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)

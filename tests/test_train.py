@@ -1,0 +1,114 @@
+"""Training: the schedule, the optimiser, and equality across device counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default as default_config
+from configs import smoke
+from resnet_jax import train
+
+
+def test_paper_schedule_in_iterations():
+  config = default_config.get_config()
+  total, boundaries = train.schedule_in_steps(config, 45_000)
+  assert (total, boundaries) == (64_000, [32_000, 48_000])
+  lr = train.learning_rate_schedule(config, boundaries)
+  for step, expected in [(0, 0.1), (31_999, 0.1), (32_000, 0.01),
+                         (47_999, 0.01), (48_000, 0.001), (63_999, 0.001)]:
+    assert float(lr(step)) == pytest.approx(expected), step
+
+
+def test_resnet110_warm_up_keeps_the_boundaries():
+  config = default_config.get_config()
+  config.warmup_steps = 400
+  lr = train.learning_rate_schedule(config, [32_000, 48_000])
+  for step, expected in [(0, 0.01), (399, 0.01), (400, 0.1), (32_000, 0.01)]:
+    assert float(lr(step)) == pytest.approx(expected), step
+
+
+def test_schedule_in_epochs_rounds_up_to_whole_steps():
+  config = default_config.get_config()
+  config.schedule_unit = 'epochs'
+  config.train_length = 164
+  config.lr_boundaries = (81, 122)
+  # 50,000 / 128 = 390.625 steps per epoch.
+  assert train.schedule_in_steps(config, 50_000) == (64_063, [31_641, 47_657])
+
+
+def test_weight_decay_is_coupled_into_momentum_like_the_paper():
+  # PyTorch / Caffe SGD: v = m * v + (g + wd * w); w -= lr * v.
+  config = default_config.get_config()
+  tx = train.create_optimizer(config, lambda step: 0.1)
+  params = {'conv': {'kernel': jnp.array([1.0, -2.0])},
+            'bn': {'scale': jnp.array([3.0])}}
+  grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+  state = tx.init(params)
+  w = jax.tree.map(np.asarray, params)
+  v = jax.tree.map(np.zeros_like, w)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    v = jax.tree.map(lambda v, w: 0.9 * v + 0.5 + 1e-4 * w, v, w)
+    w = jax.tree.map(lambda w, v: w - 0.1 * v, w, v)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               params, w)
+
+
+def test_weight_decay_mask_kernels_spares_batchnorm():
+  config = default_config.get_config()
+  config.weight_decay_mask = 'kernels'
+  tx = train.create_optimizer(config, lambda step: 0.1)
+  params = {'conv': {'kernel': jnp.ones(2)}, 'bn': {'scale': jnp.ones(1),
+                                                    'bias': jnp.ones(1)}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(updates['conv']['kernel'], -0.1 * 1e-4)
+  np.testing.assert_array_equal(updates['bn']['scale'], 0)
+  np.testing.assert_array_equal(updates['bn']['bias'], 0)
+
+
+@pytest.mark.parametrize('field, value', [
+    ('schedule_unit', 'fortnights'), ('weight_decay_mask', 'biases')])
+def test_bad_training_fields_are_rejected(field, value):
+  config = smoke.get_config()
+  config[field] = value
+  with pytest.raises(train.TrainingError):
+    train.setup(config)
+
+
+def test_batch_must_divide_over_the_devices():
+  config = smoke.get_config()
+  config.batch_size = 36
+  with pytest.raises(train.TrainingError, match='does not divide over 8'):
+    train.setup(config)
+
+
+def run_steps(devices, n=3):
+  data, steps, state, _ = train.setup(smoke.get_config(), devices)
+  images = train.replicate(data.train.images, steps.replicated)
+  labels = train.replicate(data.train.labels, steps.replicated)
+  losses = []
+  for _ in range(n):
+    state, metrics = steps.train(state, images, labels)
+    losses.append(float(metrics['loss']))
+  return steps, state, losses, (images, labels)
+
+
+def test_eight_devices_step_like_one():
+  assert jax.device_count() == 8
+  _, one, losses_one, _ = run_steps(jax.devices()[:1])
+  steps, eight, losses_eight, data = run_steps(jax.devices())
+  np.testing.assert_allclose(losses_eight, losses_one, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(eight.batch_stats),
+                  jax.tree.leaves(one.batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The batch really is split: each device computes on its share and the
+  # gradients and BatchNorm statistics are all-reduced.
+  hlo = steps.train.lower(eight, *data).compile().as_text()
+  assert 'all-reduce' in hlo
+  assert eight.params['head']['kernel'].sharding.num_devices == 8
