@@ -62,4 +62,6 @@ def get_config():
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3  # Latest K, plus the best by validation error.
   config.eval_checkpoint_step = -1  # --mode=eval: -1 = latest.
+  config.ten_crop = False  # ImageNet: 10-crop testing (Table 3), else the
+  # centre 224 crop of the image resized to shorter side 256.
   return config

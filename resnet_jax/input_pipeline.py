@@ -130,14 +130,15 @@ def normalization(images: np.ndarray, kind: str):
   """Mean and std of the training images, scaled to [0, 1].
 
   'per_pixel_mean' (§4.2: "the per-pixel mean subtracted") gives a mean
-  image and std 1; 'per_channel' gives the mean and std of each channel.
+  image and std 1; 'per_channel' gives the mean and std of each channel (the
+  mean broadcast to an image, so both kinds have the same shapes).
   """
   x = images.astype(np.float64) / 255
   if kind == 'per_pixel_mean':
     return x.mean(axis=0).astype(np.float32), np.ones(3, np.float32)
   if kind == 'per_channel':
-    return (x.mean(axis=(0, 1, 2)).astype(np.float32),
-            x.std(axis=(0, 1, 2)).astype(np.float32))
+    mean = np.broadcast_to(x.mean(axis=(0, 1, 2)), x.shape[1:])
+    return mean.astype(np.float32), x.std(axis=(0, 1, 2)).astype(np.float32)
   raise DataError(f'unknown normalization {kind!r}: use per_pixel_mean or '
                   'per_channel')
 
@@ -266,11 +267,16 @@ def _read_tfds(dataset: str, data_dir: str) -> tuple[Split, Split]:
   return tuple(result)
 
 
-def import_tfds():
-  """TFDS, with TensorFlow kept off the accelerators JAX uses."""
+def import_tensorflow():
+  """TensorFlow, kept off the accelerators JAX uses."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
+  return tf
+
+
+def import_tfds():
+  import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
 
@@ -318,3 +324,145 @@ def augment_cifar(images, key):
 def normalize(images, mean, std, dtype=jnp.float32):
   """uint8 images to the network's input: (x / 255 - mean) / std."""
   return ((images.astype(jnp.float32) / 255 - mean) / std).astype(dtype)
+
+
+def eval_batches(split: Split, batch_size: int):
+  """This process's share of each global evaluation batch, padded and masked.
+
+  Yields (images, labels, mask); the last global batch is padded with
+  masked zeros so every batch has the same shape.
+  """
+  processes, index = jax.process_count(), jax.process_index()
+  local = batch_size // processes
+  mine = slice(index * local, (index + 1) * local)
+  for start in range(0, len(split), batch_size):
+    images = split.images[start:start + batch_size]
+    labels = split.labels[start:start + batch_size]
+    pad = batch_size - len(labels)
+    mask = np.concatenate([np.ones(len(labels), np.float32),
+                           np.zeros(pad, np.float32)])
+    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:],
+                                              images.dtype)])
+    labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+    yield images[mine], labels[mine], mask[mine]
+
+
+# ImageNet (§3.4): a streaming tf.data pipeline, one shard per process.
+
+IMAGENET_SCALES = (256, 480)  # Shorter side of training images, at random.
+IMAGENET_EVAL_SIZE = 256  # Shorter side for the centre (or 10) crops.
+IMAGENET_CROP = 224
+
+
+def _resize_shorter_side(tf, image, size):
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
+  new = tf.cast(tf.round(shape * scale), tf.int32)
+  return tf.image.resize(image, new, antialias=True)
+
+
+def _imagenet_split(config, name: str):
+  tfds = import_tfds()
+  try:
+    builder = tfds.builder('imagenet2012', data_dir=config.data_dir or None)
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(
+        'ImageNet needs a manual download: place ILSVRC2012_img_train.tar '
+        'and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual '
+        f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
+    ) from e
+  return tfds, builder, tfds.split_for_jax_process(name, drop_remainder=False)
+
+
+def imagenet_train_batches(config, seed: int, batch_size: int):
+  """Endless per-process uint8 batches with the paper's scale augmentation.
+
+  A 224 crop of the image resized so its shorter side is random in
+  [256, 480], flipped at random (§3.4). ``seed`` should differ on resume.
+  """
+  tfds, builder, split = _imagenet_split(config, 'train')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  local = batch_size // jax.process_count()
+  ds = builder.as_dataset(split=split, as_supervised=True,
+                          shuffle_files=True,
+                          read_config=tfds.ReadConfig(shuffle_seed=seed))
+
+  def augment(image, label, key):
+    keys = tf.random.experimental.stateless_split(key, 3)
+    size = tf.random.stateless_uniform(
+        [], keys[0], IMAGENET_SCALES[0], IMAGENET_SCALES[1] + 1, tf.int32)
+    image = _resize_shorter_side(tf, image, size)
+    image = tf.image.stateless_random_crop(
+        image, (IMAGENET_CROP, IMAGENET_CROP, 3), keys[1])
+    image = tf.image.stateless_random_flip_left_right(image, keys[2])
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+
+  ds = ds.repeat().shuffle(16 * local, seed=seed)
+  ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed).batch(2)))
+  ds = ds.map(lambda example, key: augment(*example, key),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  for images, labels in tfds.as_numpy(ds):
+    yield images, labels.astype(np.int32)
+
+
+def imagenet_eval_batches(config, batch_size: int, ten_crop: bool):
+  """Per-process validation batches: the centre 224 crop (or 10 crops).
+
+  Images are resized so their shorter side is 256 (§3.4); 10-crop testing
+  takes the four corners and the centre, and their flips. Every process
+  yields the same number of batches (padded, masked).
+  """
+  tfds, builder, split = _imagenet_split(config, 'validation')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  local = batch_size // jax.process_count()
+  total = builder.info.splits['validation'].num_examples
+  per_process = -(-total // jax.process_count())
+  num_batches = -(-per_process // local)
+
+  def crops(image, label):
+    image = _resize_shorter_side(tf, image, IMAGENET_EVAL_SIZE)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    c = IMAGENET_CROP
+    corners = [((h - c) // 2, (w - c) // 2)]
+    if ten_crop:
+      corners += [(0, 0), (0, w - c), (h - c, 0), (h - c, w - c)]
+    views = [image[y:y + c, x:x + c] for y, x in corners]
+    if ten_crop:
+      views += [v[:, ::-1] for v in views]
+    views = tf.cast(tf.clip_by_value(tf.round(tf.stack(views)), 0, 255),
+                    tf.uint8)
+    return views if ten_crop else views[0], tf.cast(label, tf.int32), 1.0
+
+  ds = builder.as_dataset(split=split, as_supervised=True).map(
+      crops, num_parallel_calls=tf.data.AUTOTUNE)
+  shape = ((10,) if ten_crop else ()) + (IMAGENET_CROP, IMAGENET_CROP, 3)
+  padding = tf.data.Dataset.from_tensors(
+      (tf.zeros(shape, tf.uint8), tf.constant(0, tf.int32),
+       tf.constant(0.0))).repeat()
+  ds = ds.concatenate(padding).take(num_batches * local)
+  ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
+  for images, labels, mask in tfds.as_numpy(ds):
+    yield images, labels, mask.astype(np.float32)
+
+
+def imagenet_normalization(config, num_images: int = 10_000):
+  """Mean and std from the first training images' centre crops.
+
+  Streaming ImageNet cannot be averaged in full at start-up; the statistics
+  of ``num_images`` images estimate it (every process reads the same ones).
+  """
+  tfds, builder, _ = _imagenet_split(config, 'train')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def centre(image, _):
+    image = _resize_shorter_side(tf, image, IMAGENET_EVAL_SIZE)
+    image = tf.image.resize_with_crop_or_pad(image, IMAGENET_CROP,
+                                             IMAGENET_CROP)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+  ds = builder.as_dataset(split=f'train[:{num_images}]', as_supervised=True)
+  ds = ds.map(centre, num_parallel_calls=tf.data.AUTOTUNE).batch(1000)
+  images = np.concatenate(list(tfds.as_numpy(ds)))
+  return normalization(images, config.normalization)

@@ -10,8 +10,10 @@ clu (its writers import TensorFlow) and orbax are imported where they are
 used, so the training step imports with jax, flax and optax alone.
 """
 
+from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import pathlib
@@ -20,7 +22,6 @@ import time
 from typing import Any
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 from jax.sharding import NamedSharding
@@ -102,16 +103,16 @@ def create_optimizer(config, schedule) -> optax.GradientTransformation:
                 nesterov=config.nesterov))
 
 
-def create_train_state(model, tx, seed: int, image_size: int, mean,
-                       std) -> TrainState:
+def create_train_state(model, tx, seed: int, image_size: int) -> TrainState:
+  """A fresh state; its normalisation is the identity until the run sets it."""
   params_key, data_key = jax.random.split(jax.random.key(seed))
   variables = model.init(params_key, jnp.zeros((1, image_size, image_size, 3)),
                          train=False)
   return TrainState.create(
       apply_fn=model.apply, params=variables['params'], tx=tx,
       batch_stats=variables['batch_stats'],
-      rng=jax.random.key_data(data_key), mean=jnp.asarray(mean),
-      std=jnp.asarray(std))
+      rng=jax.random.key_data(data_key),
+      mean=jnp.zeros((image_size, image_size, 3)), std=jnp.ones(3))
 
 
 def cross_entropy(logits, labels):
@@ -140,11 +141,20 @@ def train_step(state: TrainState, images, labels, schedule):
 
 
 def eval_step(state: TrainState, images, labels, mask):
-  """Sums of top-1/top-5 errors and loss over the unmasked examples."""
-  x = input_pipeline.normalize(images, state.mean, state.std)
+  """Sums of top-1/top-5 errors and loss over the unmasked examples.
+
+  Images of shape (batch, crops, h, w, 3) are classified by their softmax
+  averaged over the crops (10-crop testing, Table 3).
+  """
+  crops = images.shape[1] if images.ndim == 5 else 1
+  x = input_pipeline.normalize(images.reshape((-1,) + images.shape[-3:]),
+                               state.mean, state.std)
   logits = state.apply_fn(
       {'params': state.params, 'batch_stats': state.batch_stats}, x,
       train=False)
+  if crops > 1:
+    probs = jax.nn.softmax(logits).reshape(len(labels), crops, -1).mean(1)
+    logits = jnp.log(probs)
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
   return {
       'count': mask.sum(),
@@ -158,7 +168,7 @@ def eval_step(state: TrainState, images, labels, mask):
 class Steps:
   """The jitted steps of a run, sharded over ``mesh``."""
   mesh: jax.sharding.Mesh
-  train: Any  # (state, images, labels) -> (state, metrics); on-device CIFAR.
+  train: Any  # (state, *inputs) -> (state, metrics).
   eval: Any  # (state, images, labels, mask) -> sums.
 
   @property
@@ -170,16 +180,19 @@ class Steps:
     return NamedSharding(self.mesh, P('data'))
 
 
-def make_steps(mesh, schedule, batch_size: int, augment: bool) -> Steps:
-  """Jits the CIFAR training step (batch drawn on device) and the eval step.
+def make_steps(mesh, schedule, batch_size: int, augment: bool,
+               on_device: bool) -> Steps:
+  """Jits the training and evaluation steps over the mesh.
 
-  The training step takes the whole uint8 training split, replicated, and
-  draws, augments and normalises its batch inside the same program.
+  With ``on_device`` the training step takes the whole uint8 training split,
+  replicated, and draws, augments and normalises its batch inside the same
+  program (CIFAR); otherwise it takes a global batch sharded over the mesh
+  (ImageNet).
   """
   replicated = NamedSharding(mesh, P())
   batch = NamedSharding(mesh, P('data'))
 
-  def cifar_train_step(state, images, labels):
+  def on_device_step(state, images, labels):
     rng = jax.random.wrap_key_data(state.rng)
     x, y = input_pipeline.train_batch(images, labels, rng, state.step,
                                       batch_size, augment)
@@ -187,8 +200,13 @@ def make_steps(mesh, schedule, batch_size: int, augment: bool) -> Steps:
     y = jax.lax.with_sharding_constraint(y, batch)
     return train_step(state, x, y, schedule)
 
-  train = jax.jit(cifar_train_step, in_shardings=replicated,
-                  out_shardings=replicated, donate_argnums=0)
+  if on_device:
+    train = jax.jit(on_device_step, in_shardings=replicated,
+                    out_shardings=replicated, donate_argnums=0)
+  else:
+    train = jax.jit(functools.partial(train_step, schedule=schedule),
+                    in_shardings=(replicated, batch, batch),
+                    out_shardings=replicated, donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(replicated, batch, batch, batch),
                      out_shardings=replicated)
   return Steps(mesh, train, evaluate)
@@ -205,29 +223,11 @@ def replicate(array: np.ndarray, sharding) -> jax.Array:
                                       lambda index: array[index])
 
 
-def evaluate(steps: Steps, state, split: input_pipeline.Split,
-             batch_size: int) -> dict[str, float]:
-  """Top-1/top-5 error (%) and mean loss over a whole split.
-
-  The last batch is padded and masked; each process feeds its share of every
-  global batch.
-  """
-  processes, index = jax.process_count(), jax.process_index()
-  local = batch_size // processes
+def evaluate(steps: Steps, state, batches) -> dict[str, float]:
+  """Top-1/top-5 error (%) and mean loss over per-process local batches."""
   totals = None
-  for start in range(0, len(split), batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
-    mask = np.ones(len(labels), np.float32)
-    pad = batch_size - len(labels)
-    if pad:
-      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:],
-                                                images.dtype)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-      mask = np.concatenate([mask, np.zeros(pad, np.float32)])
-    mine = slice(index * local, (index + 1) * local)
-    sums = steps.eval(state, *(global_array(a[mine], steps.batch)
-                               for a in (images, labels, mask)))
+  for local in batches:
+    sums = steps.eval(state, *(global_array(a, steps.batch) for a in local))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
@@ -302,7 +302,12 @@ def checkpoint_manager(workdir: pathlib.Path, keep: int, read_only=False):
                        reverse=True, n=1,
                        keep_checkpoints_without_metrics=False),
       ]),
-      enable_async_checkpointing=not read_only, read_only=read_only,
+      # Async saves overlap training on accelerators. On CPU they are
+      # synchronous: XLA's in-process CPU collectives deadlock when orbax's
+      # background transfers run beside a multi-device step.
+      enable_async_checkpointing=(not read_only and
+                                  jax.default_backend() != 'cpu'),
+      read_only=read_only,
       create=not read_only)
   return ocp.CheckpointManager((workdir / 'checkpoints').absolute(),
                                options=options)
@@ -344,39 +349,89 @@ def all_finite(tree) -> jax.Array:
                             for x in jax.tree.leaves(tree)]))
 
 
-def setup(config, devices=None):
-  """The pieces every mode shares: data, model, schedule, steps, state.
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """Where a run's data come from."""
+  train_size: int  # Images per epoch.
+  normalization: Callable[[], tuple[np.ndarray, np.ndarray]]  # Mean, std.
+  train: Callable[[int], Iterator[tuple]]  # First step -> each step's inputs.
+  eval: Callable[[str], Iterable[tuple]]  # Split -> local eval batches.
+  eval_split: str  # Evaluated during training: 'validation' or 'test'.
 
-  Returns (data, steps, initial state, total steps), on ``devices`` (all of
-  them by default).
+
+def cifar_inputs(config, mesh) -> Inputs:
+  """CIFAR held on the devices; each step draws its own batch there."""
+  data = input_pipeline.load_cifar(config)
+  replicated = NamedSharding(mesh, P())
+
+  def train_inputs(first_step):
+    del first_step  # Batches derive from the state's rng and step.
+    return itertools.repeat((replicate(data.train.images, replicated),
+                             replicate(data.train.labels, replicated)))
+
+  return Inputs(
+      train_size=len(data.train),
+      normalization=lambda: (data.mean, data.std),
+      train=train_inputs,
+      eval=lambda split: input_pipeline.eval_batches(
+          getattr(data, split), config.eval_batch_size),
+      eval_split='validation' if data.validation is not None else 'test')
+
+
+def imagenet_inputs(config, mesh) -> Inputs:
+  """ImageNet streamed by tf.data; its validation set is the test set."""
+  batch = NamedSharding(mesh, P('data'))
+
+  def train_inputs(first_step):
+    seed = int(np.random.SeedSequence([config.seed, first_step])
+               .generate_state(1)[0])
+    return ((global_array(x, batch), global_array(y, batch))
+            for x, y in input_pipeline.imagenet_train_batches(
+                config, seed, config.batch_size))
+
+  return Inputs(
+      train_size=input_pipeline.DATASETS['imagenet2012'].train_size,
+      normalization=lambda: input_pipeline.imagenet_normalization(config),
+      train=train_inputs,
+      eval=lambda split: input_pipeline.imagenet_eval_batches(
+          config, config.eval_batch_size, config.ten_crop),
+      eval_split='test')
+
+
+def setup(config, devices=None):
+  """The pieces every mode shares: inputs, jitted steps, initial state.
+
+  Returns (inputs, steps, state, total steps) on ``devices`` (all of them by
+  default). The state's normalisation is a placeholder until a fresh run
+  sets it from ``inputs.normalization()`` (a restored one brings its own).
   """
   info = input_pipeline.dataset_info(config.dataset)
   model = models.from_config(config, info.num_classes)
-  if config.dataset == 'imagenet2012':
-    raise TrainingError('ImageNet training is not supported yet; use '
-                        '--mode=summary for the ImageNet nets')
   mesh = make_mesh({'batch_size': config.batch_size,
                     'eval_batch_size': config.eval_batch_size}, devices)
-  data = input_pipeline.load_cifar(config)
-  total_steps, boundaries = schedule_in_steps(config, len(data.train))
+  imagenet = config.dataset == 'imagenet2012'
+  inputs = (imagenet_inputs if imagenet else cifar_inputs)(config, mesh)
+  total_steps, boundaries = schedule_in_steps(config, inputs.train_size)
   schedule = learning_rate_schedule(config, boundaries)
   tx = create_optimizer(config, schedule)
-  steps = make_steps(mesh, schedule, config.batch_size, config.augment)
+  steps = make_steps(mesh, schedule, config.batch_size, config.augment,
+                     on_device=not imagenet)
   state = jax.jit(
       functools.partial(create_train_state, model, tx, config.seed,
                         info.image_size),
-      out_shardings=steps.replicated)(data.mean, data.std)
-  return data, steps, state, total_steps
+      out_shardings=steps.replicated)()
+  return inputs, steps, state, total_steps
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains (resuming from the workdir's checkpoints), returns test metrics."""
+  input_pipeline.import_tensorflow()  # Before clu's TensorBoard writer.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir)
   check_workdir_config(config, workdir)
-  data, steps, state, total_steps = setup(config)
+  inputs, steps, state, total_steps = setup(config)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   restored = restore_latest_good(manager, abstract(state, steps.replicated),
                                  workdir)
@@ -388,17 +443,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     print(f'Resuming from checkpoint at step {resume_step}.', flush=True)
   elif manager.all_steps():
     raise TrainingError(f'no checkpoint in {workdir} is readable')
+  else:
+    mean, std = inputs.normalization()
+    state = state.replace(mean=replicate(np.asarray(mean), steps.replicated),
+                          std=replicate(np.asarray(std), steps.replicated))
   metrics_file = MetricsFile(workdir, resume_step)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   writer.write_hparams({k: v for k, v in config.items()
                         if isinstance(v, (int, float, str, bool))})
 
-  eval_split, eval_name = ((data.validation, 'validation')
-                           if data.validation is not None else
-                           (data.test, 'test'))
-  images = replicate(data.train.images, steps.replicated)
-  labels = replicate(data.train.labels, steps.replicated)
+  train_inputs = inputs.train(int(state.step))
   report = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                            writer=writer)
   train_metrics = []
@@ -407,7 +462,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   logging.info('Training %s for %d steps from step %d.',
                models.display_name(config), total_steps, step)
   while step < total_steps:
-    state, metrics = steps.train(state, images, labels)
+    state, metrics = steps.train(state, *next(train_inputs))
+    if train_metrics:  # At most two steps in flight: the device stays busy,
+      # the host never runs far ahead (XLA's CPU collectives can deadlock
+      # with more).
+      jax.block_until_ready(train_metrics[-1])
     train_metrics.append(metrics)
     step += 1
     report(step)
@@ -430,11 +489,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       metrics_file.write(step, 'train', summary)
     metrics = None
     if step % config.eval_every_steps == 0 or is_last:
-      result = evaluate(steps, state, eval_split, config.eval_batch_size)
-      writer.write_scalars(step, {f'{eval_name}_{k}': v
+      result = evaluate(steps, state, inputs.eval(inputs.eval_split))
+      writer.write_scalars(step, {f'{inputs.eval_split}_{k}': v
                                   for k, v in result.items()})
-      metrics_file.write(step, eval_name, result)
-      if eval_name == 'validation':  # Never select checkpoints by test error.
+      metrics_file.write(step, inputs.eval_split, result)
+      if inputs.eval_split == 'validation':  # Never select by test error.
         metrics = {'validation_error': result['error']}
     if step % config.checkpoint_every_steps == 0 or is_last:
       if not bool(all_finite(state.params)):
@@ -445,7 +504,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
   manager.wait_until_finished()
 
-  result = evaluate(steps, state, data.test, config.eval_batch_size)
+  result = evaluate(steps, state, inputs.eval('test'))
   writer.write_scalars(step, {f'final_test_{k}': v for k, v in result.items()})
   metrics_file.write(step, 'final_test', result)
   writer.flush()
@@ -458,7 +517,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   if not (workdir / 'config.json').exists():
     raise TrainingError(f'{workdir} holds no run (no config.json)')
   check_workdir_config(config, workdir)
-  data, steps, state, _ = setup(config)
+  inputs, steps, state, _ = setup(config)
   manager = checkpoint_manager(workdir, config.keep_checkpoints,
                                read_only=True)
   available = manager.all_steps()
@@ -474,5 +533,4 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   except Exception as e:  # pylint: disable=broad-except
     raise TrainingError(f'checkpoint {step} in {workdir} is unreadable: '
                         f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
-  return {'step': step, **evaluate(steps, state, data.test,
-                                   config.eval_batch_size)}
+  return {'step': step, **evaluate(steps, state, inputs.eval('test'))}

@@ -87,14 +87,13 @@ def test_batch_must_divide_over_the_devices():
 
 
 def run_steps(devices, n=3):
-  data, steps, state, _ = train.setup(smoke.get_config(), devices)
-  images = train.replicate(data.train.images, steps.replicated)
-  labels = train.replicate(data.train.labels, steps.replicated)
+  inputs, steps, state, _ = train.setup(smoke.get_config(), devices)
+  data = next(inputs.train(0))
   losses = []
   for _ in range(n):
-    state, metrics = steps.train(state, images, labels)
+    state, metrics = steps.train(state, *data)
     losses.append(float(metrics['loss']))
-  return steps, state, losses, (images, labels)
+  return steps, state, losses, data
 
 
 def test_eight_devices_step_like_one():
@@ -112,3 +111,13 @@ def test_eight_devices_step_like_one():
   hlo = steps.train.lower(eight, *data).compile().as_text()
   assert 'all-reduce' in hlo
   assert eight.params['head']['kernel'].sharding.num_devices == 8
+
+
+def test_checkpoints_kept_are_the_latest_and_the_best(tmp_path):
+  manager = train.checkpoint_manager(tmp_path, keep=2)
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  for step, error in enumerate([5.0, 1.0, 4.0, 3.0, 2.5], start=1):
+    manager.save(step, args=ocp.args.StandardSave({'w': np.zeros(2)}),
+                 metrics={'validation_error': error})
+  manager.wait_until_finished()
+  assert manager.all_steps() == [2, 4, 5]  # Best (2) and the latest two.

@@ -1,0 +1,66 @@
+"""ImageNet (§3.4) through TFDS mock data: the pipeline and a short run."""
+
+import numpy as np
+import pytest
+
+from configs import imagenet_resnet18
+from resnet_jax import input_pipeline
+from resnet_jax import train
+
+VALIDATION = 10  # Images in the mocked validation split.
+
+
+@pytest.fixture
+def mock_imagenet(tmp_path):
+  """Mocked imagenet2012 whose metadata names its splits and their sizes."""
+  tfds = input_pipeline.import_tfds()
+  builder = tfds.builder('imagenet2012', data_dir=str(tmp_path))
+  builder_dir = tmp_path / 'imagenet2012' / str(builder.version)
+  builder_dir.mkdir(parents=True)
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(
+          name=name, shard_lengths=[size], num_bytes=0,
+          filename_template=tfds.core.ShardedFileTemplate(
+              data_dir=str(builder_dir), dataset_name='imagenet2012',
+              split=name, filetype_suffix='tfrecord'))
+      for name, size in (('train', 40), ('validation', VALIDATION))]))
+  builder.info.write_to_directory(str(builder_dir))
+  config = imagenet_resnet18.get_config()
+  config.data_dir = str(tmp_path)
+  with tfds.testing.mock_data(num_examples=VALIDATION, data_dir=str(tmp_path),
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    yield config
+
+
+def test_training_batches_are_224_crops(mock_imagenet):
+  images, labels = next(input_pipeline.imagenet_train_batches(
+      mock_imagenet, seed=0, batch_size=4))
+  assert images.shape == (4, 224, 224, 3) and images.dtype == np.uint8
+  assert labels.dtype == np.int32 and np.all((labels >= 0) & (labels < 1000))
+
+
+@pytest.mark.parametrize('ten_crop, shape', [(False, (224, 224, 3)),
+                                             (True, (10, 224, 224, 3))])
+def test_eval_batches_are_padded_and_masked(mock_imagenet, ten_crop, shape):
+  batches = list(input_pipeline.imagenet_eval_batches(mock_imagenet, 4,
+                                                      ten_crop))
+  assert len(batches) == 3  # ceil(10 / 4).
+  assert all(images.shape == (4,) + shape for images, _, _ in batches)
+  masks = np.concatenate([mask for _, _, mask in batches])
+  np.testing.assert_array_equal(masks, [1] * VALIDATION + [0] * 2)
+  if ten_crop:  # Crops 5-9 are the flips of crops 0-4.
+    images = batches[0][0]
+    np.testing.assert_array_equal(images[:, 5:], images[:, :5, :, ::-1])
+
+
+def test_imagenet_resnet18_trains_and_evaluates(mock_imagenet, tmp_path):
+  config = mock_imagenet
+  config.batch_size = config.eval_batch_size = 8
+  config.train_length = 2
+  config.lr_boundaries = (1,)
+  config.log_every_steps = config.eval_every_steps = 1
+  config.checkpoint_every_steps = 2
+  result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert result['images'] == VALIDATION
+  assert 0 <= result['top5_error'] <= result['error'] <= 100
+  assert (tmp_path / 'run' / 'checkpoints' / '2').is_dir()
