@@ -251,23 +251,29 @@ def make_mesh(batch_sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
 # Workdir: config.json, metrics.jsonl, checkpoints/ (orbax).
 
 
-def check_workdir_config(config, workdir: pathlib.Path):
-  """Records the config of a new run; refuses a workdir of another model."""
+def check_workdir_config(config, workdir: pathlib.Path) -> bool:
+  """Whether the workdir holds a run; raises if it is of another model."""
   path = workdir / 'config.json'
-  if path.exists():
-    try:
-      saved = json.loads(path.read_text())
-    except ValueError as e:
-      raise TrainingError(f'{path} is unreadable: {e}') from e
-    different = [f'{k}: {saved.get(k)!r} there, {config[k]!r} here'
-                 for k in MODEL_FIELDS if saved.get(k) != config[k]]
-    if different:
-      raise TrainingError(f'{workdir} holds a run of another model ('
-                          f'{"; ".join(different)})')
-    return
+  if not path.exists():
+    return False
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    raise TrainingError(f'{path} is unreadable: {e}') from e
+  different = [f'{k}: {saved.get(k)!r} there, {config[k]!r} here'
+               for k in MODEL_FIELDS if saved.get(k) != config[k]]
+  if different:
+    raise TrainingError(f'{workdir} holds a run of another model ('
+                        f'{"; ".join(different)})')
+  return True
+
+
+def record_config(config, workdir: pathlib.Path):
+  """Writes the config of a new run (once: it is never overwritten)."""
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json(indent=2, sort_keys=True) + '\n')
+    (workdir / 'config.json').write_text(
+        config.to_json(indent=2, sort_keys=True) + '\n')
 
 
 class MetricsFile:
@@ -430,8 +436,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir)
-  check_workdir_config(config, workdir)
+  has_run = check_workdir_config(config, workdir)
   inputs, steps, state, total_steps = setup(config)
+  if not has_run:  # Only once the config has proved loadable.
+    record_config(config, workdir)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   restored = restore_latest_good(manager, abstract(state, steps.replicated),
                                  workdir)
@@ -514,9 +522,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   """Test metrics of a workdir's checkpoint, on this machine's devices."""
   workdir = pathlib.Path(workdir)
-  if not (workdir / 'config.json').exists():
+  if not check_workdir_config(config, workdir):
     raise TrainingError(f'{workdir} holds no run (no config.json)')
-  check_workdir_config(config, workdir)
   inputs, steps, state, _ = setup(config)
   manager = checkpoint_manager(workdir, config.keep_checkpoints,
                                read_only=True)

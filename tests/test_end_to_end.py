@@ -191,3 +191,10 @@ def test_two_processes_train_like_one(trained, tmp_path):
   for x, y in zip(jax.tree.leaves(params(tmp_path / 'multi', 20)),
                   jax.tree.leaves(params(single, 20))):
     np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_that_cannot_start_leaves_no_trace(tmp_path):
+  message = error_line(run(tmp_path / 'run', '--config.data_source=archive',
+                           f'--config.data_dir={tmp_path / "missing.tar.gz"}'))
+  assert 'does not exist' in message
+  assert not (tmp_path / 'run').exists()
