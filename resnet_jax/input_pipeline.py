@@ -321,9 +321,9 @@ def augment_cifar(images, key):
   return jnp.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
 
 
-def normalize(images, mean, std, dtype=jnp.float32):
-  """uint8 images to the network's input: (x / 255 - mean) / std."""
-  return ((images.astype(jnp.float32) / 255 - mean) / std).astype(dtype)
+def normalize(images, mean, std):
+  """uint8 images to the network's float32 input: (x / 255 - mean) / std."""
+  return (images.astype(jnp.float32) / 255 - mean) / std
 
 
 def eval_batches(split: Split, batch_size: int):
