@@ -495,21 +495,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       last_time, last_step = now, step
       writer.write_scalars(step, {f'train_{k}': v for k, v in summary.items()})
       metrics_file.write(step, 'train', summary)
-    metrics = None
+    checkpoint_metrics = None
     if step % config.eval_every_steps == 0 or is_last:
       result = evaluate(steps, state, inputs.eval(inputs.eval_split))
       writer.write_scalars(step, {f'{inputs.eval_split}_{k}': v
                                   for k, v in result.items()})
       metrics_file.write(step, inputs.eval_split, result)
       if inputs.eval_split == 'validation':  # Never select by test error.
-        metrics = {'validation_error': result['error']}
+        checkpoint_metrics = {'validation_error': result['error']}
     if step % config.checkpoint_every_steps == 0 or is_last:
       if not bool(all_finite(state.params)):
         raise TrainingError(
             f'parameters are not finite at step {step}; stopped. The last '
             'good checkpoint is kept.')
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-      manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics)
+      manager.save(step, args=ocp.args.StandardSave(state),
+                   metrics=checkpoint_metrics)
   manager.wait_until_finished()
 
   result = evaluate(steps, state, inputs.eval('test'))
