@@ -129,9 +129,10 @@ def train_step(state: TrainState, images, labels, schedule):
         mutable=['batch_stats'])
     return cross_entropy(logits, labels).mean(), (logits, updates)
 
-  grads, (logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits, updates)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   metrics = {
-      'loss': cross_entropy(logits, labels).mean(),
+      'loss': loss,
       'error': jnp.mean(jnp.argmax(logits, -1) != labels),
       'learning_rate': schedule(state.step),
   }
