@@ -102,6 +102,8 @@ def main(argv):
       return
     if not FLAGS.workdir:
       fail(f'--mode={FLAGS.mode} needs --workdir')
+    train.use_cpu_cores([config.batch_size // (FLAGS.num_processes or 1),
+                         config.eval_batch_size // (FLAGS.num_processes or 1)])
     if FLAGS.distributed:
       initialize_distributed()
     if FLAGS.mode == 'train':

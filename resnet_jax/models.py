@@ -144,6 +144,9 @@ class ResNet(nn.Module):
       to zero (Goyal et al., 2017); the paper does not.
     num_classes: outputs of the final dense layer.
     dtype: computation dtype; parameters stay float32.
+    remat: recompute each block's activations in the backward pass
+      (``jax.checkpoint``) instead of storing them: same results, less memory
+      (ResNet-1202), about one more forward pass of compute.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -155,6 +158,7 @@ class ResNet(nn.Module):
   zero_init_residual: bool = False
   num_classes: int = 10
   dtype: jnp.dtype = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -172,9 +176,10 @@ class ResNet(nn.Module):
       x = norm(name='bn_init')(x)
       self.sow('intermediates', 'response', x)
       x = nn.relu(x)
+    block = nn.remat(Block) if self.remat else Block
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       for j in range(size):
-        x = Block(
+        x = block(
             width=width,
             strides=2 if i > 0 and j == 0 else 1,
             bottleneck=self.bottleneck,
@@ -195,7 +200,7 @@ def create_model(*, model: str, depth: int, num_classes: int,
                  residual: bool = True, shortcut: str = 'A',
                  stem: str | None = None, bottleneck_stride: str = '1x1',
                  zero_init_residual: bool = False,
-                 dtype: str = 'float32') -> ResNet:
+                 dtype: str = 'float32', remat: bool = False) -> ResNet:
   """Builds a paper network by family and depth; raises ModelError otherwise."""
   if shortcut not in SHORTCUTS:
     raise ModelError(f'shortcut must be one of {", ".join(SHORTCUTS)} (§3.3), '
@@ -229,7 +234,7 @@ def create_model(*, model: str, depth: int, num_classes: int,
       residual=residual, shortcut=shortcut,
       bottleneck_stride=bottleneck_stride,
       zero_init_residual=zero_init_residual, num_classes=num_classes,
-      dtype=jnp.dtype(dtype))
+      dtype=jnp.dtype(dtype), remat=remat)
 
 
 def param_count(params) -> int:
@@ -300,7 +305,8 @@ def from_config(config, num_classes: int) -> ResNet:
       model=config.model, depth=config.depth, num_classes=num_classes,
       residual=config.residual, shortcut=config.shortcut,
       stem=config.stem or None, bottleneck_stride=config.bottleneck_stride,
-      zero_init_residual=config.zero_init_residual, dtype=config.dtype)
+      zero_init_residual=config.zero_init_residual, dtype=config.dtype,
+      remat=config.remat)
 
 
 def display_name(config) -> str:

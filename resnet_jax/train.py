@@ -16,6 +16,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import pathlib
 import shutil
 import time
@@ -235,6 +236,24 @@ def evaluate(steps: Steps, state, batches) -> dict[str, float]:
   return {'error': 100 * totals['error'] / count,
           'top5_error': 100 * totals['top5_error'] / count,
           'loss': totals['loss'] / count, 'images': int(count)}
+
+
+def use_cpu_cores(batch_sizes: Iterable[int]):
+  """On the CPU, makes one JAX device per core, unless the user chose a count.
+
+  XLA:CPU runs the per-device parts of a sharded step side by side, which is
+  faster than one device whose operations each use every core (BENCHMARKS.md).
+  The count is the largest that divides every batch size. Accelerators are
+  unaffected. Call it before JAX first touches a device.
+  """
+  if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+      or jax.config.jax_num_cpu_devices >= 0):
+    return
+  cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+           else os.cpu_count())
+  count = max(d for d in range(1, cores + 1)
+              if all(b % d == 0 for b in batch_sizes))
+  jax.config.update('jax_num_cpu_devices', count)
 
 
 def make_mesh(batch_sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
@@ -521,8 +540,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   return result
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
-  """Test metrics of a workdir's checkpoint, on this machine's devices."""
+def restore_checkpoint(config, workdir: str, step: int = -1):
+  """A workdir's checkpoint (the latest if step < 0), on this machine's devices.
+
+  Returns (inputs, steps, state) as ``setup`` does, the state restored.
+  """
   workdir = pathlib.Path(workdir)
   if not check_workdir_config(config, workdir):
     raise TrainingError(f'{workdir} holds no run (no config.json)')
@@ -532,8 +554,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   available = manager.all_steps()
   if not available:
     raise TrainingError(f'{workdir} holds no checkpoint')
-  step = (manager.latest_step() if config.eval_checkpoint_step < 0
-          else config.eval_checkpoint_step)
+  step = manager.latest_step() if step < 0 else step
   if step not in available:
     raise TrainingError(f'{workdir} has no checkpoint at step {step} '
                         f'(it has {", ".join(map(str, sorted(available)))})')
@@ -542,4 +563,12 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   except Exception as e:  # pylint: disable=broad-except
     raise TrainingError(f'checkpoint {step} in {workdir} is unreadable: '
                         f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
-  return {'step': step, **evaluate(steps, state, inputs.eval('test'))}
+  return inputs, steps, state
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
+  """Test metrics of a workdir's checkpoint (config.eval_checkpoint_step)."""
+  inputs, steps, state = restore_checkpoint(config, workdir,
+                                            config.eval_checkpoint_step)
+  return {'step': int(state.step), **evaluate(steps, state,
+                                               inputs.eval('test'))}

@@ -1,0 +1,257 @@
+r"""Speed of resnet_jax, side by side with PyTorch on the same machine.
+
+  python -m resnet_jax.benchmark
+  python -m resnet_jax.benchmark --depths=1202 --batch_sizes=128 \
+      --modes=train --dtypes=float32 --remat=true
+
+For each CIFAR net (§4.2), batch size, dtype and mode it times, after
+compilation and warm-up:
+
+* ``train``: the training loop's own jitted step (``train.setup``'s
+  ``steps.train``): draw the batch from the on-device training set, pad, crop,
+  flip, normalise, forward, backward, momentum SGD with weight decay;
+* ``eval``: the evaluation step (``steps.eval``) on one batch;
+* ``data``: the on-device batch draw and augmentation alone
+  (``input_pipeline.train_batch`` then ``normalize``).
+
+Calls are dispatched as in the training loop (at most two in flight). Each
+row prints images/s, the compile time, the memory XLA allocates for the
+compiled step (arguments, outputs and temporaries) and the process's peak
+memory so far (device peak on accelerators, resident set on CPU). When
+``torch`` is installed the same net, batch and dtype run in PyTorch
+(``resnet_jax.torch_baseline``) and the row gets the ratio resnet_jax /
+PyTorch. Every row is also one JSON line, for scripts.
+"""
+
+import json
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from resnet_jax import input_pipeline
+from resnet_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('depths', ['20', '56', '110'], 'CIFAR depths (6n+2).')
+flags.DEFINE_list('batch_sizes', ['128', '512'], 'Global batch sizes.')
+flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Computation dtypes.')
+flags.DEFINE_list('modes', ['train', 'eval', 'data'], 'What to time.')
+flags.DEFINE_bool('remat', False, 'Rematerialise each block (config.remat).')
+flags.DEFINE_float('min_seconds', 5.0, 'Time each row for at least this '
+                   'long (and at least 3 calls).')
+flags.DEFINE_enum('torch', 'auto', ['auto', 'off'],
+                  'auto: run the PyTorch baseline when torch is installed.')
+flags.DEFINE_bool('torch_compile', True, 'Also time the PyTorch baseline '
+                  'under torch.compile; the faster of the two is the '
+                  'baseline.')
+
+MODES = ('train', 'eval', 'data')
+
+
+class BenchmarkError(ValueError):
+  """Flags that do not describe a benchmark."""
+
+
+def seconds_per_call(fn, min_seconds: float, block=lambda _: None,
+                     min_calls: int = 3, warmup: int = 2):
+  """Seconds per call of ``fn`` in steady state, and the warm-up's seconds.
+
+  Like the training loop, each call is dispatched before the previous one's
+  result is waited for, so at most two are in flight.
+  """
+  start = time.perf_counter()
+  for _ in range(warmup):
+    block(fn())
+  first = time.perf_counter() - start
+  calls, previous, start = 0, None, time.perf_counter()
+  while calls < min_calls or time.perf_counter() - start < min_seconds:
+    out = fn()
+    if previous is not None:
+      block(previous)
+    previous, calls = out, calls + 1
+  block(previous)
+  return (time.perf_counter() - start) / calls, first
+
+
+def benchmark_config(depth: int, batch_size: int, dtype: str, remat: bool):
+  """configs/default.py for this row, on synthetic data of CIFAR's shapes."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.depth = depth
+  config.batch_size = config.eval_batch_size = batch_size
+  config.dtype = dtype
+  config.remat = remat
+  config.data_source = 'synthetic'
+  config.synthetic_train_size = max(batch_size, 512)
+  config.validation_size = 0
+  return config
+
+
+def peak_memory_mb() -> float:
+  """Peak memory of this process so far: the device's, else resident set."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'] / 2**20
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+def measure(config, mode: str, min_seconds: float) -> dict:
+  """Times one row; returns images/s, compile seconds and memory."""
+  inputs, steps, state, _ = train.setup(config)
+  batch = config.batch_size
+  images, labels = next(inputs.train(0))
+  if mode == 'train':
+    fn, args = steps.train, (state, images, labels)
+  elif mode == 'eval':
+    rng = np.random.default_rng(0)
+    local = batch // jax.process_count()
+    fn, args = steps.eval, (state, *(
+        train.global_array(a, steps.batch) for a in (
+            rng.integers(0, 256, (local, 32, 32, 3), np.uint8),
+            rng.integers(0, 10, local, np.int32), np.ones(local, bool))))
+  else:
+    def data(images, labels, rng, step):
+      x, y = input_pipeline.train_batch(images, labels, rng, step, batch,
+                                        config.augment)
+      return input_pipeline.normalize(x, state.mean, state.std), y
+    fn = jax.jit(data, out_shardings=steps.batch)
+    args = (images, labels, jax.random.key(0), state.step)
+
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  xla_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes -
+               memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+
+  if mode == 'train':
+    def call():  # The state is donated: carry it from step to step.
+      nonlocal state
+      state, metrics = compiled(state, images, labels)
+      return metrics
+  else:
+    call = lambda: compiled(*args)
+  seconds, _ = seconds_per_call(call, min_seconds, jax.block_until_ready)
+  return {'images_per_s': batch / seconds, 'compile_s': compile_s,
+          'xla_memory_mb': xla_bytes / 2**20,
+          'peak_memory_mb': peak_memory_mb()}
+
+
+def torch_baseline():
+  """The PyTorch baseline module, or None without torch (or off a CPU)."""
+  if FLAGS.torch == 'off' or jax.default_backend() != 'cpu':
+    return None
+  try:
+    from resnet_jax import torch_baseline as baseline  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return baseline
+
+
+def measure_torch(baseline, depth, batch, dtype, mode, min_seconds) -> dict:
+  """The faster of eager and (if asked and it works) compiled PyTorch."""
+  results = {}
+  for compiled in (False, True) if FLAGS.torch_compile else (False,):
+    try:
+      step = baseline.make_step(depth, batch, dtype, mode, compiled)
+      seconds, warmup = seconds_per_call(step, min_seconds)
+    except Exception as e:  # pylint: disable=broad-except
+      if not compiled:
+        raise
+      print(f'torch.compile failed ({type(e).__name__}); eager baseline only',
+            flush=True)
+      continue
+    results[compiled] = {'images_per_s': batch / seconds, 'warmup_s': warmup}
+  best = max(results, key=lambda c: results[c]['images_per_s'])
+  return {'pytorch_images_per_s': results[best]['images_per_s'],
+          'pytorch_eager_images_per_s': results[False]['images_per_s'],
+          'pytorch_compiled_images_per_s':
+              results.get(True, {}).get('images_per_s'),
+          'pytorch_warmup_s': results[best]['warmup_s'],
+          'pytorch_torch_compile': best,
+          'pytorch_version': baseline.torch.__version__,
+          'pytorch_threads': baseline.torch.get_num_threads()}
+
+
+def parse_flags():
+  """The rows' settings from the flags; raises BenchmarkError if invalid."""
+  try:
+    depths = [int(d) for d in FLAGS.depths]
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+  except ValueError as e:
+    raise BenchmarkError(f'--depths and --batch_sizes take integers: {e}')
+  for depth in depths:
+    if depth < 8 or (depth - 2) % 6:
+      raise BenchmarkError(f'depth {depth} is not 6n+2 (20, 32, 44, 56, 110, '
+                           f'1202)')
+  for name, values, allowed in (('dtypes', FLAGS.dtypes,
+                                 ('float32', 'bfloat16')),
+                                ('modes', FLAGS.modes, MODES)):
+    for value in values:
+      if value not in allowed:
+        raise BenchmarkError(f'--{name}: {value!r} is not one of '
+                             f'{", ".join(allowed)}')
+  if any(b <= 0 for b in batch_sizes):
+    raise BenchmarkError('--batch_sizes must be positive')
+  return depths, batch_sizes
+
+
+HEADER = (f'{"model":<11}{"batch":>6} {"dtype":<9}{"mode":<6}{"images/s":>10}'
+          f'{"compile s":>10}{"XLA MB":>9}{"peak MB":>9}{"PyTorch":>10}'
+          f'{"ratio":>7}')
+
+
+def table_row(row: dict) -> str:
+  torch_ips = row.get('pytorch_images_per_s')
+  return (f'{row["model"]:<11}{row["batch"]:>6} {row["dtype"]:<9}'
+          f'{row["mode"]:<6}{row["images_per_s"]:>10.0f}'
+          f'{row["compile_s"]:>10.1f}{row["xla_memory_mb"]:>9.0f}'
+          f'{row["peak_memory_mb"]:>9.0f}'
+          + (f'{torch_ips:>10.0f}{row["ratio"]:>7.2f}' if torch_ips else
+             f'{"-":>10}{"-":>7}'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    depths, batch_sizes = parse_flags()
+    train.use_cpu_cores(batch_sizes)  # As the training command does.
+    train.make_mesh({'batch size': min(batch_sizes)})
+  except (BenchmarkError, train.TrainingError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  baseline = torch_baseline()
+  print(f'resnet_jax benchmark: jax {jax.__version__}, '
+        f'{jax.device_count()} x {jax.devices()[0].device_kind} '
+        f'({jax.default_backend()}), PyTorch baseline: '
+        f'{"yes" if baseline else "no"}', flush=True)
+  rows = []
+  for depth in depths:
+    for batch in batch_sizes:
+      for dtype in FLAGS.dtypes:
+        for mode in FLAGS.modes:
+          config = benchmark_config(depth, batch, dtype, FLAGS.remat)
+          row = {'model': f'ResNet-{depth}', 'batch': batch, 'dtype': dtype,
+                 'mode': mode, 'remat': FLAGS.remat,
+                 'devices': jax.device_count(),
+                 'backend': jax.default_backend(),
+                 **measure(config, mode, FLAGS.min_seconds)}
+          if baseline and mode != 'data':
+            row |= measure_torch(baseline, depth, batch, dtype, mode,
+                                 FLAGS.min_seconds)
+            row['ratio'] = row['images_per_s'] / row['pytorch_images_per_s']
+          print(json.dumps(row), flush=True)
+          rows.append(row)
+  print('\n' + HEADER)
+  for row in rows:
+    print(table_row(row))
+
+
+if __name__ == '__main__':
+  app.run(main)

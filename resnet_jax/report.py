@@ -1,0 +1,390 @@
+r"""The paper's tables and figures, from workdirs of resnet_jax runs.
+
+  python -m resnet_jax.report table --root=sweeps/table6 --out=report
+  python -m resnet_jax.report fig6 --workdirs=W1,W2,... --out=report
+  python -m resnet_jax.report fig7 --workdirs=W1,W2,... --out=report
+  python -m resnet_jax.report filters --workdirs=W --image=4 --out=report
+  python -m resnet_jax.report curve --workdirs=W --out=report
+
+* ``table``: Table 6 (§4.2): for each config under ROOT (``ROOT/<name>/seed*``,
+  as ``resnet_jax.sweep`` lays them out), depth, parameters and test error as
+  best (mean ± std) over the seeds (std with ddof=1), beside the paper's.
+  ``--selection=final`` takes each run's final test error;
+  ``--selection=validation`` the test error of the checkpoint with the lowest
+  validation error (45k/5k split). Never the best test error.
+* ``fig6``: Fig. 6: training error (dashed) and test error (bold) against
+  iterations, plain nets left, ResNets right.
+* ``fig7``: Fig. 7: the std of each 3x3 layer's response (BN output, before
+  the ReLU or addition) on the test set, in layer order and sorted.
+* ``filters``: the first conv layer's filters, and the feature maps at the end
+  of the first and the last stage for one test image.
+* ``curve``: loss and error against steps for one run, learning-rate drops
+  marked.
+
+Each writes PNG and PDF figures (or Markdown for the table) and a CSV of the
+numbers next to them into ``--out``.
+"""
+
+import csv
+import json
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+import jax
+from matplotlib import figure
+import ml_collections
+import numpy as np
+
+from resnet_jax import input_pipeline
+from resnet_jax import models
+from resnet_jax import train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('root', None, 'table: the sweep root.')
+flags.DEFINE_list('workdirs', [], 'Run workdirs (fig6, fig7, filters, curve).')
+flags.DEFINE_string('out', 'report', 'Directory for figures, tables, CSV.')
+flags.DEFINE_enum('selection', 'final', ['final', 'validation'],
+                  'table: final test error, or that of the best checkpoint '
+                  'by validation error.')
+flags.DEFINE_integer('image', 0, 'filters: index of the test image.')
+
+COMMANDS = ('table', 'fig6', 'fig7', 'filters', 'curve')
+
+# Table 6: CIFAR-10 test error (%) of the ResNets (option A), best of 5 runs;
+# ResNet-110 is also reported as mean ± std, 6.61 ± 0.16.
+PAPER_TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
+
+
+class ReportError(ValueError):
+  """Workdirs or flags a table or figure cannot be made from."""
+
+
+def load_run(workdir) -> tuple[ml_collections.ConfigDict, list[dict]]:
+  """A workdir's config and its metrics records."""
+  workdir = pathlib.Path(workdir)
+  try:
+    config = ml_collections.ConfigDict(
+        json.loads((workdir / 'config.json').read_text()))
+    records = [json.loads(line) for line in
+               (workdir / 'metrics.jsonl').read_text().splitlines() if line]
+  except (OSError, ValueError) as e:
+    raise ReportError(f'{workdir} is not a resnet_jax run: {e}') from e
+  if isinstance(config.lr_boundaries, list):
+    config.lr_boundaries = tuple(config.lr_boundaries)
+  return config, records
+
+
+def write_csv(path: pathlib.Path, header: list[str], rows):
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def save(fig: figure.Figure, out: pathlib.Path, name: str) -> figure.Figure:
+  out.mkdir(parents=True, exist_ok=True)
+  for suffix in ('png', 'pdf'):
+    fig.savefig(out / f'{name}.{suffix}', dpi=120, bbox_inches='tight')
+  return fig
+
+
+# Table 6.
+
+
+def test_error(workdir, selection: str) -> tuple[float, int]:
+  """A run's test error (%) and the step it comes from."""
+  config, records = load_run(workdir)
+  if selection == 'final':
+    finals = [r for r in records if r['split'] == 'final_test']
+    if not finals:
+      raise ReportError(f'{workdir} has not finished (no final test error)')
+    return finals[-1]['error'], finals[-1]['step']
+  validation = [r for r in records if r['split'] == 'validation']
+  if not validation:
+    raise ReportError(f'{workdir} was trained without a validation split')
+  # The best-by-validation checkpoint is kept by the checkpoint policy.
+  best = min(validation, key=lambda r: (r['error'], r['step']))
+  config.eval_checkpoint_step = best['step']
+  result = train.evaluate_checkpoint(config, workdir)
+  return result['error'], best['step']
+
+
+def table(root, selection: str, out: pathlib.Path) -> str:
+  """Table 6 as Markdown (also written with its CSV); see the module doc."""
+  root = pathlib.Path(root)
+  names = sorted((p for p in root.iterdir() if p.is_dir()),
+                 key=lambda p: p.name) if root.is_dir() else []
+  rows, csv_rows = [], []
+  for directory in names:
+    seeds = sorted(directory.glob('seed*'))
+    if not seeds:
+      continue
+    config, _ = load_run(seeds[0])
+    info = input_pipeline.dataset_info(config.dataset)
+    model = models.from_config(config, info.num_classes)
+    params = models.param_count(
+        models.layer_table(model, info.image_size)[1]['params'])
+    results = [test_error(s, selection) for s in seeds]
+    errors = np.array([e for e, _ in results])
+    std = errors.std(ddof=1) if len(errors) > 1 else 0.0
+    paper = (PAPER_TABLE6.get(config.depth)
+             if config.residual and config.model == 'cifar' and
+             config.dataset == 'cifar10' and config.shortcut == 'A' else None)
+    steps = sorted({s for _, s in results})
+    name = models.display_name(config)
+    rows.append(f'| {name} | {config.depth} | {params / 1e6:.2f}M | '
+                f'{errors.min():.2f} ({errors.mean():.2f} ± {std:.2f}) | '
+                f'{len(errors)} | {", ".join(map(str, steps))} | '
+                f'{paper if paper is not None else "-"} |')
+    csv_rows.append([directory.name, name, config.depth, params, len(errors),
+                     f'{errors.min():.4f}', f'{errors.mean():.4f}',
+                     f'{std:.4f}', selection, ';'.join(map(str, steps)),
+                     '' if paper is None else paper,
+                     ';'.join(f'{e:.4f}' for e in errors)])
+  if not rows:
+    raise ReportError(f'{root} holds no runs (expected ROOT/<name>/seed<N>)')
+  checkpoint = ('final step' if selection == 'final' else
+                'checkpoint with the lowest validation error')
+  lines = [
+      f'Test error (%) at the {checkpoint}: best (mean ± std) over seeds.',
+      '',
+      '| model | depth | params | error (%) | seeds | step | paper (%) |',
+      '| --- | ---: | ---: | --- | ---: | --- | ---: |', *rows]
+  markdown = '\n'.join(lines) + '\n'
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'table.md').write_text(markdown)
+  write_csv(out / 'table.csv',
+            ['config', 'model', 'depth', 'params', 'seeds', 'best_error',
+             'mean_error', 'std_error', 'selection', 'steps', 'paper_error',
+             'errors'], csv_rows)
+  return markdown
+
+
+# Fig. 6 and the learning curve.
+
+
+def eval_split(records) -> str:
+  return 'test' if any(r['split'] == 'test' for r in records) else 'validation'
+
+
+def fig6(workdirs, out: pathlib.Path) -> figure.Figure:
+  """Training (dashed) and test (bold) error against iterations (Fig. 6)."""
+  fig = figure.Figure(figsize=(11, 4))
+  panels = dict(zip(('plain', 'ResNet'), fig.subplots(1, 2, sharey=True)))
+  csv_rows = []
+  for i, workdir in enumerate(workdirs):
+    config, records = load_run(workdir)
+    name = models.display_name(config)
+    ax = panels['ResNet' if config.residual else 'plain']
+    color = f'C{i}'
+    split = eval_split(records)
+    for kind, style, width in (('train', '--', 1), (split, '-', 2)):
+      points = [(r['step'], r['error']) for r in records if r['split'] == kind]
+      csv_rows += [[workdir, name, kind, s, e] for s, e in points]
+      if points:
+        ax.plot(*zip(*points), style, color=color, linewidth=width,
+                label=f'{name} {kind}')
+  for title, ax in panels.items():
+    ax.set_title(f'{title} nets')
+    ax.set_xlabel('iterations')
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend(fontsize=8)
+  panels['plain'].set_ylabel('error (%)')
+  write_csv(out / 'fig6.csv', ['workdir', 'model', 'split', 'step', 'error'],
+            csv_rows)
+  return save(fig, out, 'fig6')
+
+
+def curve(workdir, out: pathlib.Path) -> figure.Figure:
+  """Loss and error against steps for one run; learning-rate drops marked."""
+  config, records = load_run(workdir)
+  fig = figure.Figure(figsize=(11, 4))
+  loss_ax, error_ax = fig.subplots(1, 2)
+  train_records = [r for r in records if r['split'] == 'train']
+  if config.schedule_unit == 'steps':
+    drops = list(config.lr_boundaries)
+  else:  # The last logged step before each drop.
+    drops = [a['step'] for a, b in zip(train_records, train_records[1:])
+             if b['learning_rate'] < a['learning_rate']]
+  csv_rows = []
+  for kind in ('train', eval_split(records)):
+    points = [r for r in records if r['split'] == kind]
+    csv_rows += [[kind, r['step'], r['loss'], r['error'],
+                  r.get('learning_rate', '')] for r in points]
+    for ax, key in ((loss_ax, 'loss'), (error_ax, 'error')):
+      ax.plot([r['step'] for r in points], [r[key] for r in points],
+              '--' if kind == 'train' else '-', label=kind)
+  for ax, label in ((loss_ax, 'loss'), (error_ax, 'error (%)')):
+    for step in drops:
+      ax.axvline(step, color='gray', linestyle=':', linewidth=1)
+    ax.set_xlabel('iterations')
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(f'{models.display_name(config)}: {workdir} (dotted: '
+               'learning-rate drops)', fontsize=9)
+  write_csv(out / 'curve.csv',
+            ['split', 'step', 'loss', 'error', 'learning_rate'], csv_rows)
+  return save(fig, out, 'curve')
+
+
+# Fig. 7 and the filters, from checkpoints.
+
+
+def load_checkpoint(workdir):
+  """(config, model, variables, normalised test batches) of a run's latest
+  checkpoint."""
+  config, _ = load_run(workdir)
+  inputs, _, state = train.restore_checkpoint(config, workdir)
+  info = input_pipeline.dataset_info(config.dataset)
+  model = models.from_config(config, info.num_classes)
+  variables = jax.device_get({'params': state.params,
+                              'batch_stats': state.batch_stats})
+  mean, std = jax.device_get((state.mean, state.std))
+
+  def batches():
+    for images, _, mask in inputs.eval('test'):
+      yield input_pipeline.normalize(images[mask > 0], mean, std)
+
+  return config, model, variables, batches
+
+
+def response_stds(model, variables, batches) -> np.ndarray:
+  """Per 3x3 layer: the std of its responses over test images and positions,
+  per channel, averaged over the channels."""
+  responses = jax.jit(lambda v, x: [
+      (r.sum((0, 1, 2)), (r ** 2).sum((0, 1, 2)), r.shape[0] * r.shape[1] *
+       r.shape[2]) for r in models.layer_responses(model, v, x)])
+  totals = None
+  for x in batches():
+    sums = jax.device_get(responses(variables, x))
+    totals = sums if totals is None else [
+        (a + c, b + d, n + m) for (a, b, n), (c, d, m) in zip(totals, sums)]
+  return np.array([np.sqrt(np.maximum(s2 / n - (s / n) ** 2, 0)).mean()
+                   for s, s2, n in totals])
+
+
+def fig7(workdirs, out: pathlib.Path) -> figure.Figure:
+  """Std of the layer responses, in layer order and sorted (Fig. 7)."""
+  fig = figure.Figure(figsize=(11, 4))
+  order_ax, sorted_ax = fig.subplots(1, 2, sharey=True)
+  csv_rows = []
+  for workdir in workdirs:
+    config, model, variables, batches = load_checkpoint(workdir)
+    stds = response_stds(model, variables, batches)
+    name = models.display_name(config)
+    style = '-' if config.residual else '--'
+    order_ax.plot(range(1, len(stds) + 1), stds, style, marker='.',
+                  label=name)
+    sorted_ax.plot(range(1, len(stds) + 1), np.sort(stds)[::-1], style,
+                   marker='.', label=name)
+    csv_rows += [[workdir, name, i, f'{s:.6f}', rank] for i, (s, rank) in
+                 enumerate(zip(stds, np.argsort(np.argsort(-stds)) + 1), 1)]
+  order_ax.set_xlabel('layer index (original)')
+  sorted_ax.set_xlabel('layer index (sorted by magnitude)')
+  order_ax.set_ylabel('std')
+  for ax in (order_ax, sorted_ax):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  write_csv(out / 'fig7.csv', ['workdir', 'model', 'layer', 'std',
+                               'sorted_rank'], csv_rows)
+  return save(fig, out, 'fig7')
+
+
+def grid(ax, tiles: np.ndarray, title: str):
+  """Tiles (n, h, w[, 3]) as one image, each scaled to [0, 1] on its own."""
+  n = len(tiles)
+  cols = int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  low = tiles.reshape(n, -1).min(1).reshape((n,) + (1,) * (tiles.ndim - 1))
+  high = tiles.reshape(n, -1).max(1).reshape(low.shape)
+  tiles = (tiles - low) / np.maximum(high - low, 1e-12)
+  h, w = tiles.shape[1:3]
+  canvas = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1) + tiles.shape[3:])
+  for i, tile in enumerate(tiles):
+    r, c = divmod(i, cols)
+    canvas[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = tile
+  ax.imshow(canvas, cmap='gray', interpolation='nearest')
+  ax.set_title(title, fontsize=9)
+  ax.axis('off')
+
+
+def filters(workdir, image: int, out: pathlib.Path) -> figure.Figure:
+  """First-layer filters and first/last-stage feature maps of a test image."""
+  config, model, variables, batches = load_checkpoint(workdir)
+  test = np.concatenate(list(batches()))
+  if not 0 <= image < len(test):
+    raise ReportError(f'--image must be in [0, {len(test)}), got {image}')
+  _, state = model.apply(
+      variables, test[image:image + 1], train=False,
+      capture_intermediates=lambda module, _: isinstance(module, models.Block))
+  blocks = {k: v for k, v in state['intermediates'].items()
+            if k.startswith('stage')}
+  stages = sorted({k.split('_')[0] for k in blocks})
+  last = {stage: max((k for k in blocks if k.startswith(stage + '_')),
+                     key=lambda k: int(k.rsplit('block', 1)[1]))
+          for stage in stages}
+  kernel = np.asarray(variables['params']['conv_init']['kernel'])  # (3,3,3,c)
+  maps = {stage: np.asarray(blocks[last[stage]]['__call__'][0][0])
+          for stage in (stages[0], stages[-1])}
+  fig = figure.Figure(figsize=(12, 4))
+  axes = fig.subplots(1, 3)
+  grid(axes[0], np.moveaxis(kernel, -1, 0), f'{kernel.shape[-1]} first-layer '
+       f'filters ({kernel.shape[0]}x{kernel.shape[1]})')
+  for ax, (stage, fmap) in zip(axes[1:], maps.items()):
+    grid(ax, np.moveaxis(fmap, -1, 0), f'{last[stage]} output, test image '
+         f'{image} ({fmap.shape[0]}x{fmap.shape[1]}x{fmap.shape[2]})')
+  fig.suptitle(f'{models.display_name(config)}: {workdir}', fontsize=9)
+  rows = [['filter', 'conv_init', c, y, x, ch, f'{kernel[y, x, ch, c]:.6f}']
+          for c in range(kernel.shape[3]) for y in range(kernel.shape[0])
+          for x in range(kernel.shape[1]) for ch in range(kernel.shape[2])]
+  rows += [['feature_map', last[stage], c, y, x, '', f'{fmap[y, x, c]:.6f}']
+           for stage, fmap in maps.items() for c in range(fmap.shape[2])
+           for y in range(fmap.shape[0]) for x in range(fmap.shape[1])]
+  write_csv(out / 'filters.csv',
+            ['kind', 'layer', 'channel', 'y', 'x', 'input_channel', 'value'],
+            rows)
+  return save(fig, out, 'filters')
+
+
+def run(command: str, out: pathlib.Path):
+  """One report command; raises ReportError (or a training error) if it
+  cannot be made."""
+  if command == 'table':
+    if not FLAGS.root:
+      raise ReportError('table needs --root')
+    print(table(FLAGS.root, FLAGS.selection, out), end='')
+    return
+  if not FLAGS.workdirs:
+    raise ReportError(f'{command} needs --workdirs')
+  if command in ('filters', 'curve') and len(FLAGS.workdirs) != 1:
+    raise ReportError(f'{command} takes one workdir')
+  if command == 'fig6':
+    fig6(FLAGS.workdirs, out)
+  elif command == 'fig7':
+    fig7(FLAGS.workdirs, out)
+  elif command == 'filters':
+    filters(FLAGS.workdirs[0], FLAGS.image, out)
+  else:
+    curve(FLAGS.workdirs[0], out)
+  print(f'wrote {out / command}.png, .pdf and .csv')
+
+
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    print(f'error: give one command: {", ".join(COMMANDS)}', file=sys.stderr)
+    sys.exit(2)
+  try:
+    run(argv[1], pathlib.Path(FLAGS.out))
+  except (ReportError, models.ModelError, input_pipeline.DataError,
+          train.TrainingError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,80 @@
+r"""Runs configs over seeds, one workdir each: the paper's multi-run tables.
+
+  python -m resnet_jax.sweep --root=sweeps/table6 \
+      --configs=configs/resnet20.py,configs/resnet32.py,configs/resnet56.py \
+      --seeds=0,1,2,3,4
+  python -m resnet_jax.sweep ... --set=train_length=2000 --set=data_source=archive
+
+Each (config, seed) trains with ``python -m resnet_jax.main`` in
+``ROOT/<config name>/seed<N>``, one after another. A run whose metrics
+already hold its final test result is skipped; an interrupted one resumes from
+its checkpoints. ``--set=FIELD=VALUE`` overrides a config field in every run.
+Tables and figures come from the workdirs: ``python -m resnet_jax.report``.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('configs', None, 'Config files to run.')
+flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed) of each config.')
+flags.DEFINE_string('root', None, 'Directory that holds one workdir per run.')
+flags.DEFINE_multi_string('set', [], 'FIELD=VALUE: a config override for '
+                          'every run (repeatable).')
+flags.mark_flags_as_required(['configs', 'root'])
+
+
+def fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def workdir_of(root: pathlib.Path, config: str, seed: int) -> pathlib.Path:
+  return root / pathlib.Path(config).stem / f'seed{seed}'
+
+
+def finished(workdir: pathlib.Path) -> bool:
+  """Whether the run's metrics hold its final test result."""
+  path = workdir / 'metrics.jsonl'
+  return path.exists() and any(
+      json.loads(line)['split'] == 'final_test'
+      for line in path.read_text().splitlines() if line)
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    seeds = [int(s) for s in FLAGS.seeds]
+  except ValueError:
+    fail(f'--seeds takes integers, got {",".join(FLAGS.seeds)}')
+  for config in FLAGS.configs:
+    if not pathlib.Path(config).is_file():
+      fail(f'no config file {config}')
+  for override in FLAGS.set:
+    if '=' not in override:
+      fail(f'--set takes FIELD=VALUE, got {override!r}')
+  root = pathlib.Path(FLAGS.root)
+  runs = [(config, seed) for config in FLAGS.configs for seed in seeds]
+  for i, (config, seed) in enumerate(runs, 1):
+    workdir = workdir_of(root, config, seed)
+    if finished(workdir):
+      print(f'[{i}/{len(runs)}] {workdir}: finished, skipped', flush=True)
+      continue
+    print(f'[{i}/{len(runs)}] {workdir}: training', flush=True)
+    command = [sys.executable, '-m', 'resnet_jax.main', f'--config={config}',
+               f'--workdir={workdir}', f'--config.seed={seed}',
+               *(f'--config.{override}' for override in FLAGS.set)]
+    code = subprocess.run(command, check=False).returncode
+    if code:
+      fail(f'the run in {workdir} failed (exit status {code}); run the same '
+           'sweep again to resume it')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,130 @@
+"""The benchmark measures the real steps, against the same network in PyTorch."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+from jax import ad_checkpoint
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from resnet_jax import models
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def benchmark(*flags, devices=2):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.benchmark', *flags], cwd=ROOT,
+      env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_benchmark_rows():
+  result = benchmark('--depths=8', '--batch_sizes=8', '--dtypes=float32',
+                     '--modes=train,eval,data', '--min_seconds=0',
+                     '--torch=off')
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(l) for l in result.stdout.splitlines()
+          if l.startswith('{')]
+  assert [r['mode'] for r in rows] == ['train', 'eval', 'data']
+  for row in rows:
+    assert row['model'] == 'ResNet-8' and row['batch'] == 8
+    assert row['devices'] == 2 and row['backend'] == 'cpu'
+    assert row['images_per_s'] > 0 and row['compile_s'] > 0
+    assert 0 < row['xla_memory_mb'] < row['peak_memory_mb']
+  # The printed table has a line per row.
+  assert len(re.findall(r'^ResNet-8 ', result.stdout, re.M)) == 3
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--depths=21', 'not 6n+2'), ('--dtypes=float16', 'float16'),
+    ('--modes=infer', 'infer'), ('--batch_sizes=3', 'does not divide')])
+def test_benchmark_bad_flags(flag, message):
+  result = benchmark(flag, '--torch=off')
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+
+
+def test_one_cpu_device_per_core_unless_chosen():
+  probe = ('from resnet_jax import train; import jax, os; '
+           'train.use_cpu_cores([128, 1000]); '
+           'print(jax.device_count(), len(os.sched_getaffinity(0)))')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env,
+                       capture_output=True, text=True, check=True).stdout
+  devices, cores = map(int, out.split())
+  assert devices == max(d for d in range(1, cores + 1)
+                        if 128 % d == 0 and 1000 % d == 0)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'
+  out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env,
+                       capture_output=True, text=True, check=True).stdout
+  assert out.split()[0] == '3'
+
+
+def residual_bytes(model, variables, x, capsys):
+  """Bytes of the activations the backward pass keeps (what remat cuts)."""
+  def loss(params):
+    logits, _ = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']}, x,
+        train=True, mutable=['batch_stats'])
+    return logits.sum()
+  capsys.readouterr()
+  ad_checkpoint.print_saved_residuals(loss, variables['params'])
+  shapes = re.findall(r'f32\[([\d,]*)\]', capsys.readouterr().out)
+  return sum(4 * int(np.prod([int(d) for d in s.split(',') if d]))
+             for s in shapes)
+
+
+def test_remat_same_gradients_fewer_saved_activations(capsys):
+  x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
+  plain_model = models.create_model(model='cifar', depth=20, num_classes=10)
+  remat_model = models.create_model(model='cifar', depth=20, num_classes=10,
+                                    remat=True)
+  variables = plain_model.init(jax.random.key(0), x, train=False)
+  assert (jax.tree.structure(remat_model.init(jax.random.key(0), x,
+                                              train=False)) ==
+          jax.tree.structure(variables))  # Checkpoints are interchangeable.
+
+  def grads(model):
+    def loss(params):
+      logits, updates = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']}, x,
+          train=True, mutable=['batch_stats'])
+      return jnp.sum(logits ** 2), updates
+    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+
+  for a, b in zip(jax.tree.leaves(grads(plain_model)),
+                  jax.tree.leaves(grads(remat_model))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  kept = residual_bytes(plain_model, variables, x, capsys)
+  remat_kept = residual_bytes(remat_model, variables, x, capsys)
+  assert remat_kept < kept / 4
+
+
+def test_pytorch_baseline_is_the_same_network():
+  torch = pytest.importorskip('torch')
+  from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
+  model = models.create_model(model='cifar', depth=20, num_classes=10)
+  x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x, train=False)
+  # Non-trivial BN statistics, so inference really uses them.
+  variables = {'params': variables['params'], 'batch_stats': jax.tree.map(
+      lambda s: s + 0.1 * jax.random.uniform(jax.random.key(2), s.shape),
+      variables['batch_stats'])}
+  net = torch_baseline.CifarResNet(20).eval()
+  assert sum(p.numel() for p in net.parameters()) == 269_722
+  torch_baseline.load_flax_variables(net, variables)
+  with torch.no_grad():
+    expected = net(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(model.apply(variables, x, train=False), expected,
+                             rtol=1e-4, atol=1e-4)

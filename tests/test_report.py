@@ -1,0 +1,171 @@
+"""Sweeps, the paper's table and figures, and the Colab notebook, end to end."""
+
+import csv
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import nbclient
+import nbformat
+import pytest
+
+from resnet_jax import report
+
+ROOT = pathlib.Path(__file__).parent.parent
+ENV = dict(os.environ, JAX_PLATFORMS='cpu',
+           XLA_FLAGS='--xla_force_host_platform_device_count=2')
+
+
+def python(*args):
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=ENV,
+                        capture_output=True, text=True, timeout=600)
+
+
+def ok(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout
+
+
+def error_line(result):
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
+  return lines[0]
+
+
+def read_csv(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def records(workdir):
+  return [json.loads(l) for l in
+          (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+
+
+@pytest.fixture(scope='module')
+def sweep(tmp_path_factory):
+  """Two seeds of the smoke config, the second interrupted and resumed."""
+  root = tmp_path_factory.mktemp('sweep')
+  flags = ('resnet_jax.sweep', '--configs=configs/smoke.py', '--seeds=0,1',
+           f'--root={root}')
+  ok(python(*flags))
+  # Interrupt seed 1 after its last checkpoint: drop its final test result.
+  path = root / 'smoke' / 'seed1' / 'metrics.jsonl'
+  path.write_text(''.join(l + '\n' for l in path.read_text().splitlines()
+                          if json.loads(l)['split'] != 'final_test'))
+  out = ok(python(*flags))
+  assert 'smoke/seed0: finished, skipped' in out
+  assert 'smoke/seed1: training' in out
+  assert records(path.parent)[-1]['split'] == 'final_test'
+  return root
+
+
+def test_sweep_bad_input(tmp_path):
+  assert 'no config file' in error_line(python(
+      'resnet_jax.sweep', '--configs=configs/nope.py', f'--root={tmp_path}'))
+  assert 'unknown config field' in python(
+      'resnet_jax.sweep', '--configs=configs/smoke.py', f'--root={tmp_path}',
+      '--set=nonsense=1').stderr
+
+
+def fake_run(workdir, config_name, errors_by_split):
+  """A finished run's config.json and metrics.jsonl, without training."""
+  config = subprocess.run(
+      [sys.executable, '-c', f'from configs import {config_name}; '
+       f'print({config_name}.get_config().to_json())'],
+      cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  workdir.mkdir(parents=True)
+  (workdir / 'config.json').write_text(config)
+  (workdir / 'metrics.jsonl').write_text(''.join(
+      json.dumps({'step': step, 'split': split, 'error': error}) + '\n'
+      for split, step, error in errors_by_split))
+
+
+def test_table_best_mean_std_beside_the_paper(tmp_path):
+  for seed, error in enumerate((9.0, 8.0, 10.0)):
+    fake_run(tmp_path / 'runs' / 'resnet20' / f'seed{seed}', 'resnet20',
+             [('validation', 64000, 1.0), ('final_test', 64000, error)])
+  fake_run(tmp_path / 'runs' / 'plain20' / 'seed0', 'plain20',
+           [('final_test', 64000, 12.5)])
+  markdown = report.table(tmp_path / 'runs', 'final', tmp_path / 'out')
+  assert ('| ResNet-20 | 20 | 0.27M | 8.00 (9.00 ± 1.00) | 3 | 64000 | 8.75 |'
+          in markdown)
+  assert '| plain-20 | 20 | 0.27M | 12.50 (12.50 ± 0.00) | 1 | 64000 | - |' \
+      in markdown
+  assert 'final step' in markdown
+  rows = {r['config']: r for r in read_csv(tmp_path / 'out' / 'table.csv')}
+  assert rows['resnet20']['params'] == '269722'
+  assert rows['resnet20']['errors'] == '9.0000;8.0000;10.0000'
+  assert (tmp_path / 'out' / 'table.md').read_text() == markdown
+  # An unfinished run is an error, not a silently smaller sample.
+  fake_run(tmp_path / 'runs' / 'resnet56' / 'seed0', 'resnet56',
+           [('validation', 2000, 30.0)])
+  with pytest.raises(report.ReportError, match='not finished'):
+    report.table(tmp_path / 'runs', 'final', tmp_path / 'out')
+
+
+def test_table_by_validation_uses_the_best_validation_checkpoint(sweep,
+                                                                 tmp_path):
+  out = ok(python('resnet_jax.report', 'table', f'--root={sweep}',
+                  '--selection=validation', f'--out={tmp_path}'))
+  assert 'lowest validation error' in out
+  row = read_csv(tmp_path / 'table.csv')[0]
+  steps = []
+  for seed in (0, 1):
+    validation = [r for r in records(sweep / 'smoke' / f'seed{seed}')
+                  if r['split'] == 'validation']
+    steps.append(min(validation, key=lambda r: (r['error'], r['step']))['step'])
+  assert row['steps'] == ';'.join(map(str, sorted(set(steps))))
+  assert row['selection'] == 'validation'
+
+
+def test_figures_write_their_numbers(sweep, tmp_path):
+  run = sweep / 'smoke' / 'seed0'
+  for command in ('fig6', 'fig7', 'curve', 'filters'):
+    ok(python('resnet_jax.report', command, f'--workdirs={run}',
+              f'--out={tmp_path}', '--image=5'))
+    for suffix in ('png', 'pdf', 'csv'):
+      assert (tmp_path / f'{command}.{suffix}').stat().st_size > 0
+  fig6 = read_csv(tmp_path / 'fig6.csv')
+  logged = [(r['split'], r['step']) for r in records(run)
+            if r['split'] in ('train', 'validation')]
+  assert sorted((r['split'], int(r['step'])) for r in fig6) == sorted(logged)
+  fig7 = read_csv(tmp_path / 'fig7.csv')
+  assert len(fig7) == 7  # ResNet-8: the stem and two 3x3 convs per block.
+  assert all(float(r['std']) > 0 for r in fig7)
+  assert sorted(int(r['sorted_rank']) for r in fig7) == list(range(1, 8))
+  filters = read_csv(tmp_path / 'filters.csv')
+  assert len(filters) == 16 * 27 + 16 * 32 * 32 + 64 * 8 * 8
+
+
+def test_report_bad_input(tmp_path):
+  assert 'not a resnet_jax run' in error_line(python(
+      'resnet_jax.report', 'fig6', f'--workdirs={tmp_path}',
+      f'--out={tmp_path}'))
+  assert 'holds no runs' in error_line(python(
+      'resnet_jax.report', 'table', f'--root={tmp_path}', f'--out={tmp_path}'))
+  assert 'give one command' in error_line(python('resnet_jax.report', 'fig8'))
+
+
+def test_colab_notebook_runs_top_to_bottom(tmp_path):
+  notebook = nbformat.read(ROOT / 'colab' / 'resnet_jax.ipynb', as_version=4)
+  parameters = next(c for c in notebook.cells
+                    if 'parameters' in c.metadata.get('tags', []))
+  parameters.source += (  # As papermill would inject them.
+      f"\nCONFIG = 'smoke'\nQUICK_STEPS = 10\nDATA_SOURCE = 'synthetic'"
+      f"\nWORKDIR = '{tmp_path}/workdirs'\nREPORT = '{tmp_path}/report'")
+  nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
+                          resources={'metadata': {'path': str(ROOT)}}
+                          ).execute()
+  text = '\n'.join(o.get('text', '') for c in notebook.cells
+                   if c.cell_type == 'code' for o in c.outputs)
+  assert 'ResNet-8: final test error' in text
+  assert 'plain-8 checkpoint at step 10' in text
+  images = [o for c in notebook.cells if c.cell_type == 'code'
+            for o in c.outputs if 'image/png' in o.get('data', {})]
+  assert len(images) == 2  # Fig. 6 and Fig. 7, shown inline.
+  for name in ('fig6', 'fig7'):
+    assert (tmp_path / 'report' / f'{name}.png').exists()
