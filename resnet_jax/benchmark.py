@@ -38,7 +38,7 @@ from resnet_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('depths', ['20', '56', '110'], 'CIFAR depths (6n+2).')
-flags.DEFINE_list('batch_sizes', ['128', '512'], 'Global batch sizes.')
+flags.DEFINE_list('batch_sizes', ['128', '256'], 'Global batch sizes.')
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Computation dtypes.')
 flags.DEFINE_list('modes', ['train', 'eval', 'data'], 'What to time.')
 flags.DEFINE_bool('remat', False, 'Rematerialise each block (config.remat).')

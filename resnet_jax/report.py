@@ -166,6 +166,14 @@ def table(root, selection: str, out: pathlib.Path) -> str:
 # Fig. 6 and the learning curve.
 
 
+def run_labels(workdirs) -> list[str]:
+  """The network's name per run, with its workdir where names repeat."""
+  names = [models.display_name(load_run(w)[0]) for w in workdirs]
+  return [n if names.count(n) == 1 else
+          f'{n} ({"/".join(pathlib.Path(w).parts[-2:])})'
+          for n, w in zip(names, workdirs)]
+
+
 def eval_split(records) -> str:
   return 'test' if any(r['split'] == 'test' for r in records) else 'validation'
 
@@ -175,20 +183,19 @@ def fig6(workdirs, out: pathlib.Path) -> figure.Figure:
   fig = figure.Figure(figsize=(11, 4))
   panels = dict(zip(('plain', 'ResNet'), fig.subplots(1, 2, sharey=True)))
   csv_rows = []
-  for i, workdir in enumerate(workdirs):
+  for i, (workdir, name) in enumerate(zip(workdirs, run_labels(workdirs))):
     config, records = load_run(workdir)
-    name = models.display_name(config)
     ax = panels['ResNet' if config.residual else 'plain']
     color = f'C{i}'
     split = eval_split(records)
-    for kind, style, width in (('train', '--', 1), (split, '-', 2)):
+    for kind, style, width in (('train', '--', 1), (split, '.-', 2)):
       points = [(r['step'], r['error']) for r in records if r['split'] == kind]
       csv_rows += [[workdir, name, kind, s, e] for s, e in points]
       if points:
         ax.plot(*zip(*points), style, color=color, linewidth=width,
                 label=f'{name} {kind}')
-  for title, ax in panels.items():
-    ax.set_title(f'{title} nets')
+  for title, ax in zip(('plain nets', 'ResNets'), panels.values()):
+    ax.set_title(title)
     ax.set_xlabel('iterations')
     ax.grid(alpha=0.3)
     if ax.lines:
@@ -273,10 +280,9 @@ def fig7(workdirs, out: pathlib.Path) -> figure.Figure:
   fig = figure.Figure(figsize=(11, 4))
   order_ax, sorted_ax = fig.subplots(1, 2, sharey=True)
   csv_rows = []
-  for workdir in workdirs:
+  for workdir, name in zip(workdirs, run_labels(workdirs)):
     config, model, variables, batches = load_checkpoint(workdir)
     stds = response_stds(model, variables, batches)
-    name = models.display_name(config)
     style = '-' if config.residual else '--'
     order_ax.plot(range(1, len(stds) + 1), stds, style, marker='.',
                   label=name)
