@@ -222,7 +222,8 @@ def main(argv):
   try:
     depths, batch_sizes = parse_flags()
     train.use_cpu_cores(batch_sizes)  # As the training command does.
-    train.make_mesh({'batch size': min(batch_sizes)})
+    for batch in batch_sizes:
+      train.make_mesh({'batch size': batch})
   except (BenchmarkError, train.TrainingError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
