@@ -71,8 +71,6 @@ def load_run(workdir) -> tuple[ml_collections.ConfigDict, list[dict]]:
                (workdir / 'metrics.jsonl').read_text().splitlines() if line]
   except (OSError, ValueError) as e:
     raise ReportError(f'{workdir} is not a resnet_jax run: {e}') from e
-  if isinstance(config.lr_boundaries, list):
-    config.lr_boundaries = tuple(config.lr_boundaries)
   return config, records
 
 
