@@ -28,6 +28,9 @@ def get_config():
   config.dtype = 'float32'  # Computation dtype: 'float32' | 'bfloat16'.
   config.remat = False  # Recompute each block in the backward pass
   # (jax.checkpoint): less memory for the deepest nets, same results.
+  config.scan_blocks = True  # Run blocks 2..n of each stage as one loop
+  # (nn.scan over stacked parameters): compile time independent of depth,
+  # the fastest form on CPU (BENCHMARKS.md); False unrolls every block.
 
   # Data.
   config.dataset = 'cifar10'  # 'cifar10' | 'cifar100' | 'imagenet2012'.

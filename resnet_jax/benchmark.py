@@ -1,8 +1,8 @@
 r"""Speed of resnet_jax, side by side with PyTorch on the same machine.
 
   python -m resnet_jax.benchmark
-  python -m resnet_jax.benchmark --depths=1202 --batch_sizes=128 \
-      --modes=train --dtypes=float32 --remat=true
+  python -m resnet_jax.benchmark --depths=20,32,44,56,110,1202 \
+      --batch_sizes=128 --modes=train --dtypes=float32 --plain
 
 For each CIFAR net (§4.2), batch size, dtype and mode it times, after
 compilation and warm-up:
@@ -15,12 +15,19 @@ compilation and warm-up:
   (``input_pipeline.train_batch`` then ``normalize``).
 
 Calls are dispatched as in the training loop (at most two in flight). Each
-row prints images/s, the compile time, the memory XLA allocates for the
-compiled step (arguments, outputs and temporaries) and the process's peak
-memory so far (device peak on accelerators, resident set on CPU). When
+row prints images/s, images/s x depth (flat when the cost per layer is), the
+step's compile time (the JSON line also has ``setup_s``: data,
+initialisation and its compile), the memory XLA allocates for the compiled
+step (arguments, outputs and temporaries) and the process's peak memory so
+far (device peak on accelerators, resident set on CPU). When
 ``torch`` is installed the same net, batch and dtype run in PyTorch
 (``resnet_jax.torch_baseline``) and the row gets the ratio resnet_jax /
-PyTorch. Every row is also one JSON line, for scripts.
+PyTorch (up to ``--torch_max_depth``: PyTorch keeps every activation, and
+ResNet-1202's do not fit in memory). ResNet-1202 runs with ``config.remat``,
+as ``configs/resnet1202.py`` does (``--remat`` sets it for every depth).
+With ``--plain`` each ResNet row is followed by its plain twin's,
+and the ResNet row gets the residual tax: its seconds per step over the
+plain net's. Every row is also one JSON line, for scripts.
 """
 
 import json
@@ -34,18 +41,29 @@ import jax
 import numpy as np
 
 from resnet_jax import input_pipeline
+from resnet_jax import models
 from resnet_jax import train
 
 FLAGS = flags.FLAGS
+REMAT_DEPTH = 1202  # ResNet-1202's activations exceed memory without remat.
 flags.DEFINE_list('depths', ['20', '56', '110'], 'CIFAR depths (6n+2).')
 flags.DEFINE_list('batch_sizes', ['128', '256'], 'Global batch sizes.')
 flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Computation dtypes.')
 flags.DEFINE_list('modes', ['train', 'eval', 'data'], 'What to time.')
-flags.DEFINE_bool('remat', False, 'Rematerialise each block (config.remat).')
+flags.DEFINE_enum('remat', 'auto', ['auto', 'true', 'false'],
+                  'Rematerialise each block (config.remat); auto: for '
+                  f'depths from {REMAT_DEPTH} on, as configs/resnet1202.py.')
+flags.DEFINE_bool('scan_blocks', None, 'Run the repeated blocks of each stage '
+                  'as one loop (config.scan_blocks); default: the config\'s.')
+flags.DEFINE_bool('plain', False, 'Also time the plain twin of every net '
+                  '(the residual tax: ResNet / plain).')
 flags.DEFINE_float('min_seconds', 5.0, 'Time each row for at least this '
                    'long (and at least 3 calls).')
 flags.DEFINE_enum('torch', 'auto', ['auto', 'off'],
                   'auto: run the PyTorch baseline when torch is installed.')
+flags.DEFINE_integer('torch_max_depth', 110, 'Run the PyTorch baseline up to '
+                     'this depth (it keeps every activation: ResNet-1202 '
+                     'needs ~23 GiB at batch 128).')
 flags.DEFINE_bool('torch_compile', True, 'Also time the PyTorch baseline '
                   'under torch.compile; the faster of the two is the '
                   'baseline.')
@@ -78,11 +96,15 @@ def seconds_per_call(fn, min_seconds: float, block=lambda _: None,
   return (time.perf_counter() - start) / calls, first
 
 
-def benchmark_config(depth: int, batch_size: int, dtype: str, remat: bool):
+def benchmark_config(depth: int, batch_size: int, dtype: str, remat: bool,
+                     residual: bool = True, scan_blocks: bool | None = None):
   """configs/default.py for this row, on synthetic data of CIFAR's shapes."""
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.depth = depth
+  config.residual = residual
+  if scan_blocks is not None:
+    config.scan_blocks = scan_blocks
   config.batch_size = config.eval_batch_size = batch_size
   config.dtype = dtype
   config.remat = remat
@@ -102,7 +124,9 @@ def peak_memory_mb() -> float:
 
 def measure(config, mode: str, min_seconds: float) -> dict:
   """Times one row; returns images/s, compile seconds and memory."""
-  inputs, steps, state, _ = train.setup(config)
+  start = time.perf_counter()
+  inputs, steps, state, _ = train.setup(config)  # Compiles the initialisation.
+  setup_s = time.perf_counter() - start
   batch = config.batch_size
   images, labels = next(inputs.train(0))
   if mode == 'train':
@@ -138,6 +162,7 @@ def measure(config, mode: str, min_seconds: float) -> dict:
     call = lambda: compiled(*args)
   seconds, _ = seconds_per_call(call, min_seconds, jax.block_until_ready)
   return {'images_per_s': batch / seconds, 'compile_s': compile_s,
+          'setup_s': setup_s,
           'xla_memory_mb': xla_bytes / 2**20,
           'peak_memory_mb': peak_memory_mb()}
 
@@ -202,18 +227,21 @@ def parse_flags():
 
 
 HEADER = (f'{"model":<11}{"batch":>6} {"dtype":<9}{"mode":<6}{"images/s":>10}'
-          f'{"compile s":>10}{"XLA MB":>9}{"peak MB":>9}{"PyTorch":>10}'
-          f'{"ratio":>7}')
+          f'{"x depth":>9}{"compile s":>10}{"XLA MB":>9}{"peak MB":>9}'
+          f'{"PyTorch":>10}{"ratio":>7}{"tax":>6}')
 
 
 def table_row(row: dict) -> str:
   torch_ips = row.get('pytorch_images_per_s')
+  tax = row.get('residual_tax')
   return (f'{row["model"]:<11}{row["batch"]:>6} {row["dtype"]:<9}'
           f'{row["mode"]:<6}{row["images_per_s"]:>10.0f}'
+          f'{row["images_per_s_x_depth"]:>9.0f}'
           f'{row["compile_s"]:>10.1f}{row["xla_memory_mb"]:>9.0f}'
           f'{row["peak_memory_mb"]:>9.0f}'
           + (f'{torch_ips:>10.0f}{row["ratio"]:>7.2f}' if torch_ips else
-             f'{"-":>10}{"-":>7}'))
+             f'{"-":>10}{"-":>7}')
+          + (f'{tax:>6.2f}' if tax else f'{"-":>6}'))
 
 
 def main(argv):
@@ -237,18 +265,31 @@ def main(argv):
     for batch in batch_sizes:
       for dtype in FLAGS.dtypes:
         for mode in FLAGS.modes:
-          config = benchmark_config(depth, batch, dtype, FLAGS.remat)
-          row = {'model': f'ResNet-{depth}', 'batch': batch, 'dtype': dtype,
-                 'mode': mode, 'remat': FLAGS.remat,
-                 'devices': jax.device_count(),
-                 'backend': jax.default_backend(),
-                 **measure(config, mode, FLAGS.min_seconds)}
-          if baseline and mode != 'data':
-            row |= measure_torch(baseline, depth, batch, dtype, mode,
-                                 FLAGS.min_seconds)
-            row['ratio'] = row['images_per_s'] / row['pytorch_images_per_s']
-          print(json.dumps(row), flush=True)
-          rows.append(row)
+          pair = []
+          remat = (depth >= REMAT_DEPTH if FLAGS.remat == 'auto' else
+                   FLAGS.remat == 'true')
+          for residual in (True, False) if FLAGS.plain else (True,):
+            config = benchmark_config(depth, batch, dtype, remat, residual,
+                                      FLAGS.scan_blocks)
+            row = {'model': models.display_name(config), 'batch': batch,
+                   'dtype': dtype, 'mode': mode, 'remat': remat,
+                   'scan_blocks': config.scan_blocks,
+                   'devices': jax.device_count(),
+                   'backend': jax.default_backend(),
+                   **measure(config, mode, FLAGS.min_seconds)}
+            row['images_per_s_x_depth'] = row['images_per_s'] * depth
+            if (residual and baseline and mode != 'data' and
+                depth <= FLAGS.torch_max_depth):
+              row |= measure_torch(baseline, depth, batch, dtype, mode,
+                                   FLAGS.min_seconds)
+              row['ratio'] = row['images_per_s'] / row['pytorch_images_per_s']
+            pair.append(row)
+          if len(pair) == 2:  # Seconds per step of the ResNet over its twin.
+            pair[0]['residual_tax'] = (pair[1]['images_per_s'] /
+                                       pair[0]['images_per_s'])
+          for row in pair:
+            print(json.dumps(row), flush=True)
+          rows += pair
   print('\n' + HEADER)
   for row in rows:
     print(table_row(row))

@@ -29,11 +29,14 @@ max pool), He normal initialisation (fan-in, gain 2), BatchNorm with epsilon
 
 from collections.abc import Callable, Sequence
 import functools
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from resnet_jax import canonical_conv
 
 SHORTCUTS = ('A', 'B', 'C')
 BOTTLENECK_STRIDES = ('1x1', '3x3')
@@ -56,6 +59,15 @@ BOTTLENECK_EXPANSION = 4
 he_normal = nn.initializers.variance_scaling(2.0, 'fan_in', 'normal')
 
 
+def scanned_name(stage: int) -> str:
+  """The module holding blocks 2..n of a stage when they are scanned."""
+  return f'stage{stage}_blocks'
+
+
+_SCANNED = re.compile(r'stage(\d+)_blocks')
+_BLOCK = re.compile(r'stage(\d+)_block(\d+)')
+
+
 class ModelError(ValueError):
   """A model configuration that does not describe a network of the paper."""
 
@@ -70,7 +82,8 @@ def conv_layer(features: int, kernel: int, strides: int, *, name: str,
   """A k x k bias-free conv with symmetric padding and He initialisation."""
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
                  padding=_pad(kernel), use_bias=False, kernel_init=he_normal,
-                 dtype=dtype, name=name)
+                 dtype=dtype, name=name,
+                 conv_general_dilated=canonical_conv.conv_general_dilated)
 
 
 class Block(nn.Module):
@@ -130,6 +143,9 @@ class Block(nn.Module):
 class ResNet(nn.Module):
   """A ResNet (or plain net) of the paper; see the module docstring.
 
+  Each stage's output is sown into the ``intermediates`` collection as
+  ``stage1``, ``stage2``, ... (the feature maps of the report's figures).
+
   Attributes:
     stage_sizes: blocks per stage.
     widths: filters of each stage (bottleneck blocks output 4x as many).
@@ -147,6 +163,10 @@ class ResNet(nn.Module):
     remat: recompute each block's activations in the backward pass
       (``jax.checkpoint``) instead of storing them: same results, less memory
       (ResNet-1202), about one more forward pass of compute.
+    scan_blocks: run blocks 2..n of each stage as one loop (``nn.scan``)
+      over their stacked parameters, so that tracing and compiling do not
+      grow with depth. The same network: ``unroll_blocks`` and
+      ``stack_blocks`` convert between the two forms of its variables.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -159,6 +179,7 @@ class ResNet(nn.Module):
   num_classes: int = 10
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -176,20 +197,26 @@ class ResNet(nn.Module):
       x = norm(name='bn_init')(x)
       self.sow('intermediates', 'response', x)
       x = nn.relu(x)
-    block = nn.remat(Block) if self.remat else Block
+    block_class = nn.remat(Block) if self.remat else Block
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      for j in range(size):
-        x = block(
-            width=width,
-            strides=2 if i > 0 and j == 0 else 1,
-            bottleneck=self.bottleneck,
-            residual=self.residual,
-            shortcut=self.shortcut,
-            bottleneck_stride=self.bottleneck_stride,
-            zero_init_residual=self.zero_init_residual,
-            conv=conv,
-            norm=norm,
-            name=f'stage{i + 1}_block{j + 1}')(x)
+      block = functools.partial(
+          block_class, width=width, bottleneck=self.bottleneck,
+          residual=self.residual, shortcut=self.shortcut,
+          bottleneck_stride=self.bottleneck_stride,
+          zero_init_residual=self.zero_init_residual, conv=conv, norm=norm)
+      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1')(x)
+      if self.scan_blocks and size > 1:
+        # Blocks 2..n of a stage have the same shapes: one loop body, its
+        # parameters and BN statistics stacked along a leading axis.
+        repeat = nn.scan(lambda module, x, _: (module(x), None),
+                         variable_axes={'params': 0, 'batch_stats': 0,
+                                        'intermediates': 0},
+                         split_rngs={'params': True}, length=size - 1)
+        x, _ = repeat(block(strides=1, name=scanned_name(i + 1)), x, None)
+      else:
+        for j in range(1, size):
+          x = block(strides=1, name=f'stage{i + 1}_block{j + 1}')(x)
+      self.sow('intermediates', f'stage{i + 1}', x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=he_normal,
                  name='head')(x)
@@ -200,7 +227,8 @@ def create_model(*, model: str, depth: int, num_classes: int,
                  residual: bool = True, shortcut: str = 'A',
                  stem: str | None = None, bottleneck_stride: str = '1x1',
                  zero_init_residual: bool = False,
-                 dtype: str = 'float32', remat: bool = False) -> ResNet:
+                 dtype: str = 'float32', remat: bool = False,
+                 scan_blocks: bool = False) -> ResNet:
   """Builds a paper network by family and depth; raises ModelError otherwise."""
   if shortcut not in SHORTCUTS:
     raise ModelError(f'shortcut must be one of {", ".join(SHORTCUTS)} (§3.3), '
@@ -234,7 +262,7 @@ def create_model(*, model: str, depth: int, num_classes: int,
       residual=residual, shortcut=shortcut,
       bottleneck_stride=bottleneck_stride,
       zero_init_residual=zero_init_residual, num_classes=num_classes,
-      dtype=jnp.dtype(dtype), remat=remat)
+      dtype=jnp.dtype(dtype), remat=remat, scan_blocks=scan_blocks)
 
 
 def param_count(params) -> int:
@@ -245,11 +273,14 @@ def param_count(params) -> int:
 def layer_table(model: ResNet, image_size: int):
   """Lists every conv and dense layer with its output shape and cost.
 
-  Runs abstractly (no arrays are computed). Returns ``(rows, variables)``,
+  Runs abstractly (no arrays are computed) on the unrolled form of the
+  network (``scan_blocks`` does not change its layers). Returns
+  ``(rows, variables)``,
   each row a dict with ``name``, ``kernel`` (e.g. '3x3/2'), ``output`` shape
   (without batch), ``params`` and ``macs`` (multiply-adds per image, the
   paper's measure of complexity in Table 1).
   """
+  model = model.clone(scan_blocks=False)  # One row per layer, either form.
   rows = []
 
   def record(next_fun, args, kwargs, context):
@@ -287,16 +318,53 @@ def layer_responses(model: ResNet, variables, x) -> list[jax.Array]:
   _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
   # Sown values are stored in call order, which Python dicts keep.
   found = []
-
-  def walk(tree):
-    for key, value in tree.items():
-      if key == 'response':
-        found.extend(value)
-      else:
-        walk(value)
-
-  walk(state['intermediates'])
+  for name, value in state['intermediates'].items():
+    if name == 'response':  # The stem's.
+      found.extend(value)
+    elif _SCANNED.fullmatch(name):  # Each response stacked over the blocks.
+      responses = value['response']
+      found.extend(r[j] for j in range(len(responses[0])) for r in responses)
+    elif _BLOCK.fullmatch(name):
+      found.extend(value['response'])
   return found
+
+
+def stack_blocks(variables):
+  """Variables of the unrolled form in the scanned form (``scan_blocks``).
+
+  Every collection (params, batch_stats, ...) has its blocks 2..n of each
+  stage stacked, in order, under ``scanned_name(stage)``.
+  """
+  def stack(tree):
+    out, stacks = {}, {}
+    for name, value in tree.items():
+      match = _BLOCK.fullmatch(name)
+      if match and int(match[2]) > 1:
+        stacks.setdefault(int(match[1]), {})[int(match[2])] = value
+      else:
+        out[name] = value
+    for stage, blocks in stacks.items():
+      out[scanned_name(stage)] = jax.tree.map(
+          lambda *a: jnp.stack(a), *(blocks[j] for j in sorted(blocks)))
+    return out
+  return {collection: stack(tree) for collection, tree in variables.items()}
+
+
+def unroll_blocks(variables):
+  """Variables of the scanned form in the unrolled form: ``stack_blocks``'s
+  inverse."""
+  def unroll(tree):
+    out = {}
+    for name, value in tree.items():
+      match = _SCANNED.fullmatch(name)
+      if not match:
+        out[name] = value
+        continue
+      for j in range(len(jax.tree.leaves(value)[0])):
+        out[f'stage{match[1]}_block{j + 2}'] = jax.tree.map(
+            lambda a, j=j: a[j], value)
+    return out
+  return {collection: unroll(tree) for collection, tree in variables.items()}
 
 
 def from_config(config, num_classes: int) -> ResNet:
@@ -306,7 +374,9 @@ def from_config(config, num_classes: int) -> ResNet:
       residual=config.residual, shortcut=config.shortcut,
       stem=config.stem or None, bottleneck_stride=config.bottleneck_stride,
       zero_init_residual=config.zero_init_residual, dtype=config.dtype,
-      remat=config.remat)
+      remat=config.remat,
+      # Runs recorded before the field existed have unrolled blocks.
+      scan_blocks=config.get('scan_blocks', False))
 
 
 def display_name(config) -> str:

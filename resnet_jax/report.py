@@ -323,18 +323,14 @@ def filters(workdir, image: int, out: pathlib.Path) -> figure.Figure:
   test = np.concatenate(list(batches()))
   if not 0 <= image < len(test):
     raise ReportError(f'--image must be in [0, {len(test)}), got {image}')
-  _, state = model.apply(
-      variables, test[image:image + 1], train=False,
-      capture_intermediates=lambda module, _: isinstance(module, models.Block))
-  blocks = {k: v for k, v in state['intermediates'].items()
-            if k.startswith('stage')}
-  stages = sorted({k.split('_')[0] for k in blocks})
-  last = {stage: max((k for k in blocks if k.startswith(stage + '_')),
-                     key=lambda k: int(k.rsplit('block', 1)[1]))
-          for stage in stages}
+  _, state = model.apply(variables, test[image:image + 1], train=False,
+                         mutable=['intermediates'])
   kernel = np.asarray(variables['params']['conv_init']['kernel'])  # (3,3,3,c)
-  maps = {stage: np.asarray(blocks[last[stage]]['__call__'][0][0])
-          for stage in (stages[0], stages[-1])}
+  # Each stage's output, named after its last block.
+  last = {f'stage{i}': f'stage{i}_block{model.stage_sizes[i - 1]}'
+          for i in (1, len(model.stage_sizes))}
+  maps = {stage: np.asarray(state['intermediates'][stage][0][0])
+          for stage in last}
   fig = figure.Figure(figsize=(12, 4))
   axes = fig.subplots(1, 3)
   grid(axes[0], np.moveaxis(kernel, -1, 0), f'{kernel.shape[-1]} first-layer '

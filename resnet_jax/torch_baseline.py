@@ -61,7 +61,9 @@ class CifarResNet(nn.Module):
 
 
 def load_flax_variables(net: CifarResNet, variables):
-  """Copies resnet_jax CIFAR variables (params, batch_stats) into ``net``."""
+  """Copies resnet_jax CIFAR variables (params, batch_stats; either form of
+  ``scan_blocks``) into ``net``."""
+  variables = models.unroll_blocks(variables)
   params, stats = variables['params'], variables['batch_stats']
   pairs = [(net.conv, net.bn, params['conv_init'], params['bn_init'],
             stats['bn_init'])]

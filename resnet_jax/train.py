@@ -272,7 +272,10 @@ def make_mesh(batch_sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
 
 
 def check_workdir_config(config, workdir: pathlib.Path) -> bool:
-  """Whether the workdir holds a run; raises if it is of another model."""
+  """Whether the workdir holds a run; raises if it is of another model.
+
+  Sets ``config.scan_blocks`` to the form the run's checkpoints hold.
+  """
   path = workdir / 'config.json'
   if not path.exists():
     return False
@@ -285,6 +288,13 @@ def check_workdir_config(config, workdir: pathlib.Path) -> bool:
   if different:
     raise TrainingError(f'{workdir} holds a run of another model ('
                         f'{"; ".join(different)})')
+  # How the blocks are stored is the run's own (runs from before the field
+  # existed are unrolled): resume and evaluate in that form.
+  scan_blocks = saved.get('scan_blocks', False)
+  if config.get('scan_blocks', False) != scan_blocks:
+    print(f'note: {workdir} holds {"scanned" if scan_blocks else "unrolled"} '
+          f'blocks; using scan_blocks={scan_blocks}', flush=True)
+    config.scan_blocks = scan_blocks
   return True
 
 

@@ -123,8 +123,40 @@ def test_pytorch_baseline_is_the_same_network():
       variables['batch_stats'])}
   net = torch_baseline.CifarResNet(20).eval()
   assert sum(p.numel() for p in net.parameters()) == 269_722
-  torch_baseline.load_flax_variables(net, variables)
+  # From the scanned form (the configs' default), as the benchmark does.
+  torch_baseline.load_flax_variables(net, models.stack_blocks(variables))
   with torch.no_grad():
     expected = net(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   np.testing.assert_allclose(model.apply(variables, x, train=False), expected,
                              rtol=1e-4, atol=1e-4)
+
+
+BLOCK_IMPORTS = """
+import importlib.abc, runpy, sys
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu'):
+      raise ImportError(f'{name} is blocked')
+sys.meta_path.insert(0, Block())
+sys.argv = ['benchmark'] + sys.argv[1:]
+runpy.run_module('resnet_jax.benchmark', run_name='__main__')
+"""
+
+
+def test_benchmark_runs_without_tensorflow_tfds_or_clu():
+  # An accelerator machine may have only jax, flax, optax, orbax and
+  # ml_collections: the models, the train step and the benchmark need no more.
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run(
+      [sys.executable, '-c', BLOCK_IMPORTS, '--depths=14', '--batch_sizes=8',
+       '--dtypes=float32', '--modes=train', '--min_seconds=0', '--torch=off',
+       '--plain'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(l) for l in result.stdout.splitlines()
+          if l.startswith('{')]
+  assert [r['model'] for r in rows] == ['ResNet-14', 'plain-14']
+  assert all(r['scan_blocks'] for r in rows)
+  assert rows[0]['residual_tax'] == pytest.approx(
+      rows[1]['images_per_s'] / rows[0]['images_per_s'])

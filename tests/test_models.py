@@ -187,3 +187,128 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
   assert out16.dtype == jnp.float32
   assert not np.array_equal(out16, out32)
   np.testing.assert_allclose(out16, out32, atol=0.1 * np.abs(out32).max())
+
+
+def assert_close(actual, expected, rtol):
+  """Equal up to ``rtol`` of the expected array's largest magnitude.
+
+  Float32 results of the same arithmetic, fused or ordered differently,
+  differ by a few units in the last place of the array's scale; elementwise
+  relative tolerances fail near zero on other CPUs.
+  """
+  actual, expected = np.asarray(actual), np.asarray(expected)
+  assert actual.shape == expected.shape
+  scale = max(float(np.abs(expected).max()), np.finfo(np.float32).tiny)
+  assert float(np.abs(actual - expected).max()) <= rtol * scale
+
+
+def assert_trees_close(actual, expected, rtol):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    assert_close(a, b, rtol)
+
+
+# Float32 has 24-bit significands (eps 1.2e-7). The two forms run the same
+# operations per layer; fusing them differently changes results by a few
+# ulps per layer, here ~20 layers of BN deep: 1e-5 of the scale is ample, and
+# a wrong weight or statistic anywhere changes results by far more.
+FORMS_RTOL = 1e-5
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scanned_blocks_compute_what_unrolled_blocks_do(remat):
+  unrolled = cifar(20, remat=remat)
+  scanned = cifar(20, remat=remat, scan_blocks=True)
+  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+  variables = init(unrolled, x)
+  stacked = models.stack_blocks(variables)
+  # The stacked tree is exactly the scanned model's.
+  assert (jax.tree.structure(stacked) ==
+          jax.tree.structure(init(scanned, x)))
+  assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(
+      jnp.shape, init(scanned, x))
+  assert stacked['params']['stage1_blocks']['conv1']['kernel'].shape == (
+      2, 3, 3, 16, 16)
+
+  def loss(model, params, batch_stats):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, x, train=True,
+        mutable=['batch_stats'])
+    return jnp.sum(logits ** 2), (logits, updates['batch_stats'])
+
+  def grads(model, v):
+    return jax.jit(jax.grad(functools.partial(loss, model), has_aux=True))(
+        v['params'], v['batch_stats'])
+
+  g_unrolled, (logits_unrolled, stats_unrolled) = grads(unrolled, variables)
+  g_scanned, (logits_scanned, stats_scanned) = grads(scanned, stacked)
+  assert_close(logits_scanned, logits_unrolled, FORMS_RTOL)
+  assert_trees_close(models.unroll_blocks({'params': g_scanned,
+                                           'batch_stats': stats_scanned}),
+                     {'params': g_unrolled, 'batch_stats': stats_unrolled},
+                     FORMS_RTOL)
+  assert_close(scanned.apply(stacked, x, train=False),
+               unrolled.apply(variables, x, train=False), FORMS_RTOL)
+
+
+def test_scanned_bottlenecks_with_projections():
+  unrolled = imagenet(50, shortcut='B')
+  scanned = imagenet(50, shortcut='B', scan_blocks=True)
+  # 64 px: the last stage's BN still sees 4 x 2 x 2 values per channel.
+  x = jax.random.normal(jax.random.key(1), (4, 64, 64, 3))
+  variables = init(unrolled, x)
+  stacked = models.stack_blocks(variables)
+  # Stage 3 of ResNet-50: block 1 projects, blocks 2-6 are stacked.
+  assert 'proj_conv' in stacked['params']['stage3_block1']
+  assert stacked['params']['stage3_blocks']['conv2']['kernel'].shape == (
+      5, 3, 3, 256, 256)
+  out_unrolled, _ = unrolled.apply(variables, x, mutable=['batch_stats'])
+  out_scanned, _ = scanned.apply(stacked, x, mutable=['batch_stats'])
+  assert_close(out_scanned, out_unrolled, FORMS_RTOL)
+
+
+def test_block_forms_convert_both_ways_exactly():
+  x = jnp.ones((1, 32, 32, 3))
+  variables = init(cifar(32), x)  # n = 5: blocks 2-5 of each stage stacked.
+  stacked = models.stack_blocks(variables)
+  assert set(stacked['params']) == {
+      'conv_init', 'bn_init', 'head', *(f'stage{i}_block1' for i in (1, 2, 3)),
+      *(f'stage{i}_blocks' for i in (1, 2, 3))}
+  np.testing.assert_array_equal(
+      stacked['batch_stats']['stage2_blocks']['bn1']['mean'][2],
+      variables['batch_stats']['stage2_block4']['bn1']['mean'])
+  back = models.unroll_blocks(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(variables)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(a, b)
+  assert models.param_count(stacked['params']) == 464_154
+
+
+def test_summary_and_layer_responses_are_the_same_in_both_forms():
+  unrolled, scanned = cifar(20), cifar(20, scan_blocks=True)
+  assert models.layer_table(scanned, 32)[0] == models.layer_table(
+      unrolled, 32)[0]
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = init(unrolled, x)
+  expected = models.layer_responses(unrolled, variables, x)
+  found = models.layer_responses(scanned, models.stack_blocks(variables), x)
+  assert len(found) == len(expected) == 19
+  for a, b in zip(found, expected):  # In network order.
+    assert_close(a, b, FORMS_RTOL)
+
+
+def test_scanned_program_does_not_grow_with_depth():
+  # ResNet-1202's training gradient traces to as many operations as
+  # ResNet-20's: one loop body per stage, whatever its length.
+  def operations(depth):
+    model = cifar(depth, scan_blocks=True)
+    x = jnp.zeros((2, 32, 32, 3))
+    variables = jax.eval_shape(functools.partial(model.init, train=False),
+                               jax.random.key(0), x)
+    loss = lambda params, batch_stats: model.apply(
+        {'params': params, 'batch_stats': batch_stats}, x,
+        mutable=['batch_stats'])[0].sum()
+    return len(jax.make_jaxpr(jax.grad(loss))(
+        variables['params'], variables['batch_stats']).eqns)
+  assert operations(1202) == operations(20)
+  assert operations(8) < operations(20)  # n = 1: nothing to scan.
