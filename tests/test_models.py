@@ -312,3 +312,15 @@ def test_scanned_program_does_not_grow_with_depth():
         variables['params'], variables['batch_stats']).eqns)
   assert operations(1202) == operations(20)
   assert operations(8) < operations(20)  # n = 1: nothing to scan.
+
+
+def test_layer_responses_of_scanned_rematerialised_blocks():
+  # ResNet-1202's form: remat inside the scan still reads out every layer.
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = init(cifar(20), x)
+  expected = models.layer_responses(cifar(20), variables, x)
+  found = models.layer_responses(cifar(20, scan_blocks=True, remat=True),
+                                 models.stack_blocks(variables), x)
+  assert len(found) == len(expected)
+  for a, b in zip(found, expected):
+    assert_close(a, b, FORMS_RTOL)
