@@ -51,6 +51,35 @@ class TrainState(train_state.TrainState):
   std: jax.Array
 
 
+# Fields that only make sense above zero.
+POSITIVE_FIELDS = ('batch_size', 'eval_batch_size', 'train_length',
+                   'learning_rate', 'lr_factor', 'log_every_steps',
+                   'eval_every_steps', 'checkpoint_every_steps',
+                   'keep_checkpoints')
+
+
+def check_config(config):
+  """Raises TrainingError for training fields no run can train with."""
+  for name in POSITIVE_FIELDS:
+    if not config[name] > 0:
+      raise TrainingError(f'{name} must be positive, got {config[name]!r}')
+  if not 0 <= config.momentum < 1:
+    raise TrainingError(f'momentum must be in [0, 1), got {config.momentum!r}')
+  if config.weight_decay < 0:
+    raise TrainingError(f'weight_decay must not be negative, got '
+                        f'{config.weight_decay!r}')
+  if config.warmup_steps < 0 or (config.warmup_steps and
+                                 not config.warmup_learning_rate > 0):
+    raise TrainingError(
+        f'a warm-up needs warmup_steps >= 0 and a positive '
+        f'warmup_learning_rate, got {config.warmup_steps!r} steps at '
+        f'{config.warmup_learning_rate!r}')
+  boundaries = list(config.lr_boundaries)
+  if boundaries != sorted(set(boundaries)) or any(b <= 0 for b in boundaries):
+    raise TrainingError(f'lr_boundaries must be positive and increasing, got '
+                        f'{tuple(boundaries)}')
+
+
 def schedule_in_steps(config, train_size: int) -> tuple[int, list[int]]:
   """Training length and learning-rate boundaries in steps.
 
@@ -379,6 +408,13 @@ def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
   return None
 
 
+def kept(manager) -> str:
+  """What a stopped run leaves to resume from."""
+  if not manager.all_steps():
+    return 'No checkpoint was written.'
+  return f'The last good checkpoint (step {manager.latest_step()}) is kept.'
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
@@ -441,12 +477,16 @@ def setup(config, devices=None):
   default). The state's normalisation is a placeholder until a fresh run
   sets it from ``inputs.normalization()`` (a restored one brings its own).
   """
+  check_config(config)
   info = input_pipeline.dataset_info(config.dataset)
   model = models.from_config(config, info.num_classes)
   mesh = make_mesh({'batch_size': config.batch_size,
                     'eval_batch_size': config.eval_batch_size}, devices)
   imagenet = config.dataset == 'imagenet2012'
   inputs = (imagenet_inputs if imagenet else cifar_inputs)(config, mesh)
+  if config.batch_size > inputs.train_size:
+    raise TrainingError(f'batch_size {config.batch_size} is larger than the '
+                        f'training set ({inputs.train_size} images)')
   total_steps, boundaries = schedule_in_steps(config, inputs.train_size)
   schedule = learning_rate_schedule(config, boundaries)
   tx = create_optimizer(config, schedule)
@@ -468,6 +508,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   workdir = pathlib.Path(workdir)
   has_run = check_workdir_config(config, workdir)
   inputs, steps, state, total_steps = setup(config)
+  late = [b for b in config.lr_boundaries if b >= config.train_length]
+  if late:
+    print(f'warning: lr_boundaries {", ".join(map(str, late))} are not '
+          f'before the end of training ({config.train_length} '
+          f'{config.schedule_unit}): no learning-rate drop there', flush=True)
   if not has_run:  # Only once the config has proved loadable.
     record_config(config, workdir)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
@@ -516,9 +561,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       summary['learning_rate'] = float(train_metrics[-1]['learning_rate'])
       train_metrics = []
       if not math.isfinite(summary['loss']):
-        raise TrainingError(
-            f'the training loss is {summary["loss"]} at step {step}; stopped. '
-            'The last good checkpoint is kept.')
+        raise TrainingError(f'the training loss is {summary["loss"]} at step '
+                            f'{step}; stopped. {kept(manager)}')
       summary['error'] *= 100
       now = time.time()
       summary['steps_per_second'] = (step - last_step) / (now - last_time)
@@ -535,9 +579,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         checkpoint_metrics = {'validation_error': result['error']}
     if step % config.checkpoint_every_steps == 0 or is_last:
       if not bool(all_finite(state.params)):
-        raise TrainingError(
-            f'parameters are not finite at step {step}; stopped. The last '
-            'good checkpoint is kept.')
+        raise TrainingError(f'parameters are not finite at step {step}; '
+                            f'stopped. {kept(manager)}')
       import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
       manager.save(step, args=ocp.args.StandardSave(state),
                    metrics=checkpoint_metrics)

@@ -152,7 +152,16 @@ def test_training_falls_back_from_a_corrupt_checkpoint(trained, tmp_path):
 def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
   message = error_line(run(tmp_path, '--config.learning_rate=1e30'))
   assert 'stopped' in message and 'nan' in message, message
-  assert not (tmp_path / 'checkpoints' / '20').exists()
+  # It diverged before the first checkpoint (step 10): none to speak of.
+  assert 'No checkpoint was written' in message, message
+  assert not (tmp_path / 'checkpoints').exists() or not list(
+      (tmp_path / 'checkpoints').iterdir())
+
+
+def test_bad_training_settings_write_nothing(tmp_path):
+  for flag in ('--config.batch_size=0', '--config.log_every_steps=0'):
+    assert 'must be positive' in error_line(run(tmp_path / 'run', flag))
+    assert not (tmp_path / 'run').exists()
 
 
 def test_bad_workdir_input(trained, tmp_path):

@@ -81,6 +81,28 @@ def test_bad_training_fields_are_rejected(field, value):
     train.setup(config)
 
 
+@pytest.mark.parametrize('field, value, message', [
+    ('batch_size', 0, 'batch_size must be positive'),
+    ('batch_size', -1, 'batch_size must be positive'),
+    ('eval_batch_size', 0, 'eval_batch_size must be positive'),
+    ('log_every_steps', 0, 'log_every_steps must be positive'),
+    ('eval_every_steps', 0, 'eval_every_steps must be positive'),
+    ('checkpoint_every_steps', 0, 'checkpoint_every_steps must be positive'),
+    ('train_length', 0, 'train_length must be positive'),
+    ('train_length', -5, 'train_length must be positive'),
+    ('learning_rate', -0.1, 'learning_rate must be positive'),
+    ('momentum', -1.0, r'momentum must be in \[0, 1\)'),
+    ('momentum', 1.0, r'momentum must be in \[0, 1\)'),
+    ('weight_decay', -0.5, 'weight_decay must not be negative'),
+    ('lr_boundaries', (15, 10), 'positive and increasing, got \\(15, 10\\)'),
+    ('batch_size', 512, r'larger than the training set \(192 images\)')])
+def test_settings_no_run_can_train_with_are_refused(field, value, message):
+  config = smoke.get_config()
+  config[field] = value
+  with pytest.raises(train.TrainingError, match=message):
+    train.setup(config)
+
+
 def test_batch_must_divide_over_the_devices():
   config = smoke.get_config()
   config.batch_size = 36
@@ -143,6 +165,9 @@ def test_a_run_keeps_the_block_form_it_was_written_in(tmp_path, capsys):
   config.train_length = config.eval_every_steps = 10
   config.scan_blocks = False
   trained = train.train_and_evaluate(config, str(tmp_path))
+  # Smoke's boundaries (10, 15) do not fall inside 10 steps: said, not fatal.
+  assert ('warning: lr_boundaries 10, 15 are not before the end of training '
+          '(10 steps)') in capsys.readouterr().out
   # A run recorded before scan_blocks existed: unrolled checkpoints.
   path = tmp_path / 'config.json'
   saved = json.loads(path.read_text())
@@ -151,7 +176,6 @@ def test_a_run_keeps_the_block_form_it_was_written_in(tmp_path, capsys):
   config = smoke.get_config()
   config.depth = 14
   assert config.scan_blocks  # The default asks for the scanned form.
-  capsys.readouterr()
   result = train.evaluate_checkpoint(config, str(tmp_path))
   assert 'holds unrolled blocks; using scan_blocks=False' in (
       capsys.readouterr().out)
