@@ -11,7 +11,9 @@ used, so the training step imports with jax, flax and optax alone.
 """
 
 from collections.abc import Callable, Iterable, Iterator
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import itertools
 import json
@@ -19,6 +21,7 @@ import math
 import os
 import pathlib
 import shutil
+import socket
 import time
 from typing import Any
 
@@ -327,6 +330,45 @@ def check_workdir_config(config, workdir: pathlib.Path) -> bool:
   return True
 
 
+def check_workdir_writable(workdir: pathlib.Path):
+  """Raises unless a run can write in ``workdir``, made yet or not."""
+  path = workdir.absolute()
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if not existing.is_dir():
+    raise TrainingError(f'--workdir {workdir}: {existing} is a file, not a '
+                        'directory')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise TrainingError(f'--workdir {workdir}: {existing} is not writable')
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path):
+  """One training run per workdir: holds ``run.lock`` while it trains.
+
+  The lock (``flock``) belongs to the process: the kernel frees it when the
+  process ends, also by ``kill -9``, so a killed run never blocks its resume.
+  Only process 0 takes it; the other hosts of a run follow process 0.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / 'run.lock', 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise TrainingError(
+          f'{workdir} is in use by another run ({holder}); wait for it to '
+          'end or use another --workdir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    yield
+
+
 def record_config(config, workdir: pathlib.Path):
   """Writes the config of a new run (once: it is never overwritten)."""
   if jax.process_index() == 0:
@@ -506,6 +548,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir)
+  check_workdir_writable(workdir)
   has_run = check_workdir_config(config, workdir)
   inputs, steps, state, total_steps = setup(config)
   late = [b for b in config.lr_boundaries if b >= config.train_length]
@@ -513,84 +556,87 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     print(f'warning: lr_boundaries {", ".join(map(str, late))} are not '
           f'before the end of training ({config.train_length} '
           f'{config.schedule_unit}): no learning-rate drop there', flush=True)
-  if not has_run:  # Only once the config has proved loadable.
-    record_config(config, workdir)
-  manager = checkpoint_manager(workdir, config.keep_checkpoints)
-  restored = restore_latest_good(manager, abstract(state, steps.replicated),
-                                 workdir)
-  resume_step = None
-  if restored is not None:
-    state = restored
-    resume_step = int(state.step)
-    logging.info('Resuming from step %d.', resume_step)
-    print(f'Resuming from checkpoint at step {resume_step}.', flush=True)
-  elif manager.all_steps():
-    raise TrainingError(f'no checkpoint in {workdir} is readable')
-  else:
-    mean, std = inputs.normalization()
-    state = state.replace(mean=replicate(np.asarray(mean), steps.replicated),
-                          std=replicate(np.asarray(std), steps.replicated))
-  metrics_file = MetricsFile(workdir, resume_step)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0)
-  writer.write_hparams({k: v for k, v in config.items()
-                        if isinstance(v, (int, float, str, bool))})
+  with workdir_lock(workdir):
+    if not has_run:  # Only once the config has proved loadable.
+      record_config(config, workdir)
+    manager = checkpoint_manager(workdir, config.keep_checkpoints)
+    restored = restore_latest_good(manager, abstract(state, steps.replicated),
+                                   workdir)
+    resume_step = None
+    if restored is not None:
+      state = restored
+      resume_step = int(state.step)
+      logging.info('Resuming from step %d.', resume_step)
+      print(f'Resuming from checkpoint at step {resume_step}.', flush=True)
+    elif manager.all_steps():
+      raise TrainingError(f'no checkpoint in {workdir} is readable')
+    else:
+      mean, std = inputs.normalization()
+      state = state.replace(mean=replicate(np.asarray(mean), steps.replicated),
+                            std=replicate(np.asarray(std), steps.replicated))
+    metrics_file = MetricsFile(workdir, resume_step)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0)
+    writer.write_hparams({k: v for k, v in config.items()
+                          if isinstance(v, (int, float, str, bool))})
 
-  train_inputs = inputs.train(int(state.step))
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                           writer=writer)
-  train_metrics = []
-  step = int(state.step)
-  last_time, last_step = time.time(), step
-  logging.info('Training %s for %d steps from step %d.',
-               models.display_name(config), total_steps, step)
-  while step < total_steps:
-    state, metrics = steps.train(state, *next(train_inputs))
-    if train_metrics:  # At most two steps in flight: the device stays busy,
-      # the host never runs far ahead (XLA's CPU collectives can deadlock
-      # with more).
-      jax.block_until_ready(train_metrics[-1])
-    train_metrics.append(metrics)
-    step += 1
-    report(step)
-    is_last = step == total_steps
-    if step % config.log_every_steps == 0 or is_last:
-      summary = {k: float(np.mean(v)) for k, v in
-                 jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
-                                             *train_metrics)).items()}
-      summary['learning_rate'] = float(train_metrics[-1]['learning_rate'])
-      train_metrics = []
-      if not math.isfinite(summary['loss']):
-        raise TrainingError(f'the training loss is {summary["loss"]} at step '
-                            f'{step}; stopped. {kept(manager)}')
-      summary['error'] *= 100
-      now = time.time()
-      summary['steps_per_second'] = (step - last_step) / (now - last_time)
-      last_time, last_step = now, step
-      writer.write_scalars(step, {f'train_{k}': v for k, v in summary.items()})
-      metrics_file.write(step, 'train', summary)
-    checkpoint_metrics = None
-    if step % config.eval_every_steps == 0 or is_last:
-      result = evaluate(steps, state, inputs.eval(inputs.eval_split))
-      writer.write_scalars(step, {f'{inputs.eval_split}_{k}': v
-                                  for k, v in result.items()})
-      metrics_file.write(step, inputs.eval_split, result)
-      if inputs.eval_split == 'validation':  # Never select by test error.
-        checkpoint_metrics = {'validation_error': result['error']}
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      if not bool(all_finite(state.params)):
-        raise TrainingError(f'parameters are not finite at step {step}; '
-                            f'stopped. {kept(manager)}')
-      import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-      manager.save(step, args=ocp.args.StandardSave(state),
-                   metrics=checkpoint_metrics)
-  manager.wait_until_finished()
+    train_inputs = inputs.train(int(state.step))
+    report = periodic_actions.ReportProgress(num_train_steps=total_steps,
+                                             writer=writer)
+    train_metrics = []
+    step = int(state.step)
+    last_time, last_step = time.time(), step
+    logging.info('Training %s for %d steps from step %d.',
+                 models.display_name(config), total_steps, step)
+    while step < total_steps:
+      state, metrics = steps.train(state, *next(train_inputs))
+      if train_metrics:  # At most two steps in flight: the device stays busy,
+        # the host never runs far ahead (XLA's CPU collectives can deadlock
+        # with more).
+        jax.block_until_ready(train_metrics[-1])
+      train_metrics.append(metrics)
+      step += 1
+      report(step)
+      is_last = step == total_steps
+      if step % config.log_every_steps == 0 or is_last:
+        summary = {k: float(np.mean(v)) for k, v in
+                   jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
+                                               *train_metrics)).items()}
+        summary['learning_rate'] = float(train_metrics[-1]['learning_rate'])
+        train_metrics = []
+        if not math.isfinite(summary['loss']):
+          raise TrainingError(f'the training loss is {summary["loss"]} at step '
+                              f'{step}; stopped. {kept(manager)}')
+        summary['error'] *= 100
+        now = time.time()
+        summary['steps_per_second'] = (step - last_step) / (now - last_time)
+        last_time, last_step = now, step
+        writer.write_scalars(step, {f'train_{k}': v
+                                    for k, v in summary.items()})
+        metrics_file.write(step, 'train', summary)
+      checkpoint_metrics = None
+      if step % config.eval_every_steps == 0 or is_last:
+        result = evaluate(steps, state, inputs.eval(inputs.eval_split))
+        writer.write_scalars(step, {f'{inputs.eval_split}_{k}': v
+                                    for k, v in result.items()})
+        metrics_file.write(step, inputs.eval_split, result)
+        if inputs.eval_split == 'validation':  # Never select by test error.
+          checkpoint_metrics = {'validation_error': result['error']}
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        if not bool(all_finite(state.params)):
+          raise TrainingError(f'parameters are not finite at step {step}; '
+                              f'stopped. {kept(manager)}')
+        import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+        manager.save(step, args=ocp.args.StandardSave(state),
+                     metrics=checkpoint_metrics)
+    manager.wait_until_finished()
 
-  result = evaluate(steps, state, inputs.eval('test'))
-  writer.write_scalars(step, {f'final_test_{k}': v for k, v in result.items()})
-  metrics_file.write(step, 'final_test', result)
-  writer.flush()
-  return result
+    result = evaluate(steps, state, inputs.eval('test'))
+    writer.write_scalars(step, {f'final_test_{k}': v
+                                for k, v in result.items()})
+    metrics_file.write(step, 'final_test', result)
+    writer.flush()
+    return result
 
 
 def restore_checkpoint(config, workdir: str, step: int = -1):

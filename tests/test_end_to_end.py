@@ -175,6 +175,35 @@ def test_bad_workdir_input(trained, tmp_path):
       run(tmp_path, '--config.batch_size=36', devices=8))
 
 
+def test_workdir_that_cannot_be_written(tmp_path):
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('keep me')
+  for workdir in (a_file, a_file / 'run'):
+    assert 'is a file, not a directory' in error_line(run(workdir))
+  assert a_file.read_text() == 'keep me'
+  # Not writable, as on a read-only filesystem (access(2) says so for both).
+  assert 'is not writable' in error_line(run('/proc/1/run'))
+
+
+def test_one_run_per_workdir_and_a_killed_run_does_not_block(tmp_path):
+  first = subprocess.Popen(command(tmp_path, '--config.train_length=100000'),
+                           cwd=ROOT, env=env(2), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 120
+    while not (tmp_path / 'config.json').exists():
+      assert first.poll() is None and time.time() < deadline
+      time.sleep(0.2)
+    message = error_line(run(tmp_path))
+    assert f'in use by another run (pid {first.pid} on ' in message, message
+  finally:
+    first.kill()  # SIGKILL: the lock goes with the process.
+    first.wait()
+  assert json.loads((tmp_path / 'config.json').read_text())[
+      'train_length'] == 100000  # The second run wrote nothing.
+  assert 'final test error' in ok(run(tmp_path)).stdout  # Not blocked.
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
