@@ -34,6 +34,9 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'summary'],
                   'train: train and evaluate, resuming from the workdir; '
                   'eval: test error of a checkpoint in the workdir; summary: '
                   'the layer table, parameter count and multiply-adds.')
+flags.DEFINE_bool('start_over', False,
+                  'Train again from step 0 in a workdir whose checkpoints are '
+                  'all lost; its metrics.jsonl is moved aside.')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() (multi-host runs).')
 flags.DEFINE_string('coordinator_address', None,
@@ -107,7 +110,8 @@ def main(argv):
     if FLAGS.distributed:
       initialize_distributed()
     if FLAGS.mode == 'train':
-      result = train.train_and_evaluate(config, FLAGS.workdir)
+      result = train.train_and_evaluate(config, FLAGS.workdir,
+                                        FLAGS.start_over)
       print(f'{models.display_name(config)}: final test error '
             f'{result["error"]:.2f}% on {result["images"]} images')
     else:

@@ -378,17 +378,41 @@ def record_config(config, workdir: pathlib.Path):
 
 
 class MetricsFile:
-  """metrics.jsonl: one JSON object per logged step, for plots and tables."""
+  """metrics.jsonl: one JSON object per logged step, for plots and tables.
 
-  def __init__(self, workdir: pathlib.Path, resume_step: int):
+  One record per (step, split), in order: a resumed run first drops what its
+  killed predecessor logged after the checkpoint it resumes from, and any
+  ``final_test``, which it writes again at the end.
+  """
+
+  def __init__(self, workdir: pathlib.Path):
     self.path = workdir / 'metrics.jsonl'
     self.active = jax.process_index() == 0
-    if self.active and self.path.exists() and resume_step is not None:
-      # Drop what a killed run logged after its last checkpoint: the resumed
-      # run computes those steps again.
-      lines = [l for l in self.path.read_text().splitlines()
-               if l and json.loads(l)['step'] <= resume_step]
-      self.path.write_text(''.join(l + '\n' for l in lines))
+
+  def lines(self) -> list[tuple[dict, str]]:
+    """(record, line) pairs; a line a kill cut short is not a record."""
+    if not self.path.exists():
+      return []
+    pairs = []
+    for line in self.path.read_text().splitlines():
+      try:
+        pairs.append((json.loads(line), line))
+      except ValueError:
+        pass
+    return pairs
+
+  def keep_until(self, step: int):
+    """Drops the records after ``step``, and the final test."""
+    if self.active and self.path.exists():
+      self.path.write_text(''.join(
+          line + '\n' for record, line in self.lines()
+          if record['step'] <= step and record['split'] != 'final_test'))
+
+  def move_aside(self):
+    if self.active and self.path.exists():
+      aside = self.path.with_name(f'metrics.replaced-{int(time.time())}.jsonl')
+      self.path.rename(aside)
+      print(f'note: the old metrics are in {aside}', flush=True)
 
   def write(self, step: int, split: str, values: dict[str, float]):
     if self.active:
@@ -541,8 +565,15 @@ def setup(config, devices=None):
   return inputs, steps, state, total_steps
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains (resuming from the workdir's checkpoints), returns test metrics."""
+def train_and_evaluate(config, workdir: str,
+                       start_over: bool = False) -> dict[str, float]:
+  """Trains (resuming from the workdir's checkpoints), returns test metrics.
+
+  A finished run is not trained or tested again: its final test is
+  returned. A workdir whose metrics go past the first checkpoint but that
+  has none left to restore is refused, unless ``start_over``: then training
+  starts from step 0 and the old metrics are moved aside.
+  """
   input_pipeline.import_tensorflow()  # Before clu's TensorBoard writer.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
@@ -574,7 +605,29 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       mean, std = inputs.normalization()
       state = state.replace(mean=replicate(np.asarray(mean), steps.replicated),
                             std=replicate(np.asarray(std), steps.replicated))
-    metrics_file = MetricsFile(workdir, resume_step)
+    metrics_file = MetricsFile(workdir)
+    records = [record for record, _ in metrics_file.lines()]
+    if resume_step is not None:
+      finals = [r for r in records if r['split'] == 'final_test' and
+                r['step'] == resume_step == total_steps]
+      if finals:
+        print(f'{workdir} holds a finished run (step {resume_step}); '
+              'nothing to do.', flush=True)
+        result = {k: v for k, v in finals[-1].items()
+                  if k not in ('step', 'split')}
+        return result | {'images': int(result['images'])}
+      metrics_file.keep_until(resume_step)
+    else:
+      logged = max((r['step'] for r in records), default=0)
+      if logged > min(config.checkpoint_every_steps, total_steps):
+        if not start_over:
+          raise TrainingError(
+              f'{workdir} has metrics up to step {logged} but no checkpoint '
+              'to resume from (deleted or unreadable); --start_over trains '
+              'it again from step 0 and moves the old metrics aside')
+        metrics_file.move_aside()
+      else:  # Killed before its first checkpoint: those steps run again.
+        metrics_file.keep_until(0)
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0)
     writer.write_hparams({k: v for k, v in config.items()

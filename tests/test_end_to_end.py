@@ -102,6 +102,61 @@ def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
   assert steps == sorted(set(steps)) == [50, 100, 150, 200, 250, 300]
 
 
+def assert_one_record_per_step_and_split(workdir):
+  keys = [(r['step'], r['split']) for r in map(
+      json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())]
+  assert len(keys) == len(set(keys)), keys
+  assert [k[0] for k in keys] == sorted(k[0] for k in keys), keys
+  assert [k[1] for k in keys].count('final_test') == 1
+
+
+def test_metrics_exact_after_a_kill_before_the_first_checkpoint(tmp_path):
+  flags = ('--config.train_length=60', '--config.log_every_steps=1',
+           '--config.eval_every_steps=30', '--config.checkpoint_every_steps=60')
+  process = subprocess.Popen(command(tmp_path, *flags), cwd=ROOT, env=env(2),
+                             stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  metrics = tmp_path / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
+    assert process.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait() == -signal.SIGKILL
+  assert not (tmp_path / 'checkpoints' / '60').exists()
+  ok(run(tmp_path, *flags))
+  assert_one_record_per_step_and_split(tmp_path)
+  assert [r['step'] for r in records(tmp_path, 'train')] == list(range(1, 61))
+
+
+def test_a_finished_run_is_not_run_again(trained, tmp_path):
+  workdir = tmp_path / 'finished'
+  shutil.copytree(trained, workdir)
+  before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  result = ok(run(workdir, devices=8))
+  assert 'holds a finished run (step 20); nothing to do' in result.stdout
+  (final,) = records(trained, 'final_test')
+  assert f'final test error {final["error"]:.2f}% on 64 images' in (
+      result.stdout)
+  assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()
+          and p.name != 'run.lock'} == {
+              p: b for p, b in before.items() if p.name != 'run.lock'}
+
+
+def test_lost_checkpoints_are_refused_unless_starting_over(trained, tmp_path):
+  workdir = tmp_path / 'lost'
+  shutil.copytree(trained, workdir)
+  shutil.rmtree(workdir / 'checkpoints')
+  old_metrics = (workdir / 'metrics.jsonl').read_text()
+  message = error_line(run(workdir, devices=8))
+  assert 'metrics up to step 20 but no checkpoint to resume from' in message
+  assert (workdir / 'metrics.jsonl').read_text() == old_metrics
+  ok(run(workdir, '--start_over', devices=8))
+  (aside,) = workdir.glob('metrics.replaced-*.jsonl')
+  assert aside.read_text() == old_metrics
+  assert_one_record_per_step_and_split(workdir)
+
+
 def test_workdir_contents_and_checkpoint_policy(trained):
   names = {p.name for p in trained.iterdir()}
   assert {'config.json', 'metrics.jsonl', 'checkpoints'} <= names
