@@ -37,6 +37,9 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'summary'],
 flags.DEFINE_bool('start_over', False,
                   'Train again from step 0 in a workdir whose checkpoints are '
                   'all lost; its metrics.jsonl is moved aside.')
+flags.DEFINE_bool('allow_config_changes', False,
+                  'Resume a run with training settings other than its '
+                  'config.json (recorded in config_changes.jsonl).')
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() (multi-host runs).')
 flags.DEFINE_string('coordinator_address', None,
@@ -111,7 +114,8 @@ def main(argv):
       initialize_distributed()
     if FLAGS.mode == 'train':
       result = train.train_and_evaluate(config, FLAGS.workdir,
-                                        FLAGS.start_over)
+                                        FLAGS.start_over,
+                                        FLAGS.allow_config_changes)
       print(f'{models.display_name(config)}: final test error '
             f'{result["error"]:.2f}% on {result["images"]} images')
     else:

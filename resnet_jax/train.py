@@ -40,6 +40,13 @@ from resnet_jax import models
 # The config fields that define the network: a workdir holds one of them.
 MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
                 'bottleneck_stride', 'dataset')
+# Fields a resumed run may change freely: how long it trains, what it logs,
+# where the data lie, how memory is used. Any other change is a different
+# run, and needs allow_config_changes.
+RESUMABLE_FIELDS = ('train_length', 'log_every_steps', 'eval_every_steps',
+                    'checkpoint_every_steps', 'keep_checkpoints',
+                    'eval_batch_size', 'eval_checkpoint_step', 'data_dir',
+                    'remat', 'scan_blocks')
 
 
 class TrainingError(RuntimeError):
@@ -369,6 +376,33 @@ def workdir_lock(workdir: pathlib.Path):
     yield
 
 
+def check_config_changes(config, workdir: pathlib.Path, allow: bool):
+  """Refuses a resume whose training fields differ from config.json's.
+
+  With ``allow``, config.json takes the new values and the change is
+  appended to ``config_changes.jsonl`` (time, field: [old, new]).
+  """
+  path = workdir / 'config.json'
+  saved = json.loads(path.read_text())
+  current = json.loads(config.to_json())
+  changes = {k: [saved.get(k), v] for k, v in current.items()
+             if k not in RESUMABLE_FIELDS and saved.get(k) != v}
+  if not changes:
+    return
+  listed = '; '.join(f'{k}: {old!r} there, {new!r} here'
+                     for k, (old, new) in changes.items())
+  if not allow:
+    raise TrainingError(f'{workdir} was trained with other settings '
+                        f'({listed}); --allow_config_changes resumes with '
+                        'the new ones and records the change')
+  print(f'note: resuming with changed settings ({listed}); recorded in '
+        f'{workdir / "config_changes.jsonl"}', flush=True)
+  if jax.process_index() == 0:
+    with (workdir / 'config_changes.jsonl').open('a') as f:
+      f.write(json.dumps({'time': time.time(), 'changes': changes}) + '\n')
+    path.write_text(config.to_json(indent=2, sort_keys=True) + '\n')
+
+
 def record_config(config, workdir: pathlib.Path):
   """Writes the config of a new run (once: it is never overwritten)."""
   if jax.process_index() == 0:
@@ -565,14 +599,17 @@ def setup(config, devices=None):
   return inputs, steps, state, total_steps
 
 
-def train_and_evaluate(config, workdir: str,
-                       start_over: bool = False) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str, start_over: bool = False,
+                       allow_config_changes: bool = False
+                       ) -> dict[str, float]:
   """Trains (resuming from the workdir's checkpoints), returns test metrics.
 
   A finished run is not trained or tested again: its final test is
   returned. A workdir whose metrics go past the first checkpoint but that
   has none left to restore is refused, unless ``start_over``: then training
-  starts from step 0 and the old metrics are moved aside.
+  starts from step 0 and the old metrics are moved aside. A resume with
+  other training settings than config.json's is refused unless
+  ``allow_config_changes`` (``check_config_changes``).
   """
   input_pipeline.import_tensorflow()  # Before clu's TensorBoard writer.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
@@ -590,6 +627,8 @@ def train_and_evaluate(config, workdir: str,
   with workdir_lock(workdir):
     if not has_run:  # Only once the config has proved loadable.
       record_config(config, workdir)
+    else:
+      check_config_changes(config, workdir, allow_config_changes)
     manager = checkpoint_manager(workdir, config.keep_checkpoints)
     restored = restore_latest_good(manager, abstract(state, steps.replicated),
                                    workdir)

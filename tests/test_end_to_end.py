@@ -157,6 +157,24 @@ def test_lost_checkpoints_are_refused_unless_starting_over(trained, tmp_path):
   assert_one_record_per_step_and_split(workdir)
 
 
+def test_resuming_with_other_settings_needs_a_flag(trained, tmp_path):
+  workdir = tmp_path / 'changed'
+  shutil.copytree(trained, workdir)
+  saved = (workdir / 'config.json').read_text()
+  flags = ('--config.batch_size=64', '--config.train_length=30')
+  message = error_line(run(workdir, *flags, devices=8))
+  assert 'trained with other settings (batch_size: 32 there, 64 here)' in (
+      message)
+  assert (workdir / 'config.json').read_text() == saved
+  assert not (workdir / 'checkpoints' / '30').exists()
+  ok(run(workdir, *flags, '--allow_config_changes', devices=8))
+  assert json.loads((workdir / 'config.json').read_text())['batch_size'] == 64
+  (change,) = map(json.loads, (workdir / 'config_changes.jsonl').read_text()
+                  .splitlines())
+  assert change['changes'] == {'batch_size': [32, 64]}
+  assert (workdir / 'checkpoints' / '30').is_dir()
+
+
 def test_workdir_contents_and_checkpoint_policy(trained):
   names = {p.name for p in trained.iterdir()}
   assert {'config.json', 'metrics.jsonl', 'checkpoints'} <= names
