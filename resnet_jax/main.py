@@ -14,7 +14,9 @@ that does not describe a network or run of the paper is one error line on
 stderr and exit status 2.
 """
 
+import json
 import logging as std_logging
+import pathlib
 import sys
 
 from absl import app
@@ -86,6 +88,20 @@ def summary(config) -> str:
   return '\n'.join(lines)
 
 
+def use_run_settings(config, workdir: pathlib.Path):
+  """--mode=eval evaluates a run as it was configured: its config.json's
+  data and other settings, but for this command's --config.* overrides and
+  the model fields (checked against the run's)."""
+  try:
+    saved = json.loads((workdir / 'config.json').read_text())
+  except (OSError, ValueError):
+    return  # No run, or an unreadable one: evaluation reports it.
+  overrides = config_flags.get_override_values(FLAGS['config'])
+  for key, value in saved.items():
+    if key in config and key not in overrides and key not in train.MODEL_FIELDS:
+      config[key] = tuple(value) if isinstance(config[key], tuple) else value
+
+
 def quiet_orbax(record) -> bool:
   """Keeps orbax's per-save INFO lines out of the console and logs."""
   return 'orbax' not in record.pathname or record.levelno >= std_logging.WARNING
@@ -108,6 +124,8 @@ def main(argv):
       return
     if not FLAGS.workdir:
       fail(f'--mode={FLAGS.mode} needs --workdir')
+    if FLAGS.mode == 'eval':
+      use_run_settings(config, pathlib.Path(FLAGS.workdir))
     train.use_cpu_cores([config.batch_size // (FLAGS.num_processes or 1),
                          config.eval_batch_size // (FLAGS.num_processes or 1)])
     if FLAGS.distributed:

@@ -195,6 +195,19 @@ def test_eval_restores_on_another_device_count(trained):
   assert 'at step 10:' in result.stdout
 
 
+def test_eval_uses_the_runs_own_data_settings(tmp_path):
+  ok(run(tmp_path, '--config.synthetic_train_size=512',
+         '--config.train_length=5'))
+  (final,) = records(tmp_path, 'final_test')
+  assert final['images'] == 128  # Not smoke's 64: the run's own test set.
+  result = ok(run(tmp_path, mode='eval'))  # Without the data flag.
+  assert f'test error {final["error"]:.2f}% (top-1)' in result.stdout
+  assert 'on 128 images' in result.stdout
+  # A flag given to eval still wins.
+  result = ok(run(tmp_path, '--config.synthetic_train_size=256', mode='eval'))
+  assert 'on 64 images' in result.stdout
+
+
 def test_eval_errors(trained, tmp_path):
   assert 'holds no run' in error_line(run(tmp_path / 'empty', mode='eval'))
   assert 'another model' in error_line(
