@@ -102,13 +102,17 @@ def use_run_settings(config, workdir: pathlib.Path):
       config[key] = tuple(value) if isinstance(config[key], tuple) else value
 
 
-def quiet_orbax(record) -> bool:
-  """Keeps orbax's per-save INFO lines out of the console and logs."""
-  return 'orbax' not in record.pathname or record.levelno >= std_logging.WARNING
+def quiet(record) -> bool:
+  """Keeps orbax's per-save INFO lines, and jax's line about each platform
+  it did not find (TPU on every CPU machine), out of the console and logs."""
+  if record.levelno >= std_logging.WARNING:
+    return True
+  return not ('orbax' in record.pathname or
+              record.getMessage().startswith('Unable to initialize backend'))
 
 
 def main(argv):
-  logging.get_absl_handler().python_handler.addFilter(quiet_orbax)
+  logging.get_absl_handler().python_handler.addFilter(quiet)
   if len(argv) > 1:
     fail(f'unexpected arguments: {" ".join(argv[1:])}')
   config = FLAGS.config

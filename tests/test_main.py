@@ -1,6 +1,7 @@
 """The command line: summaries of every config, and one-line errors."""
 
 import importlib
+import os
 import pathlib
 import re
 import subprocess
@@ -75,6 +76,17 @@ def test_summary_command():
   assert 'Multiply-adds per image: 125,485,696 ' in result.stdout
   # One row per conv and dense layer: 1 + 2 * 27 + 1.
   assert len(re.findall(r'^(conv_init|stage|head)', result.stdout, re.M)) == 56
+
+
+def test_no_line_about_accelerators_the_machine_lacks():
+  # Without JAX_PLATFORMS, jax looks for a TPU first and logs its absence.
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.main', '--config=configs/smoke.py',
+       '--mode=summary'], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert 'Unable to initialize backend' not in result.stderr
 
 
 @pytest.mark.parametrize('args, message', [
