@@ -400,11 +400,11 @@ def check_config_changes(config, workdir: pathlib.Path, allow: bool):
   if jax.process_index() == 0:
     with (workdir / 'config_changes.jsonl').open('a') as f:
       f.write(json.dumps({'time': time.time(), 'changes': changes}) + '\n')
-    path.write_text(config.to_json(indent=2, sort_keys=True) + '\n')
+  record_config(config, workdir)
 
 
 def record_config(config, workdir: pathlib.Path):
-  """Writes the config of a new run (once: it is never overwritten)."""
+  """Writes config.json: for a new run, or after allowed config changes."""
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / 'config.json').write_text(
