@@ -32,14 +32,13 @@ plain net's. Every row is also one JSON line, for scripts.
 
 import json
 import resource
-import sys
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
 
+from resnet_jax import cli
 from resnet_jax import input_pipeline
 from resnet_jax import models
 from resnet_jax import train
@@ -246,15 +245,11 @@ def table_row(row: dict) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    depths, batch_sizes = parse_flags()
-    train.use_cpu_cores(batch_sizes)  # As the training command does.
-    for batch in batch_sizes:
-      train.make_mesh({'batch size': batch})
-  except (BenchmarkError, train.TrainingError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  depths, batch_sizes = parse_flags()
+  train.use_cpu_cores(batch_sizes)  # As the training command does.
+  for batch in batch_sizes:
+    train.make_mesh({'batch size': batch})
   baseline = torch_baseline()
   print(f'resnet_jax benchmark: jax {jax.__version__}, '
         f'{jax.device_count()} x {jax.devices()[0].device_kind} '
@@ -296,4 +291,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, (BenchmarkError, train.TrainingError))

@@ -407,17 +407,27 @@ def imagenet_train_batches(config, seed: int, batch_size: int):
     yield images, labels.astype(np.int32)
 
 
-def imagenet_eval_batches(config, batch_size: int, ten_crop: bool):
-  """Per-process validation batches: the centre 224 crop (or 10 crops).
+# The paper tests on ImageNet's 50k validation images (§4.1): TFDS's
+# 'validation' split is this project's test set, and no images are held out.
+IMAGENET_EVAL_SPLITS = {'test': 'validation'}
+
+
+def imagenet_eval_batches(config, split: str, batch_size: int,
+                          ten_crop: bool):
+  """Per-process test batches: the centre 224 crop (or 10 crops).
 
   Images are resized so their shorter side is 256 (§3.4); 10-crop testing
   takes the four corners and the centre, and their flips. Every process
   yields the same number of batches (padded, masked).
   """
-  tfds, builder, split = _imagenet_split(config, 'validation')
+  if split not in IMAGENET_EVAL_SPLITS:
+    raise DataError(f'ImageNet has no {split!r} split here (only '
+                    f'{", ".join(IMAGENET_EVAL_SPLITS)})')
+  tfds_split = IMAGENET_EVAL_SPLITS[split]
+  tfds, builder, split = _imagenet_split(config, tfds_split)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   local = batch_size // jax.process_count()
-  total = builder.info.splits['validation'].num_examples
+  total = builder.info.splits[tfds_split].num_examples
   per_process = -(-total // jax.process_count())
   num_batches = -(-per_process // local)
 

@@ -15,17 +15,14 @@ stderr and exit status 2.
 """
 
 import json
-import logging as std_logging
 import pathlib
-import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
 
+from resnet_jax import cli
 from resnet_jax import input_pipeline
 from resnet_jax import models
 from resnet_jax import train
@@ -54,11 +51,6 @@ flags.mark_flags_as_required(['config'])
 
 USER_ERRORS = (models.ModelError, input_pipeline.DataError,
                train.TrainingError)
-
-
-def fail(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
 
 
 def summary(config) -> str:
@@ -102,52 +94,40 @@ def use_run_settings(config, workdir: pathlib.Path):
       config[key] = tuple(value) if isinstance(config[key], tuple) else value
 
 
-def quiet(record) -> bool:
-  """Keeps orbax's per-save INFO lines, and jax's line about each platform
-  it did not find (TPU on every CPU machine), out of the console and logs."""
-  if record.levelno >= std_logging.WARNING:
-    return True
-  return not ('orbax' in record.pathname or
-              record.getMessage().startswith('Unable to initialize backend'))
-
-
 def main(argv):
-  logging.get_absl_handler().python_handler.addFilter(quiet)
   if len(argv) > 1:
-    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   config = FLAGS.config
   if not isinstance(config, ml_collections.ConfigDict):
     try:
       getattr(config, 'model', None)  # A deferred failed load raises here.
     except OSError as e:
-      fail(f'cannot load the config file: {str(e).splitlines()[-1].strip()}')
-    fail('the config file\'s get_config() must return a ConfigDict')
-  try:
-    if FLAGS.mode == 'summary':
-      print(summary(config))
-      return
-    if not FLAGS.workdir:
-      fail(f'--mode={FLAGS.mode} needs --workdir')
-    if FLAGS.mode == 'eval':
-      use_run_settings(config, pathlib.Path(FLAGS.workdir))
-    train.use_cpu_cores([config.batch_size // (FLAGS.num_processes or 1),
-                         config.eval_batch_size // (FLAGS.num_processes or 1)])
-    if FLAGS.distributed:
-      initialize_distributed()
-    if FLAGS.mode == 'train':
-      result = train.train_and_evaluate(config, FLAGS.workdir,
-                                        FLAGS.start_over,
-                                        FLAGS.allow_config_changes)
-      print(f'{models.display_name(config)}: final test error '
-            f'{result["error"]:.2f}% on {result["images"]} images')
-    else:
-      result = train.evaluate_checkpoint(config, FLAGS.workdir)
-      print(f'{models.display_name(config)} at step {result["step"]}: test '
-            f'error {result["error"]:.2f}% (top-1), '
-            f'{result["top5_error"]:.2f}% (top-5) on {result["images"]} '
-            'images')
-  except USER_ERRORS as e:
-    fail(str(e))
+      cli.fail('cannot load the config file: '
+               f'{str(e).splitlines()[-1].strip()}')
+    cli.fail('the config file\'s get_config() must return a ConfigDict')
+  if FLAGS.mode == 'summary':
+    print(summary(config))
+    return
+  if not FLAGS.workdir:
+    cli.fail(f'--mode={FLAGS.mode} needs --workdir')
+  if FLAGS.mode == 'eval':
+    use_run_settings(config, pathlib.Path(FLAGS.workdir))
+  train.use_cpu_cores([config.batch_size // (FLAGS.num_processes or 1),
+                       config.eval_batch_size // (FLAGS.num_processes or 1)])
+  if FLAGS.distributed:
+    initialize_distributed()
+  if FLAGS.mode == 'train':
+    result = train.train_and_evaluate(config, FLAGS.workdir,
+                                      FLAGS.start_over,
+                                      FLAGS.allow_config_changes)
+    print(f'{models.display_name(config)}: final test error '
+          f'{result["error"]:.2f}% on {result["images"]} images')
+  else:
+    result = train.evaluate_checkpoint(config, FLAGS.workdir)
+    print(f'{models.display_name(config)} at step {result["step"]}: test '
+          f'error {result["error"]:.2f}% (top-1), '
+          f'{result["top5_error"]:.2f}% (top-5) on {result["images"]} '
+          'images')
 
 
 def initialize_distributed():
@@ -158,20 +138,5 @@ def initialize_distributed():
                              FLAGS.process_id)
 
 
-def parse_flags(argv):
-  """absl's parser, with a flag error as one line and exit status 2."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    fail(str(e))
-  except (AttributeError, KeyError) as e:  # --config.<unknown field>=...
-    field = str(e).strip('"\'')
-    fail(f'unknown config field {field!r} (every field is in '
-         'configs/default.py)')
-  except Exception as e:  # pylint: disable=broad-except
-    # The config file's own code raised (a syntax error, a bad import).
-    fail(f'cannot load the config file: {type(e).__name__}: {e}')
-
-
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, USER_ERRORS)

@@ -28,15 +28,14 @@ numbers next to them into ``--out``.
 import csv
 import json
 import pathlib
-import sys
 
-from absl import app
 from absl import flags
 import jax
 from matplotlib import figure
 import ml_collections
 import numpy as np
 
+from resnet_jax import cli
 from resnet_jax import input_pipeline
 from resnet_jax import models
 from resnet_jax import train
@@ -103,8 +102,13 @@ def test_error(workdir, selection: str) -> tuple[float, int]:
   validation = [r for r in records if r['split'] == 'validation']
   if not validation:
     raise ReportError(f'{workdir} was trained without a validation split')
-  # The best-by-validation checkpoint is kept by the checkpoint policy.
-  best = min(validation, key=lambda r: (r['error'], r['step']))
+  # The checkpoint policy keeps the best by validation error, the latest of
+  # ties (and only evaluated steps that were checkpointed compete).
+  kept = train.checkpoint_steps(pathlib.Path(workdir))
+  validation = [r for r in validation if r['step'] in kept]
+  if not validation:
+    raise ReportError(f'{workdir} has no checkpoint of a validated step')
+  best = min(validation, key=lambda r: (r['error'], -r['step']))
   config.eval_checkpoint_step = best['step']
   result = train.evaluate_checkpoint(config, workdir)
   return result['error'], best['step']
@@ -376,15 +380,10 @@ def run(command: str, out: pathlib.Path):
 
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
-    print(f'error: give one command: {", ".join(COMMANDS)}', file=sys.stderr)
-    sys.exit(2)
-  try:
-    run(argv[1], pathlib.Path(FLAGS.out))
-  except (ReportError, models.ModelError, input_pipeline.DataError,
-          train.TrainingError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(f'give one command: {", ".join(COMMANDS)}')
+  run(argv[1], pathlib.Path(FLAGS.out))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, (ReportError, models.ModelError, input_pipeline.DataError,
+                 train.TrainingError))

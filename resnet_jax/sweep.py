@@ -17,8 +17,9 @@ import pathlib
 import subprocess
 import sys
 
-from absl import app
 from absl import flags
+
+from resnet_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', None, 'Config files to run.')
@@ -27,11 +28,6 @@ flags.DEFINE_string('root', None, 'Directory that holds one workdir per run.')
 flags.DEFINE_multi_string('set', [], 'FIELD=VALUE: a config override for '
                           'every run (repeatable).')
 flags.mark_flags_as_required(['configs', 'root'])
-
-
-def fail(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
 
 
 def workdir_of(root: pathlib.Path, config: str, seed: int) -> pathlib.Path:
@@ -48,17 +44,17 @@ def finished(workdir: pathlib.Path) -> bool:
 
 def main(argv):
   if len(argv) > 1:
-    fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
     seeds = [int(s) for s in FLAGS.seeds]
   except ValueError:
-    fail(f'--seeds takes integers, got {",".join(FLAGS.seeds)}')
+    cli.fail(f'--seeds takes integers, got {",".join(FLAGS.seeds)}')
   for config in FLAGS.configs:
     if not pathlib.Path(config).is_file():
-      fail(f'no config file {config}')
+      cli.fail(f'no config file {config}')
   for override in FLAGS.set:
     if '=' not in override:
-      fail(f'--set takes FIELD=VALUE, got {override!r}')
+      cli.fail(f'--set takes FIELD=VALUE, got {override!r}')
   root = pathlib.Path(FLAGS.root)
   runs = [(config, seed) for config in FLAGS.configs for seed in seeds]
   for i, (config, seed) in enumerate(runs, 1):
@@ -72,9 +68,9 @@ def main(argv):
                *(f'--config.{override}' for override in FLAGS.set)]
     code = subprocess.run(command, check=False).returncode
     if code:
-      fail(f'the run in {workdir} failed (exit status {code}); run the same '
+      cli.fail(f'the run in {workdir} failed (exit status {code}); run the same '
            'sweep again to resume it')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main, ())

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -28,6 +29,7 @@ from typing import Any
 from absl import logging
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
@@ -473,14 +475,40 @@ def checkpoint_manager(workdir: pathlib.Path, keep: int, read_only=False):
       enable_async_checkpointing=(not read_only and
                                   jax.default_backend() != 'cpu'),
       read_only=read_only,
+      save_interval_steps=0 if read_only else 1,
       create=not read_only)
   return ocp.CheckpointManager((workdir / 'checkpoints').absolute(),
-                               options=options)
+                               options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def checksum(state) -> str:
+  """sha256 of every array of a replicated state, saved with each checkpoint.
+
+  Bytes changed on disk after the save (bit rot, a bad copy) may still parse
+  as arrays; restoring compares them with this.
+  """
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(state):
+    digest.update(np.ascontiguousarray(leaf.addressable_data(0)).tobytes())
+  return digest.hexdigest()
+
+
+def save(manager, state, metrics):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  manager.save(int(state.step), args=ocp.args.StandardSave(state),
+               metrics=metrics,
+               custom_metadata={'state_sha256': checksum(state)})
 
 
 def restore(manager, abstract_state, step: int):
+  """A checkpoint, checked against the checksum saved with it."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  saved = manager.metadata(step).custom_metadata or {}
+  if 'state_sha256' in saved and checksum(state) != saved['state_sha256']:
+    raise TrainingError('its arrays do not match the checksum saved with them')
+  return state
 
 
 def abstract(state, sharding):
@@ -490,7 +518,8 @@ def abstract(state, sharding):
 
 
 def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
-  """The newest checkpoint that restores; broken newer ones are moved aside."""
+  """The newest checkpoint that restores intact; broken newer ones are moved
+  aside (by process 0, while the others wait)."""
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       return restore(manager, abstract_state, step)
@@ -499,13 +528,23 @@ def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
       logging.warning('Checkpoint %d is unreadable (%s: %s); moved to %s, '
                       'falling back to the previous one.', step,
                       type(e).__name__, str(e).splitlines()[0], aside)
-      print(f'warning: checkpoint {step} is unreadable; falling back to the '
-            f'previous one (moved to {aside})', flush=True)
+      print(f'warning: checkpoint {step} is unreadable '
+            f'({str(e).splitlines()[0]}); falling back to the previous one '
+            f'(moved to {aside})', flush=True)
       if jax.process_index() == 0:
         aside.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'moved aside checkpoint {step}')
       manager.reload()
   return None
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> set[int]:
+  """The steps of a workdir's checkpoints, read without orbax."""
+  directory = workdir / 'checkpoints'
+  return {int(p.name) for p in directory.iterdir()
+          if p.name.isdigit()} if directory.is_dir() else set()
 
 
 def kept(manager) -> str:
@@ -566,7 +605,7 @@ def imagenet_inputs(config, mesh) -> Inputs:
       normalization=lambda: input_pipeline.imagenet_normalization(config),
       train=train_inputs,
       eval=lambda split: input_pipeline.imagenet_eval_batches(
-          config, config.eval_batch_size, config.ten_crop),
+          config, split, config.eval_batch_size, config.ten_crop),
       eval_split='test')
 
 
@@ -676,6 +715,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
     report = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer)
     train_metrics = []
+    tested = None  # The last step's evaluation, when it is of the test set.
     step = int(state.step)
     last_time, last_step = time.time(), step
     logging.info('Training %s for %d steps from step %d.',
@@ -714,16 +754,16 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
         metrics_file.write(step, inputs.eval_split, result)
         if inputs.eval_split == 'validation':  # Never select by test error.
           checkpoint_metrics = {'validation_error': result['error']}
+        elif is_last:
+          tested = result
       if step % config.checkpoint_every_steps == 0 or is_last:
         if not bool(all_finite(state.params)):
           raise TrainingError(f'parameters are not finite at step {step}; '
                               f'stopped. {kept(manager)}')
-        import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-        manager.save(step, args=ocp.args.StandardSave(state),
-                     metrics=checkpoint_metrics)
+        save(manager, state, checkpoint_metrics)
     manager.wait_until_finished()
 
-    result = evaluate(steps, state, inputs.eval('test'))
+    result = tested or evaluate(steps, state, inputs.eval('test'))
     writer.write_scalars(step, {f'final_test_{k}': v
                                 for k, v in result.items()})
     metrics_file.write(step, 'final_test', result)
@@ -751,6 +791,9 @@ def restore_checkpoint(config, workdir: str, step: int = -1):
                         f'(it has {", ".join(map(str, sorted(available)))})')
   try:
     state = restore(manager, abstract(state, steps.replicated), step)
+  except TrainingError as e:
+    raise TrainingError(f'checkpoint {step} in {workdir} is corrupt: {e}'
+                        ) from e
   except Exception as e:  # pylint: disable=broad-except
     raise TrainingError(f'checkpoint {step} in {workdir} is unreadable: '
                         f'{type(e).__name__}: {str(e).splitlines()[0]}') from e

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numerics import assert_close
+from numerics import assert_trees_close
+
 from resnet_jax import models
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -103,9 +106,9 @@ def test_remat_same_gradients_fewer_saved_activations(capsys):
       return jnp.sum(logits ** 2), updates
     return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
 
-  for a, b in zip(jax.tree.leaves(grads(plain_model)),
-                  jax.tree.leaves(grads(remat_model))):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The same arithmetic, recomputed: equal but for fusion choices (bitwise
+  # here), far below a wrong gradient's error.
+  assert_trees_close(grads(remat_model), grads(plain_model), rtol=1e-5)
   kept = residual_bytes(plain_model, variables, x, capsys)
   remat_kept = residual_bytes(remat_model, variables, x, capsys)
   assert remat_kept < kept / 4
@@ -127,8 +130,10 @@ def test_pytorch_baseline_is_the_same_network():
   torch_baseline.load_flax_variables(net, models.stack_blocks(variables))
   with torch.no_grad():
     expected = net(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-  np.testing.assert_allclose(model.apply(variables, x, train=False), expected,
-                             rtol=1e-4, atol=1e-4)
+  # 20 convolutions by other algorithms (oneDNN's, XLA's): 4e-7 of the
+  # logits' scale apart on an AVX-512 CPU; a wrong padding, stride or BN
+  # term would be off by a good part of it.
+  assert_close(model.apply(variables, x, train=False), expected, rtol=1e-4)
 
 
 BLOCK_IMPORTS = """

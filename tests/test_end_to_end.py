@@ -190,6 +190,8 @@ def test_eval_restores_on_another_device_count(trained):
   (final,) = records(trained, 'final_test')
   assert (f'at step 20: test error {final["error"]:.2f}% (top-1)'
           in result.stdout)
+  # Nothing about orbax opening the checkpoints read-only: eval never writes.
+  assert 'read only' not in result.stderr, result.stderr
   result = ok(run(trained, '--config.eval_checkpoint_step=10', mode='eval',
                   devices=1))
   assert 'at step 10:' in result.stdout
@@ -222,14 +224,29 @@ def test_eval_errors(trained, tmp_path):
   assert 'unreadable' in error_line(run(broken, mode='eval'))
 
 
+def flip_bytes(workdir, step):
+  """Silent corruption: 4 bytes inside a checkpoint's array data change."""
+  data = max((p for p in (workdir / 'checkpoints' / str(step)).rglob('*')
+              if p.parent.name == 'd' and 'ocdbt' in str(p)),
+             key=lambda p: p.stat().st_size)
+  content = bytearray(data.read_bytes())
+  middle = len(content) // 2
+  content[middle:middle + 4] = bytes(b ^ 0x10 for b in
+                                     content[middle:middle + 4])
+  data.write_bytes(bytes(content))
+
+
 def test_training_falls_back_from_a_corrupt_checkpoint(trained, tmp_path):
   workdir = tmp_path / 'corrupt'
   shutil.copytree(trained, workdir)
-  for f in (workdir / 'checkpoints' / '20').rglob('*'):
-    if f.is_file() and f.stat().st_size > 1000:
-      f.write_bytes(f.read_bytes()[:100])
+  flip_bytes(workdir, 20)
+  # The arrays still parse: only the checksum saved with them tells.
+  message = error_line(run(workdir, mode='eval'))
+  assert 'checkpoint 20 in' in message and 'is corrupt: its arrays do not ' \
+      'match the checksum saved with them' in message, message
   result = ok(run(workdir, '--config.train_length=30', devices=8))
-  assert 'checkpoint 20 is unreadable; falling back' in result.stdout
+  assert 'checkpoint 20 is unreadable (its arrays do not match' in (
+      result.stdout)
   assert 'Resuming from checkpoint at step 10' in result.stdout
   assert (workdir / 'corrupt_checkpoints' / '20').is_dir()  # Kept, aside.
   assert (workdir / 'checkpoints' / '30').is_dir()
@@ -312,9 +329,14 @@ def test_two_processes_train_like_one(trained, tmp_path):
   assert finals[0] == finals[1] and 'final test error' in finals[0]
   single = tmp_path / 'single'
   ok(run(single, devices=2))
-  for x, y in zip(jax.tree.leaves(params(tmp_path / 'multi', 20)),
-                  jax.tree.leaves(params(single, 20))):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+  # The cross-process all-reduce (gloo) adds in another order than the
+  # in-process one: last-bit differences, carried through 20 steps. Measured
+  # against what the last 10 steps changed, as in the 8-device step test.
+  changes = jax.tree.map(np.subtract, params(single, 20), params(single, 10))
+  for x, y, c in zip(jax.tree.leaves(params(tmp_path / 'multi', 20)),
+                     jax.tree.leaves(params(single, 20)),
+                     jax.tree.leaves(changes)):
+    assert np.abs(x - y).max() <= 1e-3 * np.abs(c).max()
 
 
 def test_a_run_that_cannot_start_leaves_no_trace(tmp_path):

@@ -42,8 +42,8 @@ def test_training_batches_are_224_crops(mock_imagenet):
 @pytest.mark.parametrize('ten_crop, shape', [(False, (224, 224, 3)),
                                              (True, (10, 224, 224, 3))])
 def test_eval_batches_are_padded_and_masked(mock_imagenet, ten_crop, shape):
-  batches = list(input_pipeline.imagenet_eval_batches(mock_imagenet, 4,
-                                                      ten_crop))
+  batches = list(input_pipeline.imagenet_eval_batches(mock_imagenet, 'test',
+                                                      4, ten_crop))
   assert len(batches) == 3  # ceil(10 / 4).
   assert all(images.shape == (4,) + shape for images, _, _ in batches)
   masks = np.concatenate([mask for _, _, mask in batches])
@@ -53,14 +53,29 @@ def test_eval_batches_are_padded_and_masked(mock_imagenet, ten_crop, shape):
     np.testing.assert_array_equal(images[:, 5:], images[:, :5, :, ::-1])
 
 
-def test_imagenet_resnet18_trains_and_evaluates(mock_imagenet, tmp_path):
+def test_no_held_out_split(mock_imagenet):
+  # ImageNet's validation images are the paper's test set: none is held out.
+  with pytest.raises(input_pipeline.DataError, match="no 'validation' split"):
+    next(input_pipeline.imagenet_eval_batches(mock_imagenet, 'validation', 4,
+                                              False))
+
+
+def test_imagenet_resnet18_trains_and_evaluates(mock_imagenet, tmp_path,
+                                                monkeypatch):
   config = mock_imagenet
   config.batch_size = config.eval_batch_size = 8
   config.train_length = 2
   config.lr_boundaries = (1,)
   config.log_every_steps = config.eval_every_steps = 1
   config.checkpoint_every_steps = 2
+  evaluations = []
+  evaluate = train.evaluate
+  monkeypatch.setattr(train, 'evaluate', lambda *args: evaluations.append(
+      evaluate(*args)) or evaluations[-1])
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  # The test set is evaluated after steps 1 and 2, and the final test is the
+  # step-2 evaluation, not a third pass over the same images.
+  assert len(evaluations) == 2 and result == evaluations[-1]
   assert result['images'] == VALIDATION
   assert 0 <= result['top5_error'] <= result['error'] <= 100
   assert (tmp_path / 'run' / 'checkpoints' / '2').is_dir()

@@ -89,6 +89,28 @@ def test_no_line_about_accelerators_the_machine_lacks():
   assert 'Unable to initialize backend' not in result.stderr
 
 
+# Any command line of resnet_jax (they all start through cli.run).
+COMMAND = """
+import sys, warnings
+import jax
+from resnet_jax import cli
+def main(argv):
+  jax.devices()  # Looks for a TPU first, and logs that there is none.
+  warnings.warn('a re-encoded copy of the data')
+  raise ValueError('the data are gone')
+cli.run(main, (ValueError,))
+"""
+
+
+def test_every_command_says_errors_and_warnings_in_one_line():
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  result = subprocess.run([sys.executable, '-c', COMMAND], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      'warning: a re-encoded copy of the data', 'error: the data are gone']
+
+
 @pytest.mark.parametrize('args, message', [
     (['--config.depth=57'], 'depth 6n+2'),
     (['--config.shortcut=D'], 'shortcut must be one of A, B, C'),

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -120,6 +121,22 @@ def test_table_by_validation_uses_the_best_validation_checkpoint(sweep,
     steps.append(min(validation, key=lambda r: (r['error'], r['step']))['step'])
   assert row['steps'] == ';'.join(map(str, sorted(set(steps))))
   assert row['selection'] == 'validation'
+
+
+def test_validation_ties_pick_the_checkpoint_orbax_keeps(sweep, tmp_path):
+  # Orbax's best-by-validation policy keeps the latest of tied checkpoints;
+  # an earlier tied one may be deleted.
+  run = tmp_path / 'smoke' / 'seed0'
+  shutil.copytree(sweep / 'smoke' / 'seed0', run)
+  lines = [json.loads(l) for l in (run / 'metrics.jsonl').read_text()
+           .splitlines()]
+  for r in lines:
+    if r['split'] == 'validation':
+      r['error'] = 5.0
+  (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n'
+                                             for r in lines))
+  shutil.rmtree(run / 'checkpoints' / '10')
+  assert report.test_error(run, 'validation')[1] == 20
 
 
 def test_figures_write_their_numbers(sweep, tmp_path):

@@ -1,0 +1,69 @@
+"""What the command lines (main, sweep, report, benchmark) share.
+
+A user's mistake (a bad flag, config, workdir or data) is one ``error:`` line
+on stderr and exit status 2; a warning is one ``warning:`` line; the log
+keeps to what a user needs.
+"""
+
+from collections.abc import Callable
+import logging as std_logging
+import os
+import sys
+import warnings
+
+from absl import app
+from absl import flags
+from absl import logging
+
+
+def fail(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def quiet(record) -> bool:
+  """Drops orbax's per-save INFO lines, its note that an evaluation opened
+  the checkpoints read-only, and jax's line about each platform it did not
+  find (TPU on every CPU machine)."""
+  message = record.getMessage()
+  if record.levelno >= std_logging.WARNING:
+    return not message.startswith('Given directory is read only')
+  return not ('orbax' in record.pathname or
+              message.startswith('Unable to initialize backend'))
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+  del category, filename, lineno, line  # Where in the code is not news.
+  return f'warning: {message}\n'
+
+
+def parse_flags(argv):
+  """absl's parser, with a flag error as one line and exit status 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e))
+  except (AttributeError, KeyError) as e:  # --config.<unknown field>=...
+    field = str(e).strip('"\'')
+    fail(f'unknown config field {field!r} (every field is in '
+         'configs/default.py)')
+  except Exception as e:  # pylint: disable=broad-except
+    # A config file's own code raised (a syntax error, a bad import).
+    fail(f'cannot load the config file: {type(e).__name__}: {e}')
+
+
+def run(main: Callable[[list[str]], None],
+        user_errors: tuple[type[Exception], ...]):
+  """``app.run(main)``, with ``user_errors`` reported as one error line."""
+  # TensorFlow's C++ INFO lines (oneDNN and the like), if it is imported.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  warnings.formatwarning = one_line_warning
+
+  def guarded(argv):
+    logging.get_absl_handler().python_handler.addFilter(quiet)
+    try:
+      main(argv)
+    except user_errors as e:
+      fail(str(e))
+
+  app.run(guarded, flags_parser=parse_flags)
