@@ -1,18 +1,19 @@
 r"""Speed of resnet_jax, side by side with PyTorch on the same machine.
 
-  python -m resnet_jax.benchmark
-  python -m resnet_jax.benchmark --depths=20,32,44,56,110,1202 \
-      --batch_sizes=128 --modes=train --dtypes=float32 --plain
+  python -m resnet_jax.benchmark --config=configs/default.py
+  python -m resnet_jax.benchmark --config=configs/default.py \
+      --depths=20,32,44,56,110,1202 --batch_sizes=128 --modes=train \
+      --dtypes=float32 --plain
 
-For each CIFAR net (§4.2), batch size, dtype and mode it times, after
-compilation and warm-up:
+For the config's CIFAR net (§4.2) at each depth, batch size, dtype and mode
+it times, after compilation and warm-up:
 
 * ``train``: the training loop's own jitted step (``train.setup``'s
   ``steps.train``): draw the batch from the on-device training set, pad, crop,
   flip, normalise, forward, backward, momentum SGD with weight decay;
 * ``eval``: the evaluation step (``steps.eval``) on one batch;
 * ``data``: the on-device batch draw and augmentation alone
-  (``input_pipeline.train_batch`` then ``normalize``).
+  (``cifar.train_batch`` then ``data.normalize``).
 
 Calls are dispatched as in the training loop (at most two in flight). Each
 row prints images/s, images/s x depth (flat when the cost per layer is), the
@@ -36,14 +37,21 @@ import time
 
 from absl import flags
 import jax
+from ml_collections import config_flags
 import numpy as np
 
 from resnet_jax import cli
-from resnet_jax import input_pipeline
+from resnet_jax import data
+from resnet_jax import devices
 from resnet_jax import models
 from resnet_jax import train
 
 FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'The config whose CIFAR net and training step are timed '
+    '(e.g. configs/default.py); each row sets its depth, batch size, dtype, '
+    'remat and synthetic data.', lock_config=True)
+flags.mark_flags_as_required(['config'])
 REMAT_DEPTH = 1202  # ResNet-1202's activations exceed memory without remat.
 flags.DEFINE_list('depths', ['20', '56', '110'], 'CIFAR depths (6n+2).')
 flags.DEFINE_list('batch_sizes', ['128', '256'], 'Global batch sizes.')
@@ -95,11 +103,11 @@ def seconds_per_call(fn, min_seconds: float, block=lambda _: None,
   return (time.perf_counter() - start) / calls, first
 
 
-def benchmark_config(depth: int, batch_size: int, dtype: str, remat: bool,
-                     residual: bool = True, scan_blocks: bool | None = None):
-  """configs/default.py for this row, on synthetic data of CIFAR's shapes."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
+def benchmark_config(base, depth: int, batch_size: int, dtype: str,
+                     remat: bool, residual: bool = True,
+                     scan_blocks: bool | None = None):
+  """The --config for this row, on synthetic data of CIFAR's shapes."""
+  config = base.copy_and_resolve_references()
   config.depth = depth
   config.residual = residual
   if scan_blocks is not None:
@@ -134,15 +142,14 @@ def measure(config, mode: str, min_seconds: float) -> dict:
     rng = np.random.default_rng(0)
     local = batch // jax.process_count()
     fn, args = steps.eval, (state, *(
-        train.global_array(a, steps.batch) for a in (
+        devices.global_array(a, steps.batch) for a in (
             rng.integers(0, 256, (local, 32, 32, 3), np.uint8),
             rng.integers(0, 10, local, np.int32), np.ones(local, bool))))
   else:
-    def data(images, labels, rng, step):
-      x, y = input_pipeline.train_batch(images, labels, rng, step, batch,
-                                        config.augment)
-      return input_pipeline.normalize(x, state.mean, state.std), y
-    fn = jax.jit(data, out_shardings=steps.batch)
+    def draw(images, labels, rng, step):
+      x, y = inputs.draw(images, labels, rng, step)
+      return data.normalize(x, state.mean, state.std), y
+    fn = jax.jit(draw, out_shardings=steps.batch)
     args = (images, labels, jax.random.key(0), state.step)
 
   start = time.perf_counter()
@@ -222,6 +229,9 @@ def parse_flags():
                              f'{", ".join(allowed)}')
   if any(b <= 0 for b in batch_sizes):
     raise BenchmarkError('--batch_sizes must be positive')
+  if FLAGS.config.model != 'cifar':
+    raise BenchmarkError(f'--config is a {FLAGS.config.model} net; the '
+                         'benchmark times the CIFAR nets (depth 6n+2)')
   return depths, batch_sizes
 
 
@@ -247,9 +257,9 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   depths, batch_sizes = parse_flags()
-  train.use_cpu_cores(batch_sizes)  # As the training command does.
+  devices.use_cpu_cores(batch_sizes)  # As the training command does.
   for batch in batch_sizes:
-    train.make_mesh({'batch size': batch})
+    devices.make_mesh({'batch size': batch})
   baseline = torch_baseline()
   print(f'resnet_jax benchmark: jax {jax.__version__}, '
         f'{jax.device_count()} x {jax.devices()[0].device_kind} '
@@ -264,7 +274,8 @@ def main(argv):
           remat = (depth >= REMAT_DEPTH if FLAGS.remat == 'auto' else
                    FLAGS.remat == 'true')
           for residual in (True, False) if FLAGS.plain else (True,):
-            config = benchmark_config(depth, batch, dtype, remat, residual,
+            config = benchmark_config(FLAGS.config, depth, batch, dtype,
+                                      remat, residual,
                                       FLAGS.scan_blocks)
             row = {'model': models.display_name(config), 'batch': batch,
                    'dtype': dtype, 'mode': mode, 'remat': remat,
@@ -291,4 +302,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main, (BenchmarkError, train.TrainingError))
+  cli.run(main, (BenchmarkError, *train.USER_ERRORS))

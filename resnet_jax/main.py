@@ -23,9 +23,11 @@ import ml_collections
 from ml_collections import config_flags
 
 from resnet_jax import cli
-from resnet_jax import input_pipeline
+from resnet_jax import data
+from resnet_jax import devices
 from resnet_jax import models
 from resnet_jax import train
+from resnet_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
@@ -49,13 +51,9 @@ config_flags.DEFINE_config_file(
     'config', None, 'A config file from configs/.', lock_config=True)
 flags.mark_flags_as_required(['config'])
 
-USER_ERRORS = (models.ModelError, input_pipeline.DataError,
-               train.TrainingError)
-
-
 def summary(config) -> str:
   """The layer table of a config's network, its parameters and multiply-adds."""
-  info = input_pipeline.dataset_info(config.dataset)
+  info = data.dataset_info(config.dataset)
   model = models.from_config(config, info.num_classes)
   rows, variables = models.layer_table(model, info.image_size)
   params = models.param_count(variables['params'])
@@ -90,7 +88,7 @@ def use_run_settings(config, workdir: pathlib.Path):
     return  # No run, or an unreadable one: evaluation reports it.
   overrides = config_flags.get_override_values(FLAGS['config'])
   for key, value in saved.items():
-    if key in config and key not in overrides and key not in train.MODEL_FIELDS:
+    if key in config and key not in overrides and key not in workdir_lib.MODEL_FIELDS:
       config[key] = tuple(value) if isinstance(config[key], tuple) else value
 
 
@@ -112,8 +110,8 @@ def main(argv):
     cli.fail(f'--mode={FLAGS.mode} needs --workdir')
   if FLAGS.mode == 'eval':
     use_run_settings(config, pathlib.Path(FLAGS.workdir))
-  train.use_cpu_cores([config.batch_size // (FLAGS.num_processes or 1),
-                       config.eval_batch_size // (FLAGS.num_processes or 1)])
+  devices.use_cpu_cores([config.batch_size // (FLAGS.num_processes or 1),
+                         config.eval_batch_size // (FLAGS.num_processes or 1)])
   if FLAGS.distributed:
     initialize_distributed()
   if FLAGS.mode == 'train':
@@ -139,4 +137,4 @@ def initialize_distributed():
 
 
 if __name__ == '__main__':
-  cli.run(main, USER_ERRORS)
+  cli.run(main, train.USER_ERRORS)

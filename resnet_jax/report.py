@@ -36,9 +36,11 @@ import ml_collections
 import numpy as np
 
 from resnet_jax import cli
-from resnet_jax import input_pipeline
+from resnet_jax import data
+from resnet_jax import metrics
 from resnet_jax import models
 from resnet_jax import train
+from resnet_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('root', None, 'table: the sweep root.')
@@ -66,10 +68,11 @@ def load_run(workdir) -> tuple[ml_collections.ConfigDict, list[dict]]:
   try:
     config = ml_collections.ConfigDict(
         json.loads((workdir / 'config.json').read_text()))
-    records = [json.loads(line) for line in
-               (workdir / 'metrics.jsonl').read_text().splitlines() if line]
   except (OSError, ValueError) as e:
     raise ReportError(f'{workdir} is not a resnet_jax run: {e}') from e
+  records = metrics.read(workdir)
+  if not records:
+    raise ReportError(f'{workdir} has no metrics ({metrics.FILENAME})')
   return config, records
 
 
@@ -95,16 +98,16 @@ def test_error(workdir, selection: str) -> tuple[float, int]:
   """A run's test error (%) and the step it comes from."""
   config, records = load_run(workdir)
   if selection == 'final':
-    finals = [r for r in records if r['split'] == 'final_test']
-    if not finals:
+    final = metrics.final_test(records)
+    if final is None:
       raise ReportError(f'{workdir} has not finished (no final test error)')
-    return finals[-1]['error'], finals[-1]['step']
-  validation = [r for r in records if r['split'] == 'validation']
+    return final['error'], final['step']
+  validation = [r for r in records if r['split'] == metrics.VALIDATION]
   if not validation:
     raise ReportError(f'{workdir} was trained without a validation split')
   # The checkpoint policy keeps the best by validation error, the latest of
   # ties (and only evaluated steps that were checkpointed compete).
-  kept = train.checkpoint_steps(pathlib.Path(workdir))
+  kept = workdir_lib.checkpoint_steps(pathlib.Path(workdir))
   validation = [r for r in validation if r['step'] in kept]
   if not validation:
     raise ReportError(f'{workdir} has no checkpoint of a validated step')
@@ -125,7 +128,7 @@ def table(root, selection: str, out: pathlib.Path) -> str:
     if not seeds:
       continue
     config, _ = load_run(seeds[0])
-    info = input_pipeline.dataset_info(config.dataset)
+    info = data.dataset_info(config.dataset)
     model = models.from_config(config, info.num_classes)
     params = models.param_count(
         models.layer_table(model, info.image_size)[1]['params'])
@@ -177,7 +180,8 @@ def run_labels(workdirs) -> list[str]:
 
 
 def eval_split(records) -> str:
-  return 'test' if any(r['split'] == 'test' for r in records) else 'validation'
+  return (metrics.TEST if any(r['split'] == metrics.TEST for r in records)
+          else metrics.VALIDATION)
 
 
 def fig6(workdirs, out: pathlib.Path) -> figure.Figure:
@@ -190,7 +194,7 @@ def fig6(workdirs, out: pathlib.Path) -> figure.Figure:
     ax = panels['ResNet' if config.residual else 'plain']
     color = f'C{i}'
     split = eval_split(records)
-    for kind, style, width in (('train', '--', 1), (split, '.-', 2)):
+    for kind, style, width in ((metrics.TRAIN, '--', 1), (split, '.-', 2)):
       points = [(r['step'], r['error']) for r in records if r['split'] == kind]
       csv_rows += [[workdir, name, kind, s, e] for s, e in points]
       if points:
@@ -213,20 +217,20 @@ def curve(workdir, out: pathlib.Path) -> figure.Figure:
   config, records = load_run(workdir)
   fig = figure.Figure(figsize=(11, 4))
   loss_ax, error_ax = fig.subplots(1, 2)
-  train_records = [r for r in records if r['split'] == 'train']
+  train_records = [r for r in records if r['split'] == metrics.TRAIN]
   if config.schedule_unit == 'steps':
     drops = list(config.lr_boundaries)
   else:  # The last logged step before each drop.
     drops = [a['step'] for a, b in zip(train_records, train_records[1:])
              if b['learning_rate'] < a['learning_rate']]
   csv_rows = []
-  for kind in ('train', eval_split(records)):
+  for kind in (metrics.TRAIN, eval_split(records)):
     points = [r for r in records if r['split'] == kind]
     csv_rows += [[kind, r['step'], r['loss'], r['error'],
                   r.get('learning_rate', '')] for r in points]
     for ax, key in ((loss_ax, 'loss'), (error_ax, 'error')):
       ax.plot([r['step'] for r in points], [r[key] for r in points],
-              '--' if kind == 'train' else '-', label=kind)
+              '--' if kind == metrics.TRAIN else '-', label=kind)
   for ax, label in ((loss_ax, 'loss'), (error_ax, 'error (%)')):
     for step in drops:
       ax.axvline(step, color='gray', linestyle=':', linewidth=1)
@@ -246,18 +250,20 @@ def curve(workdir, out: pathlib.Path) -> figure.Figure:
 
 def load_checkpoint(workdir):
   """(config, model, variables, normalised test batches) of a run's latest
-  checkpoint."""
+  checkpoint, on this machine's first device."""
   config, _ = load_run(workdir)
-  inputs, _, state = train.restore_checkpoint(config, workdir)
-  info = input_pipeline.dataset_info(config.dataset)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  state = workdir_lib.load(
+      pathlib.Path(workdir),
+      workdir_lib.abstract(train.state_shapes(config), device))
+  info = data.dataset_info(config.dataset)
   model = models.from_config(config, info.num_classes)
-  variables = jax.device_get({'params': state.params,
-                              'batch_stats': state.batch_stats})
-  mean, std = jax.device_get((state.mean, state.std))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  test = data.inputs(config, mesh=None).eval(metrics.TEST)
 
   def batches():
-    for images, _, mask in inputs.eval('test'):
-      yield input_pipeline.normalize(images[mask > 0], mean, std)
+    for images, _, mask in test:
+      yield data.normalize(images[mask > 0], state.mean, state.std)
 
   return config, model, variables, batches
 
@@ -385,5 +391,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main, (ReportError, models.ModelError, input_pipeline.DataError,
-                 train.TrainingError))
+  cli.run(main, (ReportError, *train.USER_ERRORS))

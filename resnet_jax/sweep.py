@@ -12,7 +12,6 @@ its checkpoints. ``--set=FIELD=VALUE`` overrides a config field in every run.
 Tables and figures come from the workdirs: ``python -m resnet_jax.report``.
 """
 
-import json
 import pathlib
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import sys
 from absl import flags
 
 from resnet_jax import cli
+from resnet_jax import metrics
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', None, 'Config files to run.')
@@ -36,10 +36,7 @@ def workdir_of(root: pathlib.Path, config: str, seed: int) -> pathlib.Path:
 
 def finished(workdir: pathlib.Path) -> bool:
   """Whether the run's metrics hold its final test result."""
-  path = workdir / 'metrics.jsonl'
-  return path.exists() and any(
-      json.loads(line)['split'] == 'final_test'
-      for line in path.read_text().splitlines() if line)
+  return metrics.final_test(metrics.read(workdir)) is not None
 
 
 def main(argv):

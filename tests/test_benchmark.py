@@ -25,7 +25,8 @@ def benchmark(*flags, devices=2):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   return subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.benchmark', *flags], cwd=ROOT,
+      [sys.executable, '-m', 'resnet_jax.benchmark',
+       '--config=configs/default.py', *flags], cwd=ROOT,
       env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -58,8 +59,8 @@ def test_benchmark_bad_flags(flag, message):
 
 
 def test_one_cpu_device_per_core_unless_chosen():
-  probe = ('from resnet_jax import train; import jax, os; '
-           'train.use_cpu_cores([128, 1000]); '
+  probe = ('from resnet_jax import devices; import jax, os; '
+           'devices.use_cpu_cores([128, 1000]); '
            'print(jax.device_count(), len(os.sched_getaffinity(0)))')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)
@@ -154,7 +155,8 @@ def test_benchmark_runs_without_tensorflow_tfds_or_clu():
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=2')
   result = subprocess.run(
-      [sys.executable, '-c', BLOCK_IMPORTS, '--depths=14', '--batch_sizes=8',
+      [sys.executable, '-c', BLOCK_IMPORTS, '--config=configs/default.py',
+       '--depths=14', '--batch_sizes=8',
        '--dtypes=float32', '--modes=train', '--min_seconds=0', '--torch=off',
        '--plain'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from configs import imagenet_resnet18
-from resnet_jax import input_pipeline
+from resnet_jax import data
+from resnet_jax import imagenet
 from resnet_jax import train
 
 VALIDATION = 10  # Images in the mocked validation split.
@@ -13,7 +14,7 @@ VALIDATION = 10  # Images in the mocked validation split.
 @pytest.fixture
 def mock_imagenet(tmp_path):
   """Mocked imagenet2012 whose metadata names its splits and their sizes."""
-  tfds = input_pipeline.import_tfds()
+  tfds = data.import_tfds()
   builder = tfds.builder('imagenet2012', data_dir=str(tmp_path))
   builder_dir = tmp_path / 'imagenet2012' / str(builder.version)
   builder_dir.mkdir(parents=True)
@@ -33,7 +34,7 @@ def mock_imagenet(tmp_path):
 
 
 def test_training_batches_are_224_crops(mock_imagenet):
-  images, labels = next(input_pipeline.imagenet_train_batches(
+  images, labels = next(imagenet.train_batches(
       mock_imagenet, seed=0, batch_size=4))
   assert images.shape == (4, 224, 224, 3) and images.dtype == np.uint8
   assert labels.dtype == np.int32 and np.all((labels >= 0) & (labels < 1000))
@@ -42,7 +43,7 @@ def test_training_batches_are_224_crops(mock_imagenet):
 @pytest.mark.parametrize('ten_crop, shape', [(False, (224, 224, 3)),
                                              (True, (10, 224, 224, 3))])
 def test_eval_batches_are_padded_and_masked(mock_imagenet, ten_crop, shape):
-  batches = list(input_pipeline.imagenet_eval_batches(mock_imagenet, 'test',
+  batches = list(imagenet.eval_batches(mock_imagenet, 'test',
                                                       4, ten_crop))
   assert len(batches) == 3  # ceil(10 / 4).
   assert all(images.shape == (4,) + shape for images, _, _ in batches)
@@ -55,8 +56,8 @@ def test_eval_batches_are_padded_and_masked(mock_imagenet, ten_crop, shape):
 
 def test_no_held_out_split(mock_imagenet):
   # ImageNet's validation images are the paper's test set: none is held out.
-  with pytest.raises(input_pipeline.DataError, match="no 'validation' split"):
-    next(input_pipeline.imagenet_eval_batches(mock_imagenet, 'validation', 4,
+  with pytest.raises(data.DataError, match="no 'validation' split"):
+    next(imagenet.eval_batches(mock_imagenet, 'validation', 4,
                                               False))
 
 

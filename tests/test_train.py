@@ -12,7 +12,9 @@ from numerics import assert_trees_close
 
 from configs import default as default_config
 from configs import smoke
+from resnet_jax import devices
 from resnet_jax import train
+from resnet_jax import workdir
 
 
 def test_paper_schedule_in_iterations():
@@ -108,7 +110,7 @@ def test_settings_no_run_can_train_with_are_refused(field, value, message):
 def test_batch_must_divide_over_the_devices():
   config = smoke.get_config()
   config.batch_size = 36
-  with pytest.raises(train.TrainingError, match='does not divide over 8'):
+  with pytest.raises(devices.MeshError, match='does not divide over 8'):
     train.setup(config)
 
 
@@ -152,7 +154,7 @@ def test_eight_devices_step_like_one():
 
 
 def test_checkpoints_kept_are_the_latest_and_the_best(tmp_path):
-  manager = train.checkpoint_manager(tmp_path, keep=2)
+  manager = workdir.checkpoint_manager(tmp_path, keep=2)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   for step, error in enumerate([5.0, 1.0, 4.0, 3.0, 2.5], start=1):
     manager.save(step, args=ocp.args.StandardSave({'w': np.zeros(2)}),

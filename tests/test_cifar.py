@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from resnet_jax import input_pipeline
+from resnet_jax import cifar
+from resnet_jax import data
 
 RNG = np.random.default_rng(0)
 # Ten tiny batches' worth: 5 training files and a test file of 7 images each.
@@ -56,15 +57,15 @@ def check_splits(train, test):
 
 def test_binary_archive_round_trips_with_a_warning_if_not_official(tmp_path):
   with pytest.warns(UserWarning, match='not the official CIFAR release'):
-    check_splits(*input_pipeline.read_archive(cifar10_binary(tmp_path),
+    check_splits(*cifar.read_archive(cifar10_binary(tmp_path),
                                               'cifar10'))
 
 
 def test_official_sha256_is_silent(tmp_path, monkeypatch, recwarn):
   path = cifar10_binary(tmp_path)
-  monkeypatch.setitem(input_pipeline.OFFICIAL_SHA256, path.name,
+  monkeypatch.setitem(cifar.OFFICIAL_SHA256, path.name,
                       hashlib.sha256(path.read_bytes()).hexdigest())
-  input_pipeline.read_archive(path, 'cifar10')
+  cifar.read_archive(path, 'cifar10')
   assert not recwarn.list
 
 
@@ -73,12 +74,12 @@ def test_python_archive_and_extracted_folder(tmp_path):
       f'cifar-10-batches-py/{f}': python_batch(IMAGES[i], LABELS[i])
       for i, f in enumerate(PYTHON)})
   with pytest.warns(UserWarning):
-    check_splits(*input_pipeline.read_archive(path, 'cifar10'))
+    check_splits(*cifar.read_archive(path, 'cifar10'))
   folder = tmp_path / 'extracted'
   with tarfile.open(path) as tar:
     tar.extractall(folder, filter='data')
   for root in (folder, folder / 'cifar-10-batches-py'):
-    check_splits(*input_pipeline.read_archive(root, 'cifar10'))
+    check_splits(*cifar.read_archive(root, 'cifar10'))
 
 
 def test_cifar100_python_archive(tmp_path):
@@ -89,7 +90,7 @@ def test_cifar100_python_archive(tmp_path):
       'cifar-100-python/test': python_batch(IMAGES[1], labels[1],
                                             b'fine_labels')})
   with pytest.warns(UserWarning):
-    train, test = input_pipeline.read_archive(path, 'cifar100')
+    train, test = cifar.read_archive(path, 'cifar100')
   np.testing.assert_array_equal(train.labels, labels[0])
   np.testing.assert_array_equal(test.images, IMAGES[1])
 
@@ -100,39 +101,39 @@ def test_cifar100_python_archive(tmp_path):
 def test_damaged_archives_are_clear_errors(tmp_path, damage, message):
   path = cifar10_binary(tmp_path)
   path.write_bytes(damage(path.read_bytes()))
-  with pytest.warns(UserWarning), pytest.raises(input_pipeline.DataError,
+  with pytest.warns(UserWarning), pytest.raises(data.DataError,
                                                 match=message):
-    input_pipeline.read_archive(path, 'cifar10')
+    cifar.read_archive(path, 'cifar10')
 
 
 def test_wrong_or_missing_data_are_clear_errors(tmp_path):
   path = write_tar(tmp_path / 'other.tar.gz', {'readme.txt': b'hello'})
-  with pytest.warns(UserWarning), pytest.raises(input_pipeline.DataError,
+  with pytest.warns(UserWarning), pytest.raises(data.DataError,
                                                 match='holds no cifar10'):
-    input_pipeline.read_archive(path, 'cifar10')
+    cifar.read_archive(path, 'cifar10')
   members = {f'cifar-10-batches-bin/{f}': b'x' * 100 for f in BINARY}
   path = write_tar(tmp_path / 'bad.tar.gz', members)
-  with pytest.warns(UserWarning), pytest.raises(input_pipeline.DataError,
+  with pytest.warns(UserWarning), pytest.raises(data.DataError,
                                                 match='3073-byte'):
-    input_pipeline.read_archive(path, 'cifar10')
-  with pytest.raises(input_pipeline.DataError, match='does not exist'):
-    input_pipeline.read_archive(tmp_path / 'missing.tar.gz', 'cifar10')
+    cifar.read_archive(path, 'cifar10')
+  with pytest.raises(data.DataError, match='does not exist'):
+    cifar.read_archive(tmp_path / 'missing.tar.gz', 'cifar10')
 
 
 def test_tfds_source_with_mock_data():
-  tfds = input_pipeline.import_tfds()
+  tfds = data.import_tfds()
   config = smoke.get_config()
   config.data_source = 'tfds'
   config.validation_size = 8
   with tfds.testing.mock_data(num_examples=24):
-    data = input_pipeline.load_cifar(config)
-  assert data.train.images.shape == (16, 32, 32, 3)
-  assert data.train.images.dtype == np.uint8
-  assert len(data.validation) == 8 and len(data.test) == 24
+    loaded = cifar.load(config)
+  assert loaded.train.images.shape == (16, 32, 32, 3)
+  assert loaded.train.images.dtype == np.uint8
+  assert len(loaded.validation) == 8 and len(loaded.test) == 24
 
 
 def test_tfds_failure_says_how_to_use_an_archive(monkeypatch):
-  tfds = input_pipeline.import_tfds()
+  tfds = data.import_tfds()
 
   def offline(*args, **kwargs):
     raise ConnectionError('no route to host')
@@ -140,16 +141,16 @@ def test_tfds_failure_says_how_to_use_an_archive(monkeypatch):
   monkeypatch.setattr(tfds, 'load', offline)
   config = smoke.get_config()
   config.data_source = 'tfds'
-  with pytest.raises(input_pipeline.DataError,
+  with pytest.raises(data.DataError,
                      match='--config.data_source=archive'):
-    input_pipeline.load_cifar(config)
+    cifar.load(config)
 
 
 def test_validation_split_is_fixed_and_disjoint():
   config = smoke.get_config()
-  a = input_pipeline.load_cifar(config)
+  a = cifar.load(config)
   config.seed = 7
-  b = input_pipeline.load_cifar(config)
+  b = cifar.load(config)
   np.testing.assert_array_equal(a.validation.images, b.validation.images)
   assert len(a.train) + len(a.validation) == config.synthetic_train_size
   train = {x.tobytes() for x in a.train.images}
@@ -158,10 +159,10 @@ def test_validation_split_is_fixed_and_disjoint():
 
 def test_normalization_comes_from_the_training_split():
   images = RNG.integers(0, 256, (50, 32, 32, 3), dtype=np.uint8)
-  mean, std = input_pipeline.normalization(images, 'per_pixel_mean')
+  mean, std = data.normalization(images, 'per_pixel_mean')
   np.testing.assert_allclose(mean, images.mean(0) / 255, rtol=1e-6)
   np.testing.assert_array_equal(std, 1)
-  mean, std = input_pipeline.normalization(images, 'per_channel')
+  mean, std = data.normalization(images, 'per_channel')
   np.testing.assert_allclose(mean[5, 7], images.reshape(-1, 3).mean(0) / 255,
                              rtol=1e-6)
   assert mean.shape == (32, 32, 3) and np.ptp(mean, axis=(0, 1)).max() == 0
@@ -171,7 +172,7 @@ def test_normalization_comes_from_the_training_split():
 
 def test_augmentation_is_a_padded_crop_and_maybe_a_flip():
   images = jnp.asarray(RNG.integers(1, 256, (64, 32, 32, 3), dtype=np.uint8))
-  out = np.asarray(input_pipeline.augment_cifar(images, jax.random.key(0)))
+  out = np.asarray(cifar.pad_crop_flip(images, jax.random.key(0)))
   padded = np.pad(np.asarray(images), ((0, 0), (4, 4), (4, 4), (0, 0)))
   flips, offsets = 0, set()
   for i in range(len(images)):
@@ -189,7 +190,7 @@ def test_batches_derive_from_seed_and_step_and_cover_each_epoch():
   images = jnp.zeros((n, 32, 32, 3), jnp.uint8)
   labels = jnp.arange(n)  # Labels identify the examples.
   rng = jax.random.key(3)
-  draw = lambda step: np.asarray(input_pipeline.train_batch(
+  draw = lambda step: np.asarray(cifar.train_batch(
       images, labels, rng, step, batch, augment=False)[1])
   epoch = np.concatenate([draw(s) for s in range(3)])
   assert sorted(epoch) == list(range(n))
@@ -199,8 +200,8 @@ def test_batches_derive_from_seed_and_step_and_cover_each_epoch():
   # A batch that straddles two epochs takes the rest of one and the start of
   # the next.
   labels = jnp.arange(80)
-  straddle = np.asarray(input_pipeline.train_batch(
+  straddle = np.asarray(cifar.train_batch(
       images[:80], labels, rng, 2, batch, augment=False)[1])
-  first = np.concatenate([np.asarray(input_pipeline.train_batch(
+  first = np.concatenate([np.asarray(cifar.train_batch(
       images[:80], labels, rng, s, batch, augment=False)[1]) for s in (0, 1)])
   assert sorted(np.concatenate([first, straddle[:16]])) == list(range(80))

@@ -1,17 +1,18 @@
-"""Data of the paper: CIFAR-10/100 (§4.2) held on the device, ImageNet (§3.4).
+"""CIFAR-10/100 (§4.2): read once, held on the devices, batched in the step.
 
-CIFAR fits in memory, so the uint8 training split lives on the accelerators
-and each step's batch is drawn, augmented and normalised inside the jitted
+The official archive (checked against its sha256), TFDS, or synthetic data
+of the same shapes. The uint8 training split lives on the accelerators and
+each step's batch is drawn, augmented and normalised inside the jitted
 training step: the host does no per-step work. The batch order and the
 augmentation derive from (seed, step) alone, so a resumed run sees exactly the
 batches an uninterrupted one would.
-
-TensorFlow and TFDS are imported only where a TFDS dataset is read.
 """
 
 import dataclasses
+import functools
 import hashlib
 import io
+import itertools
 import pathlib
 import pickle
 import tarfile
@@ -19,23 +20,15 @@ import warnings
 import zlib
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax import data
+from resnet_jax import devices
+from resnet_jax.data import DataError
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  num_classes: int
-  image_size: int  # The network's input resolution.
-  train_size: int
-
-
-DATASETS = {
-    'cifar10': DatasetInfo(num_classes=10, image_size=32, train_size=50_000),
-    'cifar100': DatasetInfo(num_classes=100, image_size=32, train_size=50_000),
-    'imagenet2012': DatasetInfo(num_classes=1000, image_size=224,
-                                train_size=1_281_167),
-}
 CIFAR_PAD = 4  # §4.2: "4 pixels are padded on each side".
 
 # The official archives of https://www.cs.toronto.edu/~kriz/cifar.html.
@@ -60,17 +53,6 @@ ARCHIVE_LAYOUTS = {
 }
 
 
-class DataError(ValueError):
-  """A dataset that is unknown, missing or malformed."""
-
-
-def dataset_info(name: str) -> DatasetInfo:
-  if name not in DATASETS:
-    raise DataError(f'unknown dataset {name!r}: use one of '
-                    f'{", ".join(DATASETS)}')
-  return DATASETS[name]
-
-
 @dataclasses.dataclass(frozen=True)
 class Split:
   images: np.ndarray  # uint8, (n, 32, 32, 3).
@@ -90,14 +72,14 @@ class Cifar:
   std: np.ndarray
 
 
-def load_cifar(config) -> Cifar:
+def load(config) -> Cifar:
   """Reads CIFAR from config.data_source and splits off the validation set.
 
   The validation images are a fixed random subset (the same for every seed)
   of the official training split: the paper's 45k/5k split with the default
   validation_size of 5000.
   """
-  info = dataset_info(config.dataset)
+  info = data.dataset_info(config.dataset)
   if config.dataset not in ARCHIVE_LAYOUTS:
     raise DataError(f'{config.dataset} is not a CIFAR dataset')
   if config.data_source == 'tfds':
@@ -122,25 +104,8 @@ def load_cifar(config) -> Cifar:
   if np.any(train.labels >= info.num_classes) or np.any(train.labels < 0):
     raise DataError(f'labels outside [0, {info.num_classes}) for '
                     f'{config.dataset}')
-  mean, std = normalization(train.images, config.normalization)
+  mean, std = data.normalization(train.images, config.normalization)
   return Cifar(train, validation, test, mean, std)
-
-
-def normalization(images: np.ndarray, kind: str):
-  """Mean and std of the training images, scaled to [0, 1].
-
-  'per_pixel_mean' (§4.2: "the per-pixel mean subtracted") gives a mean
-  image and std 1; 'per_channel' gives the mean and std of each channel (the
-  mean broadcast to an image, so both kinds have the same shapes).
-  """
-  x = images.astype(np.float64) / 255
-  if kind == 'per_pixel_mean':
-    return x.mean(axis=0).astype(np.float32), np.ones(3, np.float32)
-  if kind == 'per_channel':
-    mean = np.broadcast_to(x.mean(axis=(0, 1, 2)), x.shape[1:])
-    return mean.astype(np.float32), x.std(axis=(0, 1, 2)).astype(np.float32)
-  raise DataError(f'unknown normalization {kind!r}: use per_pixel_mean or '
-                  'per_channel')
 
 
 def read_archive(path: str, dataset: str) -> tuple[Split, Split]:
@@ -232,7 +197,7 @@ def _parse_python(data: bytes, dataset: str, name: str) -> Split:
                np.asarray(batch[key], np.int32))
 
 
-def _synthetic(info: DatasetInfo, size: int) -> tuple[Split, Split]:
+def _synthetic(info: data.DatasetInfo, size: int) -> tuple[Split, Split]:
   """Learnable random data of CIFAR's shapes: each class has its own tint."""
   rng = np.random.default_rng(0)
   tints = rng.uniform(0, 255, (info.num_classes, 1, 1, 3))
@@ -247,7 +212,7 @@ def _synthetic(info: DatasetInfo, size: int) -> tuple[Split, Split]:
 
 
 def _read_tfds(dataset: str, data_dir: str) -> tuple[Split, Split]:
-  tfds = import_tfds()
+  tfds = data.import_tfds()
   try:
     splits = tfds.load(dataset, split=['train', 'test'], as_supervised=True,
                        data_dir=data_dir or None)
@@ -265,20 +230,6 @@ def _read_tfds(dataset: str, data_dir: str) -> tuple[Split, Split]:
                         np.concatenate([b[1] for b in batches]).astype(
                             np.int32)))
   return tuple(result)
-
-
-def import_tensorflow():
-  """TensorFlow, kept off the accelerators JAX uses."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
-  tf.config.set_visible_devices([], 'TPU')
-  return tf
-
-
-def import_tfds():
-  import_tensorflow()
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds
 
 
 # On-device batch construction (inside the jitted training step).
@@ -301,12 +252,12 @@ def train_batch(images, labels, rng, step, batch_size: int, augment: bool):
   index = jnp.where(epoch == first, this[position % n], after[position % n])
   batch = images[index]
   if augment:
-    batch = augment_cifar(batch, jax.random.fold_in(
+    batch = pad_crop_flip(batch, jax.random.fold_in(
         jax.random.fold_in(rng, 1), step))
   return batch, labels[index]
 
 
-def augment_cifar(images, key):
+def pad_crop_flip(images, key):
   """§4.2: pad 4 zero pixels per side, random 32x32 crop, random flip."""
   n, h, w, c = images.shape
   padded = jnp.pad(images, ((0, 0), (CIFAR_PAD,) * 2, (CIFAR_PAD,) * 2,
@@ -319,11 +270,6 @@ def augment_cifar(images, key):
           padded, y, x)
   flip = jax.random.bernoulli(kf, 0.5, (n,))
   return jnp.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
-
-
-def normalize(images, mean, std):
-  """uint8 images to the network's float32 input: (x / 255 - mean) / std."""
-  return (images.astype(jnp.float32) / 255 - mean) / std
 
 
 def eval_batches(split: Split, batch_size: int):
@@ -347,132 +293,24 @@ def eval_batches(split: Split, batch_size: int):
     yield images[mine], labels[mine], mask[mine]
 
 
-# ImageNet (§3.4): a streaming tf.data pipeline, one shard per process.
+def inputs(config, mesh) -> data.Inputs:
+  """CIFAR held on the devices (of ``mesh``; None to evaluate only): each
+  step draws its own batch there."""
+  cifar = load(config)
 
-IMAGENET_SCALES = (256, 480)  # Shorter side of training images, at random.
-IMAGENET_EVAL_SIZE = 256  # Shorter side for the centre (or 10) crops.
-IMAGENET_CROP = 224
+  def train_inputs(first_step):
+    del first_step  # Batches derive from the state's rng and step.
+    replicated = NamedSharding(mesh, P())
+    return itertools.repeat((devices.replicate(cifar.train.images, replicated),
+                             devices.replicate(cifar.train.labels,
+                                               replicated)))
 
-
-def _resize_shorter_side(tf, image, size):
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
-  new = tf.cast(tf.round(shape * scale), tf.int32)
-  return tf.image.resize(image, new, antialias=True)
-
-
-def _imagenet_split(config, name: str):
-  tfds = import_tfds()
-  try:
-    builder = tfds.builder('imagenet2012', data_dir=config.data_dir or None)
-    builder.download_and_prepare()
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(
-        'ImageNet needs a manual download: place ILSVRC2012_img_train.tar '
-        'and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual '
-        f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
-    ) from e
-  return tfds, builder, tfds.split_for_jax_process(name, drop_remainder=False)
-
-
-def imagenet_train_batches(config, seed: int, batch_size: int):
-  """Endless per-process uint8 batches with the paper's scale augmentation.
-
-  A 224 crop of the image resized so its shorter side is random in
-  [256, 480], flipped at random (§3.4). ``seed`` should differ on resume.
-  """
-  tfds, builder, split = _imagenet_split(config, 'train')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  local = batch_size // jax.process_count()
-  ds = builder.as_dataset(split=split, as_supervised=True,
-                          shuffle_files=True,
-                          read_config=tfds.ReadConfig(shuffle_seed=seed))
-
-  def augment(image, label, key):
-    keys = tf.random.experimental.stateless_split(key, 3)
-    size = tf.random.stateless_uniform(
-        [], keys[0], IMAGENET_SCALES[0], IMAGENET_SCALES[1] + 1, tf.int32)
-    image = _resize_shorter_side(tf, image, size)
-    image = tf.image.stateless_random_crop(
-        image, (IMAGENET_CROP, IMAGENET_CROP, 3), keys[1])
-    image = tf.image.stateless_random_flip_left_right(image, keys[2])
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
-
-  ds = ds.repeat().shuffle(16 * local, seed=seed)
-  ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed).batch(2)))
-  ds = ds.map(lambda example, key: augment(*example, key),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  for images, labels in tfds.as_numpy(ds):
-    yield images, labels.astype(np.int32)
-
-
-# The paper tests on ImageNet's 50k validation images (§4.1): TFDS's
-# 'validation' split is this project's test set, and no images are held out.
-IMAGENET_EVAL_SPLITS = {'test': 'validation'}
-
-
-def imagenet_eval_batches(config, split: str, batch_size: int,
-                          ten_crop: bool):
-  """Per-process test batches: the centre 224 crop (or 10 crops).
-
-  Images are resized so their shorter side is 256 (§3.4); 10-crop testing
-  takes the four corners and the centre, and their flips. Every process
-  yields the same number of batches (padded, masked).
-  """
-  if split not in IMAGENET_EVAL_SPLITS:
-    raise DataError(f'ImageNet has no {split!r} split here (only '
-                    f'{", ".join(IMAGENET_EVAL_SPLITS)})')
-  tfds_split = IMAGENET_EVAL_SPLITS[split]
-  tfds, builder, split = _imagenet_split(config, tfds_split)
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  local = batch_size // jax.process_count()
-  total = builder.info.splits[tfds_split].num_examples
-  per_process = -(-total // jax.process_count())
-  num_batches = -(-per_process // local)
-
-  def crops(image, label):
-    image = _resize_shorter_side(tf, image, IMAGENET_EVAL_SIZE)
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    c = IMAGENET_CROP
-    corners = [((h - c) // 2, (w - c) // 2)]
-    if ten_crop:
-      corners += [(0, 0), (0, w - c), (h - c, 0), (h - c, w - c)]
-    views = [image[y:y + c, x:x + c] for y, x in corners]
-    if ten_crop:
-      views += [v[:, ::-1] for v in views]
-    views = tf.cast(tf.clip_by_value(tf.round(tf.stack(views)), 0, 255),
-                    tf.uint8)
-    return views if ten_crop else views[0], tf.cast(label, tf.int32), 1.0
-
-  ds = builder.as_dataset(split=split, as_supervised=True).map(
-      crops, num_parallel_calls=tf.data.AUTOTUNE)
-  shape = ((10,) if ten_crop else ()) + (IMAGENET_CROP, IMAGENET_CROP, 3)
-  padding = tf.data.Dataset.from_tensors(
-      (tf.zeros(shape, tf.uint8), tf.constant(0, tf.int32),
-       tf.constant(0.0))).repeat()
-  ds = ds.concatenate(padding).take(num_batches * local)
-  ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
-  for images, labels, mask in tfds.as_numpy(ds):
-    yield images, labels, mask.astype(np.float32)
-
-
-def imagenet_normalization(config, num_images: int = 10_000):
-  """Mean and std from the first training images' centre crops.
-
-  Streaming ImageNet cannot be averaged in full at start-up; the statistics
-  of ``num_images`` images estimate it (every process reads the same ones).
-  """
-  tfds, builder, _ = _imagenet_split(config, 'train')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  def centre(image, _):
-    image = _resize_shorter_side(tf, image, IMAGENET_EVAL_SIZE)
-    image = tf.image.resize_with_crop_or_pad(image, IMAGENET_CROP,
-                                             IMAGENET_CROP)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-  ds = builder.as_dataset(split=f'train[:{num_images}]', as_supervised=True)
-  ds = ds.map(centre, num_parallel_calls=tf.data.AUTOTUNE).batch(1000)
-  images = np.concatenate(list(tfds.as_numpy(ds)))
-  return normalization(images, config.normalization)
+  return data.Inputs(
+      train_size=len(cifar.train),
+      normalization=lambda: (cifar.mean, cifar.std),
+      train=train_inputs,
+      eval=lambda split: eval_batches(getattr(cifar, split),
+                                      config.eval_batch_size),
+      eval_split='validation' if cifar.validation is not None else 'test',
+      draw=functools.partial(train_batch, batch_size=config.batch_size,
+                             augment=config.augment))

@@ -1,0 +1,163 @@
+"""ImageNet (§3.4): a streaming tf.data pipeline, one shard per process.
+
+Training images are resized so their shorter side is a random length in
+[256, 480], then a random 224x224 crop is taken and maybe flipped; testing
+uses the centre 224 crop of the image resized to 256 (or 10 crops, Table 3).
+The only module that needs TensorFlow to train.
+"""
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+from resnet_jax import data
+from resnet_jax import devices
+from resnet_jax.data import DataError
+
+tf = data.import_tensorflow()
+tfds = data.import_tfds()
+
+SCALES = (256, 480)  # Shorter side of training images, at random.
+EVAL_SIZE = 256  # Shorter side for the centre (or 10) crops.
+CROP = 224
+
+
+def _resize_shorter_side(image, size):
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
+  new = tf.cast(tf.round(shape * scale), tf.int32)
+  return tf.image.resize(image, new, antialias=True)
+
+
+def _split(config, name: str):
+  try:
+    builder = tfds.builder('imagenet2012', data_dir=config.data_dir or None)
+    builder.download_and_prepare()
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(
+        'ImageNet needs a manual download: place ILSVRC2012_img_train.tar '
+        'and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual '
+        f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})'
+    ) from e
+  return builder, tfds.split_for_jax_process(name, drop_remainder=False)
+
+
+def train_batches(config, seed: int, batch_size: int):
+  """Endless per-process uint8 batches with the paper's scale augmentation.
+
+  A 224 crop of the image resized so its shorter side is random in
+  [256, 480], flipped at random (§3.4). ``seed`` should differ on resume.
+  """
+  builder, split = _split(config, 'train')
+  local = batch_size // jax.process_count()
+  ds = builder.as_dataset(split=split, as_supervised=True,
+                          shuffle_files=True,
+                          read_config=tfds.ReadConfig(shuffle_seed=seed))
+
+  def augment(image, label, key):
+    keys = tf.random.experimental.stateless_split(key, 3)
+    size = tf.random.stateless_uniform(
+        [], keys[0], SCALES[0], SCALES[1] + 1, tf.int32)
+    image = _resize_shorter_side(image, size)
+    image = tf.image.stateless_random_crop(
+        image, (CROP, CROP, 3), keys[1])
+    image = tf.image.stateless_random_flip_left_right(image, keys[2])
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
+
+  ds = ds.repeat().shuffle(16 * local, seed=seed)
+  ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed).batch(2)))
+  ds = ds.map(lambda example, key: augment(*example, key),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  for images, labels in tfds.as_numpy(ds):
+    yield images, labels.astype(np.int32)
+
+
+# The paper tests on ImageNet's 50k validation images (§4.1): TFDS's
+# 'validation' split is this project's test set, and no images are held out.
+EVAL_SPLITS = {'test': 'validation'}
+
+
+def eval_batches(config, split: str, batch_size: int,
+                          ten_crop: bool):
+  """Per-process test batches: the centre 224 crop (or 10 crops).
+
+  Images are resized so their shorter side is 256 (§3.4); 10-crop testing
+  takes the four corners and the centre, and their flips. Every process
+  yields the same number of batches (padded, masked).
+  """
+  if split not in EVAL_SPLITS:
+    raise DataError(f'ImageNet has no {split!r} split here (only '
+                    f'{", ".join(EVAL_SPLITS)})')
+  tfds_split = EVAL_SPLITS[split]
+  builder, split = _split(config, tfds_split)
+  local = batch_size // jax.process_count()
+  total = builder.info.splits[tfds_split].num_examples
+  per_process = -(-total // jax.process_count())
+  num_batches = -(-per_process // local)
+
+  def crops(image, label):
+    image = _resize_shorter_side(image, EVAL_SIZE)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    c = CROP
+    corners = [((h - c) // 2, (w - c) // 2)]
+    if ten_crop:
+      corners += [(0, 0), (0, w - c), (h - c, 0), (h - c, w - c)]
+    views = [image[y:y + c, x:x + c] for y, x in corners]
+    if ten_crop:
+      views += [v[:, ::-1] for v in views]
+    views = tf.cast(tf.clip_by_value(tf.round(tf.stack(views)), 0, 255),
+                    tf.uint8)
+    return views if ten_crop else views[0], tf.cast(label, tf.int32), 1.0
+
+  ds = builder.as_dataset(split=split, as_supervised=True).map(
+      crops, num_parallel_calls=tf.data.AUTOTUNE)
+  shape = ((10,) if ten_crop else ()) + (CROP, CROP, 3)
+  padding = tf.data.Dataset.from_tensors(
+      (tf.zeros(shape, tf.uint8), tf.constant(0, tf.int32),
+       tf.constant(0.0))).repeat()
+  ds = ds.concatenate(padding).take(num_batches * local)
+  ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
+  for images, labels, mask in tfds.as_numpy(ds):
+    yield images, labels, mask.astype(np.float32)
+
+
+def normalization(config, num_images: int = 10_000):
+  """Mean and std from the first training images' centre crops.
+
+  Streaming ImageNet cannot be averaged in full at start-up; the statistics
+  of ``num_images`` images estimate it (every process reads the same ones).
+  """
+  builder, _ = _split(config, 'train')
+
+  def centre(image, _):
+    image = _resize_shorter_side(image, EVAL_SIZE)
+    image = tf.image.resize_with_crop_or_pad(image, CROP,
+                                             CROP)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+  ds = builder.as_dataset(split=f'train[:{num_images}]', as_supervised=True)
+  ds = ds.map(centre, num_parallel_calls=tf.data.AUTOTUNE).batch(1000)
+  images = np.concatenate(list(tfds.as_numpy(ds)))
+  return data.normalization(images, config.normalization)
+
+
+def inputs(config, mesh) -> data.Inputs:
+  """ImageNet streamed by tf.data to ``mesh`` (None to evaluate only); its
+  validation set is the test set."""
+  def train_inputs(first_step):
+    batch = NamedSharding(mesh, P('data'))
+    seed = int(np.random.SeedSequence([config.seed, first_step])
+               .generate_state(1)[0])
+    return ((devices.global_array(x, batch), devices.global_array(y, batch))
+            for x, y in train_batches(config, seed, config.batch_size))
+
+  return data.Inputs(
+      train_size=data.DATASETS['imagenet2012'].train_size,
+      normalization=lambda: normalization(config),
+      train=train_inputs,
+      eval=lambda split: eval_batches(config, split, config.eval_batch_size,
+                                      config.ten_crop),
+      eval_split='test',
+      draw=None)

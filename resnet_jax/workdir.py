@@ -1,0 +1,297 @@
+"""A run's workdir: config.json, metrics.jsonl, checkpoints/, run.lock.
+
+Everything a run keeps, and the rules that keep it whole: one model per
+workdir, one run at a time (``lock``), a resume with other training settings
+only when asked for and recorded, checkpoints (orbax) saved with a checksum
+and restored only when intact, a broken one moved aside for the previous.
+Restoring needs no dataset and no compiled step (``load_state``).
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import time
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+from resnet_jax import metrics
+
+# The config fields that define the network: a workdir holds one of them.
+MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
+                'bottleneck_stride', 'dataset')
+# Fields a resumed run may change freely: how long it trains, what it logs,
+# where the data lie, how memory is used. Any other change is a different
+# run, and needs allow_config_changes.
+RESUMABLE_FIELDS = ('train_length', 'log_every_steps', 'eval_every_steps',
+                    'checkpoint_every_steps', 'keep_checkpoints',
+                    'eval_batch_size', 'eval_checkpoint_step', 'data_dir',
+                    'remat', 'scan_blocks')
+
+
+class WorkdirError(ValueError):
+  """A workdir a run cannot use: another model's, in use, unwritable, lost."""
+
+
+def check_model(config, workdir: pathlib.Path) -> bool:
+  """Whether the workdir holds a run; raises if it is of another model.
+
+  Sets ``config.scan_blocks`` to the form the run's checkpoints hold.
+  """
+  path = workdir / 'config.json'
+  if not path.exists():
+    return False
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    raise WorkdirError(f'{path} is unreadable: {e}') from e
+  different = [f'{k}: {saved.get(k)!r} there, {config[k]!r} here'
+               for k in MODEL_FIELDS if saved.get(k) != config[k]]
+  if different:
+    raise WorkdirError(f'{workdir} holds a run of another model ('
+                        f'{"; ".join(different)})')
+  # How the blocks are stored is the run's own (runs from before the field
+  # existed are unrolled): resume and evaluate in that form.
+  scan_blocks = saved.get('scan_blocks', False)
+  if config.get('scan_blocks', False) != scan_blocks:
+    print(f'note: {workdir} holds {"scanned" if scan_blocks else "unrolled"} '
+          f'blocks; using scan_blocks={scan_blocks}', flush=True)
+    config.scan_blocks = scan_blocks
+  return True
+
+
+def check_writable(workdir: pathlib.Path):
+  """Raises unless a run can write in ``workdir``, made yet or not."""
+  path = workdir.absolute()
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if not existing.is_dir():
+    raise WorkdirError(f'--workdir {workdir}: {existing} is a file, not a '
+                        'directory')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise WorkdirError(f'--workdir {workdir}: {existing} is not writable')
+
+
+@contextlib.contextmanager
+def lock(workdir: pathlib.Path):
+  """One training run per workdir: holds ``run.lock`` while it trains.
+
+  The lock (``flock``) belongs to the process: the kernel frees it when the
+  process ends, also by ``kill -9``, so a killed run never blocks its resume.
+  Only process 0 takes it; the other hosts of a run follow process 0.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  with open(workdir / 'run.lock', 'a+') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or 'another process'
+      raise WorkdirError(
+          f'{workdir} is in use by another run ({holder}); wait for it to '
+          'end or use another --workdir') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+    f.flush()
+    yield
+
+
+def check_changes(config, workdir: pathlib.Path, allow: bool):
+  """Refuses a resume whose training fields differ from config.json's.
+
+  With ``allow``, config.json takes the new values and the change is
+  appended to ``config_changes.jsonl`` (time, field: [old, new]).
+  """
+  path = workdir / 'config.json'
+  saved = json.loads(path.read_text())
+  current = json.loads(config.to_json())
+  changes = {k: [saved.get(k), v] for k, v in current.items()
+             if k not in RESUMABLE_FIELDS and saved.get(k) != v}
+  if not changes:
+    return
+  listed = '; '.join(f'{k}: {old!r} there, {new!r} here'
+                     for k, (old, new) in changes.items())
+  if not allow:
+    raise WorkdirError(f'{workdir} was trained with other settings '
+                        f'({listed}); --allow_config_changes resumes with '
+                        'the new ones and records the change')
+  print(f'note: resuming with changed settings ({listed}); recorded in '
+        f'{workdir / "config_changes.jsonl"}', flush=True)
+  if jax.process_index() == 0:
+    with (workdir / 'config_changes.jsonl').open('a') as f:
+      f.write(json.dumps({'time': time.time(), 'changes': changes}) + '\n')
+  record_config(config, workdir)
+
+
+def record_config(config, workdir: pathlib.Path):
+  """Writes config.json: for a new run, or after allowed config changes."""
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(
+        config.to_json(indent=2, sort_keys=True) + '\n')
+
+
+def checkpoint_manager(workdir: pathlib.Path, keep: int, read_only=False):
+  """Keeps the latest ``keep`` checkpoints plus the best by validation error."""
+  policy = ocp.checkpoint_managers
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy.AnyPreservationPolicy([
+          policy.LatestN(n=keep),
+          policy.BestN(get_metric_fn=lambda m: m['validation_error'],
+                       reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False),
+      ]),
+      # Async saves overlap training on accelerators. On CPU they are
+      # synchronous: XLA's in-process CPU collectives deadlock when orbax's
+      # background transfers run beside a multi-device step.
+      enable_async_checkpointing=(not read_only and
+                                  jax.default_backend() != 'cpu'),
+      read_only=read_only,
+      save_interval_steps=0 if read_only else 1,
+      create=not read_only)
+  return ocp.CheckpointManager((workdir / 'checkpoints').absolute(),
+                               options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def checksum(state) -> str:
+  """sha256 of every array of a replicated state, saved with each checkpoint.
+
+  Bytes changed on disk after the save (bit rot, a bad copy) may still parse
+  as arrays; restoring compares them with this.
+  """
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(state):
+    digest.update(np.ascontiguousarray(leaf.addressable_data(0)).tobytes())
+  return digest.hexdigest()
+
+
+def save(manager, state, ranking: dict[str, float] | None):
+  """Saves a checkpoint with its checksum; ``ranking`` is what the policy
+  ranks it by ({'validation_error': ...}, or None)."""
+  manager.save(int(state.step), args=ocp.args.StandardSave(state),
+               metrics=ranking,
+               custom_metadata={'state_sha256': checksum(state)})
+
+
+def restore(manager, abstract_state, step: int):
+  """A checkpoint, checked against the checksum saved with it."""
+  state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  saved = manager.metadata(step).custom_metadata or {}
+  if 'state_sha256' in saved and checksum(state) != saved['state_sha256']:
+    raise WorkdirError('its arrays do not match the checksum saved with them')
+  return state
+
+
+def abstract(state, sharding):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      state)
+
+
+def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
+  """The newest checkpoint that restores intact; broken newer ones are moved
+  aside (by process 0, while the others wait)."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore(manager, abstract_state, step)
+    except Exception as e:  # pylint: disable=broad-except
+      aside = workdir / 'corrupt_checkpoints' / str(step)
+      logging.warning('Checkpoint %d is unreadable (%s: %s); moved to %s, '
+                      'falling back to the previous one.', step,
+                      type(e).__name__, str(e).splitlines()[0], aside)
+      print(f'warning: checkpoint {step} is unreadable '
+            f'({str(e).splitlines()[0]}); falling back to the previous one '
+            f'(moved to {aside})', flush=True)
+      if jax.process_index() == 0:
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'moved aside checkpoint {step}')
+      manager.reload()
+  return None
+
+
+def resume(manager, abstract_state, workdir: pathlib.Path, total_steps: int,
+           first_checkpoint: int, start_over: bool):
+  """Where a run starts: (restored state or None, final test or None).
+
+  A restored run's metrics.jsonl is trimmed to its checkpoint; a finished
+  one (checkpoint and final test at the last step) returns its final test.
+  A workdir whose metrics go past the first checkpoint but that has none
+  left to restore is refused, unless ``start_over``: then training starts
+  from step 0 and the old metrics are moved aside.
+  """
+  main_process = jax.process_index() == 0
+  restored = restore_latest_good(manager, abstract_state, workdir)
+  records = metrics.read(workdir)
+  if restored is not None:
+    step = int(restored.step)
+    final = metrics.final_test(records)
+    if step == total_steps and final and final['step'] == step:
+      result = {k: v for k, v in final.items() if k not in ('step', 'split')}
+      return restored, result | {'images': int(result['images'])}
+    logging.info('Resuming from step %d.', step)
+    print(f'Resuming from checkpoint at step {step}.', flush=True)
+    if main_process:
+      metrics.keep_until(workdir, step)
+    return restored, None
+  if manager.all_steps():
+    raise WorkdirError(f'no checkpoint in {workdir} is readable')
+  logged = max((r['step'] for r in records), default=0)
+  if logged > first_checkpoint:
+    if not start_over:
+      raise WorkdirError(
+          f'{workdir} has metrics up to step {logged} but no checkpoint to '
+          'resume from (deleted or unreadable); --start_over trains it again '
+          'from step 0 and moves the old metrics aside')
+    if main_process:
+      metrics.move_aside(workdir)
+  elif main_process:  # Killed before its first checkpoint: those steps again.
+    metrics.keep_until(workdir, 0)
+  return None, None
+
+
+def load(workdir: pathlib.Path, abstract_state, step: int = -1):
+  """A checkpoint (the latest if step < 0) for evaluation: read-only."""
+  manager = checkpoint_manager(workdir, 1, read_only=True)
+  available = manager.all_steps()
+  if not available:
+    raise WorkdirError(f'{workdir} holds no checkpoint')
+  step = manager.latest_step() if step < 0 else step
+  if step not in available:
+    raise WorkdirError(f'{workdir} has no checkpoint at step {step} '
+                       f'(it has {", ".join(map(str, sorted(available)))})')
+  try:
+    return restore(manager, abstract_state, step)
+  except WorkdirError as e:
+    raise WorkdirError(f'checkpoint {step} in {workdir} is corrupt: {e}'
+                       ) from e
+  except Exception as e:  # pylint: disable=broad-except
+    raise WorkdirError(f'checkpoint {step} in {workdir} is unreadable: '
+                       f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> set[int]:
+  """The steps of a workdir's checkpoints, read without orbax."""
+  directory = workdir / 'checkpoints'
+  return {int(p.name) for p in directory.iterdir()
+          if p.name.isdigit()} if directory.is_dir() else set()
+
+
+def kept(manager) -> str:
+  """What a stopped run leaves to resume from."""
+  if not manager.all_steps():
+    return 'No checkpoint was written.'
+  return f'The last good checkpoint (step {manager.latest_step()}) is kept.'
