@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from resnet_jax import cli
 from resnet_jax import data
 from resnet_jax import devices
+from resnet_jax import evaluate
 from resnet_jax import models
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
@@ -121,7 +122,7 @@ def main(argv):
     print(f'{models.display_name(config)}: final test error '
           f'{result["error"]:.2f}% on {result["images"]} images')
   else:
-    result = train.evaluate_checkpoint(config, FLAGS.workdir)
+    result = evaluate.evaluate_checkpoint(config, FLAGS.workdir)
     print(f'{models.display_name(config)} at step {result["step"]}: test '
           f'error {result["error"]:.2f}% (top-1), '
           f'{result["top5_error"]:.2f}% (top-5) on {result["images"]} '

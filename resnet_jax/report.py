@@ -37,6 +37,7 @@ import numpy as np
 
 from resnet_jax import cli
 from resnet_jax import data
+from resnet_jax import evaluate
 from resnet_jax import metrics
 from resnet_jax import models
 from resnet_jax import train
@@ -113,7 +114,7 @@ def test_error(workdir, selection: str) -> tuple[float, int]:
     raise ReportError(f'{workdir} has no checkpoint of a validated step')
   best = min(validation, key=lambda r: (r['error'], -r['step']))
   config.eval_checkpoint_step = best['step']
-  result = train.evaluate_checkpoint(config, workdir)
+  result = evaluate.evaluate_checkpoint(config, workdir)
   return result['error'], best['step']
 
 

@@ -256,7 +256,6 @@ def evaluate(steps: Steps, state, batches) -> dict[str, float]:
           'loss': totals['loss'] / count, 'images': int(count)}
 
 
-
 @jax.jit
 def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
@@ -402,25 +401,3 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
 
 def write(writer, step: int, split: str, values: dict[str, float]):
   writer.write_scalars(step, {f'{split}/{k}': v for k, v in values.items()})
-
-
-def restore_checkpoint(config, workdir: str, step: int = -1):
-  """A workdir's checkpoint (the latest if step < 0), on this machine's devices.
-
-  Returns (inputs, steps, state) as ``setup`` does, the state restored.
-  """
-  workdir = pathlib.Path(workdir)
-  if not workdir_lib.check_model(config, workdir):
-    raise workdir_lib.WorkdirError(f'{workdir} holds no run (no config.json)')
-  inputs, steps, state, _ = setup(config)
-  state = workdir_lib.load(workdir, workdir_lib.abstract(state, steps.replicated),
-                           step)
-  return inputs, steps, state
-
-
-def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
-  """Test metrics of a workdir's checkpoint (config.eval_checkpoint_step)."""
-  inputs, steps, state = restore_checkpoint(config, workdir,
-                                            config.eval_checkpoint_step)
-  return {'step': int(state.step), **evaluate(steps, state,
-                                               inputs.eval(metrics.TEST))}

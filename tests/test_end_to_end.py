@@ -66,7 +66,10 @@ def records(workdir, split):
   return [r for r in map(json.loads, lines) if r['split'] == split]
 
 
-LONG = ('--config.train_length=300', '--config.lr_boundaries=(150, 250)',
+# ResNet-14: two blocks per stage, so blocks 2..n run scanned, and their
+# stacked parameters, statistics and momenta go through the checkpoints.
+LONG = ('--config.depth=14', '--config.train_length=300',
+        '--config.lr_boundaries=(150, 250)',
         '--config.checkpoint_every_steps=100', '--config.eval_every_steps=100',
         '--config.log_every_steps=50')
 
@@ -95,6 +98,7 @@ def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
   resumed = ok(run(killed, *LONG))
   assert 'Resuming from checkpoint at step' in resumed.stdout
   a, b = params(tmp_path / 'straight', 300), params(killed, 300)
+  assert 'stage1_blocks' in a  # Scanned.
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   # The metrics file reads as one run: no step is logged twice.
@@ -313,7 +317,7 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_train_like_one(trained, tmp_path):
+def test_two_processes_train_like_one(tmp_path):
   """Two JAX processes (one CPU device each) agree with a 2-device run."""
   port = free_port()
   processes = [subprocess.Popen(

@@ -13,6 +13,7 @@ from numerics import assert_trees_close
 from configs import default as default_config
 from configs import smoke
 from resnet_jax import devices
+from resnet_jax import evaluate
 from resnet_jax import train
 from resnet_jax import workdir
 
@@ -180,29 +181,10 @@ def test_a_run_keeps_the_block_form_it_was_written_in(tmp_path, capsys):
   config = smoke.get_config()
   config.depth = 14
   assert config.scan_blocks  # The default asks for the scanned form.
-  result = train.evaluate_checkpoint(config, str(tmp_path))
+  result = evaluate.evaluate_checkpoint(config, str(tmp_path))
   assert 'holds unrolled blocks; using scan_blocks=False' in (
       capsys.readouterr().out)
   assert not config.scan_blocks
   assert result['step'] == 10
   assert result['error'] == trained['error']
   assert result['loss'] == pytest.approx(trained['loss'], rel=1e-6)
-
-
-def test_scanned_run_resumes_exactly(tmp_path):
-  # Stacked parameters, BN statistics and momenta checkpoint and restore:
-  # 5 steps, then 5 more from the checkpoint, equal 10 steps in one go.
-  def config(steps):
-    c = smoke.get_config()
-    c.depth = 14  # Each stage has a scanned block.
-    c.train_length = steps
-    c.checkpoint_every_steps = c.eval_every_steps = 5
-    return c
-  train.train_and_evaluate(config(10), str(tmp_path / 'whole'))
-  train.train_and_evaluate(config(5), str(tmp_path / 'resumed'))
-  train.train_and_evaluate(config(10), str(tmp_path / 'resumed'))
-  states = [train.restore_checkpoint(config(10), str(tmp_path / run))[2]
-            for run in ('whole', 'resumed')]
-  assert 'stage1_blocks' in states[0].params
-  for a, b in zip(*(jax.tree.leaves(jax.device_get(s)) for s in states)):
-    np.testing.assert_array_equal(a, b)
