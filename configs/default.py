@@ -25,6 +25,10 @@ def get_config():
   # conv, no max pool, for 32-px images) or '7x7' (Table 1).
   config.bottleneck_stride = '1x1'  # '1x1' paper (v1); '3x3' torchvision (v1.5).
   config.zero_init_residual = False  # Zero the last BN scale of each branch.
+  config.preactivation = False  # True: the full pre-activation units of
+  # Identity Mappings in Deep Residual Networks (He et al., 2016).
+  config.block = ''  # '' = the family's own (cifar: basic; imagenet: Table 1);
+  # 'bottleneck' on cifar: depth 9n+2 (ResNet-164, ResNet-1001 of the 2016 paper).
   config.dtype = 'float32'  # Computation dtype: 'float32' | 'bfloat16'.
   config.remat = False  # Recompute each block in the backward pass
   # (jax.checkpoint): less memory for the deepest nets, same results.

@@ -49,6 +49,7 @@ IMAGENET_STAGES = {
     50: ((3, 4, 6, 3), True),
     101: ((3, 4, 23, 3), True),
     152: ((3, 8, 36, 3), True),
+    200: ((3, 24, 36, 3), True),  # Identity Mappings (2016), Table 5.
 }
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
@@ -91,6 +92,15 @@ class Block(nn.Module):
 
   Every BN output that follows a 3x3 conv is sown into the ``intermediates``
   collection as ``response``: the layer responses of Fig. 7 (§4.2).
+
+  With ``preactivation`` it is the full pre-activation unit of *Identity
+  Mappings in Deep Residual Networks* (He et al., 2016, Fig. 4e): BN and ReLU
+  come before each conv, and nothing follows the addition. As in the
+  authors' code, the first unit of the net (``first``) takes the input
+  already activated after conv1, and a unit where dimensions grow
+  pre-activates once for both paths (its shortcut starts from the activated
+  input); the other units' shortcuts are the raw input. A 3x3 conv with no
+  BN after it in the unit sows its own output as the response.
   """
   width: int
   strides: int
@@ -101,10 +111,38 @@ class Block(nn.Module):
   zero_init_residual: bool
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
+  preactivation: bool = False
+  first: bool = False
 
   @nn.compact
   def __call__(self, x):
     out_features = self.width * (BOTTLENECK_EXPANSION if self.bottleneck else 1)
+    grows = self.strides != 1 or x.shape[-1] != out_features
+    if not self.preactivation:
+      y = self._branch(x, out_features)
+    elif self.first:  # Activated after conv1, before the split.
+      y = self._branch(x, out_features)
+    elif grows:  # One pre-activation for both paths.
+      x = nn.relu(self.norm(name='bn0')(x))
+      y = self._branch(x, out_features)
+    else:
+      y = self._branch(nn.relu(self.norm(name='bn0')(x)), out_features)
+    if not self.residual:
+      return y if self.preactivation else nn.relu(y)
+    if self.shortcut == 'C' or (self.shortcut == 'B' and grows):
+      x = self.conv(out_features, 1, self.strides, name='proj_conv')(x)
+      if not self.preactivation:
+        x = self.norm(name='proj_bn')(x)
+    elif grows:  # Option A: subsample, then zero-pad the new channels.
+      x = x[:, ::self.strides, ::self.strides, :]
+      extra = out_features - x.shape[-1]
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+    return x + y if self.preactivation else nn.relu(x + y)
+
+  def _branch(self, x, out_features):
+    """The residual function: convs with BN (and ReLU) after (original) or
+    between them (pre-activation; the unit's first BN-ReLU is the caller's)."""
+    pre = self.preactivation
     last_scale_init = (nn.initializers.zeros if self.zero_init_residual
                        else nn.initializers.ones)
     if self.bottleneck:
@@ -117,27 +155,17 @@ class Block(nn.Module):
       self.sow('intermediates', 'response', y)
       y = nn.relu(y)
       y = self.conv(out_features, 1, 1, name='conv3')(y)
-      y = self.norm(scale_init=last_scale_init, name='bn3')(y)
-    else:
-      y = self.conv(self.width, 3, self.strides, name='conv1')(x)
-      y = self.norm(name='bn1')(y)
-      self.sow('intermediates', 'response', y)
-      y = nn.relu(y)
-      y = self.conv(out_features, 3, 1, name='conv2')(y)
+      return y if pre else self.norm(scale_init=last_scale_init,
+                                     name='bn3')(y)
+    y = self.conv(self.width, 3, self.strides, name='conv1')(x)
+    y = self.norm(name='bn1')(y)
+    self.sow('intermediates', 'response', y)
+    y = nn.relu(y)
+    y = self.conv(out_features, 3, 1, name='conv2')(y)
+    if not pre:
       y = self.norm(scale_init=last_scale_init, name='bn2')(y)
-      self.sow('intermediates', 'response', y)
-    if not self.residual:
-      return nn.relu(y)
-
-    grows = self.strides != 1 or x.shape[-1] != out_features
-    if self.shortcut == 'C' or (self.shortcut == 'B' and grows):
-      x = self.conv(out_features, 1, self.strides, name='proj_conv')(x)
-      x = self.norm(name='proj_bn')(x)
-    elif grows:  # Option A: subsample, then zero-pad the new channels.
-      x = x[:, ::self.strides, ::self.strides, :]
-      extra = out_features - x.shape[-1]
-      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    return nn.relu(x + y)
+    self.sow('intermediates', 'response', y)
+    return y
 
 
 class ResNet(nn.Module):
@@ -167,6 +195,8 @@ class ResNet(nn.Module):
       over their stacked parameters, so that tracing and compiling do not
       grow with depth. The same network: ``unroll_blocks`` and
       ``stack_blocks`` convert between the two forms of its variables.
+    preactivation: full pre-activation units (``Block``; Identity Mappings,
+      2016), and a BN and ReLU after the last addition, before the pooling.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -180,6 +210,7 @@ class ResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   scan_blocks: bool = False
+  preactivation: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -203,8 +234,10 @@ class ResNet(nn.Module):
           block_class, width=width, bottleneck=self.bottleneck,
           residual=self.residual, shortcut=self.shortcut,
           bottleneck_stride=self.bottleneck_stride,
-          zero_init_residual=self.zero_init_residual, conv=conv, norm=norm)
-      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1')(x)
+          zero_init_residual=self.zero_init_residual, conv=conv, norm=norm,
+          preactivation=self.preactivation)
+      x = block(strides=2 if i > 0 else 1, first=i == 0,
+                name=f'stage{i + 1}_block1')(x)
       if self.scan_blocks and size > 1:
         # Blocks 2..n of a stage have the same shapes: one loop body, its
         # parameters and BN statistics stacked along a leading axis.
@@ -217,6 +250,8 @@ class ResNet(nn.Module):
         for j in range(1, size):
           x = block(strides=1, name=f'stage{i + 1}_block{j + 1}')(x)
       self.sow('intermediates', f'stage{i + 1}', x)
+    if self.preactivation:
+      x = nn.relu(norm(name='bn_final')(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=he_normal,
                  name='head')(x)
@@ -228,8 +263,14 @@ def create_model(*, model: str, depth: int, num_classes: int,
                  stem: str | None = None, bottleneck_stride: str = '1x1',
                  zero_init_residual: bool = False,
                  dtype: str = 'float32', remat: bool = False,
-                 scan_blocks: bool = False) -> ResNet:
-  """Builds a paper network by family and depth; raises ModelError otherwise."""
+                 scan_blocks: bool = False, preactivation: bool = False,
+                 block: str = '') -> ResNet:
+  """Builds a paper network by family and depth; raises ModelError otherwise.
+
+  ``block`` is '' for the family's own ('basic' on CIFAR; Table 1's on
+  ImageNet); 'bottleneck' makes the CIFAR nets of *Identity Mappings*, depth
+  9n+2 with 64/128/256 outputs (ResNet-164, ResNet-1001).
+  """
   if shortcut not in SHORTCUTS:
     raise ModelError(f'shortcut must be one of {", ".join(SHORTCUTS)} (§3.3), '
                      f'got {shortcut!r}')
@@ -238,14 +279,20 @@ def create_model(*, model: str, depth: int, num_classes: int,
                      f'(v1.5), got {bottleneck_stride!r}')
   if dtype not in ('float32', 'bfloat16'):
     raise ModelError(f'dtype must be float32 or bfloat16, got {dtype!r}')
+  if block not in ('', 'basic', 'bottleneck'):
+    raise ModelError(f'block must be "basic" or "bottleneck", got {block!r}')
   if model == 'cifar':
-    if depth < 8 or (depth - 2) % 6:
-      raise ModelError(f'CIFAR nets have depth 6n+2 with n >= 1 (20, 32, 44, '
-                       f'56, 110, 1202), got {depth}')
+    layers = 9 if block == 'bottleneck' else 6
+    if depth < layers + 2 or (depth - 2) % layers:
+      raise ModelError(
+          f'CIFAR nets have depth 6n+2 with n >= 1 (20, 32, 44, 56, 110, '
+          f'1202), or 9n+2 with bottleneck blocks (164, 1001), got {depth}'
+          f'{" with bottleneck blocks" if layers == 9 else ""}')
     if stem not in (None, '3x3'):
       raise ModelError(f'the CIFAR nets of §4.2 have a 3x3 stem, got {stem!r}')
-    n = (depth - 2) // 6
-    stage_sizes, widths, bottleneck, stem = (n,) * 3, CIFAR_WIDTHS, False, '3x3'
+    n = (depth - 2) // layers
+    stage_sizes, widths, stem = (n,) * 3, CIFAR_WIDTHS, '3x3'
+    bottleneck = block == 'bottleneck'
   elif model == 'imagenet':
     if depth not in IMAGENET_STAGES:
       raise ModelError(f'ImageNet nets (Table 1) have depth '
@@ -253,6 +300,10 @@ def create_model(*, model: str, depth: int, num_classes: int,
     if stem not in (None, *STEMS):
       raise ModelError(f'stem must be "7x7" or "3x3", got {stem!r}')
     stage_sizes, bottleneck = IMAGENET_STAGES[depth]
+    if block and (block == 'bottleneck') != bottleneck:
+      raise ModelError(f'ImageNet-{depth} has '
+                       f'{"bottleneck" if bottleneck else "basic"} blocks '
+                       f'(Table 1), got block={block!r}')
     widths, stem = IMAGENET_WIDTHS, stem or '7x7'
   else:
     raise ModelError(f'unknown model {model!r}: use "cifar" (§4.2) or '
@@ -262,7 +313,8 @@ def create_model(*, model: str, depth: int, num_classes: int,
       residual=residual, shortcut=shortcut,
       bottleneck_stride=bottleneck_stride,
       zero_init_residual=zero_init_residual, num_classes=num_classes,
-      dtype=jnp.dtype(dtype), remat=remat, scan_blocks=scan_blocks)
+      dtype=jnp.dtype(dtype), remat=remat, scan_blocks=scan_blocks,
+      preactivation=preactivation)
 
 
 def param_count(params) -> int:
@@ -375,10 +427,15 @@ def from_config(config, num_classes: int) -> ResNet:
       stem=config.stem or None, bottleneck_stride=config.bottleneck_stride,
       zero_init_residual=config.zero_init_residual, dtype=config.dtype,
       remat=config.remat,
-      # Runs recorded before the field existed have unrolled blocks.
-      scan_blocks=config.get('scan_blocks', False))
+      # Runs recorded before these fields existed: unrolled blocks, the
+      # original units, the family's own blocks.
+      scan_blocks=config.get('scan_blocks', False),
+      preactivation=config.get('preactivation', False),
+      block=config.get('block', ''))
 
 
 def display_name(config) -> str:
-  """The paper's name for a config's network, e.g. 'ResNet-56' or 'plain-34'."""
-  return f'{"ResNet" if config.residual else "plain"}-{config.depth}'
+  """The paper's name for a config's network, e.g. 'ResNet-56', 'plain-34' or
+  'pre-act ResNet-164'."""
+  name = f'{"ResNet" if config.residual else "plain"}-{config.depth}'
+  return f'pre-act {name}' if config.get('preactivation', False) else name

@@ -27,7 +27,10 @@ from resnet_jax import metrics
 
 # The config fields that define the network: a workdir holds one of them.
 MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
-                'bottleneck_stride', 'dataset')
+                'bottleneck_stride', 'dataset', 'preactivation', 'block')
+# What a run recorded before a field existed was built with.
+NEW_FIELD_DEFAULTS = {'scan_blocks': False, 'preactivation': False,
+                      'block': ''}
 # Fields a resumed run may change freely: how long it trains, what it logs,
 # where the data lie, how memory is used. Any other change is a different
 # run, and needs allow_config_changes.
@@ -53,6 +56,7 @@ def check_model(config, workdir: pathlib.Path) -> bool:
     saved = json.loads(path.read_text())
   except ValueError as e:
     raise WorkdirError(f'{path} is unreadable: {e}') from e
+  saved = NEW_FIELD_DEFAULTS | saved
   different = [f'{k}: {saved.get(k)!r} there, {config[k]!r} here'
                for k in MODEL_FIELDS if saved.get(k) != config[k]]
   if different:
@@ -60,7 +64,7 @@ def check_model(config, workdir: pathlib.Path) -> bool:
                         f'{"; ".join(different)})')
   # How the blocks are stored is the run's own (runs from before the field
   # existed are unrolled): resume and evaluate in that form.
-  scan_blocks = saved.get('scan_blocks', False)
+  scan_blocks = saved['scan_blocks']
   if config.get('scan_blocks', False) != scan_blocks:
     print(f'note: {workdir} holds {"scanned" if scan_blocks else "unrolled"} '
           f'blocks; using scan_blocks={scan_blocks}', flush=True)
@@ -114,7 +118,7 @@ def check_changes(config, workdir: pathlib.Path, allow: bool):
   appended to ``config_changes.jsonl`` (time, field: [old, new]).
   """
   path = workdir / 'config.json'
-  saved = json.loads(path.read_text())
+  saved = NEW_FIELD_DEFAULTS | json.loads(path.read_text())
   current = json.loads(config.to_json())
   changes = {k: [saved.get(k), v] for k, v in current.items()
              if k not in RESUMABLE_FIELDS and saved.get(k) != v}

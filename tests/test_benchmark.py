@@ -167,3 +167,13 @@ def test_benchmark_runs_without_tensorflow_tfds_or_clu():
   assert all(r['scan_blocks'] for r in rows)
   assert rows[0]['residual_tax'] == pytest.approx(
       rows[1]['images_per_s'] / rows[0]['images_per_s'])
+
+
+def test_tensorflow_is_imported_in_one_place():
+  # data.import_tensorflow hides the accelerators from TensorFlow before
+  # anything else can touch them; TFDS, ImageNet and the TensorBoard writer
+  # go through it.
+  importers = sorted(
+      path.name for path in (ROOT / 'resnet_jax').glob('*.py')
+      if re.search(r'^\s*(import|from) tensorflow', path.read_text(), re.M))
+  assert importers == ['data.py']

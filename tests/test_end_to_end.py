@@ -68,10 +68,10 @@ def records(workdir, split):
 
 # ResNet-14: two blocks per stage, so blocks 2..n run scanned, and their
 # stacked parameters, statistics and momenta go through the checkpoints.
-LONG = ('--config.depth=14', '--config.train_length=300',
-        '--config.lr_boundaries=(150, 250)',
-        '--config.checkpoint_every_steps=100', '--config.eval_every_steps=100',
-        '--config.log_every_steps=50')
+LONG = ('--config.depth=14', '--config.train_length=120',
+        '--config.lr_boundaries=(60, 100)',
+        '--config.checkpoint_every_steps=40', '--config.eval_every_steps=40',
+        '--config.log_every_steps=20')
 
 
 @pytest.fixture(scope='module')
@@ -89,21 +89,21 @@ def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while not (killed / 'checkpoints' / '100').exists():
+  while not (killed / 'checkpoints' / '40').exists():
     assert process.poll() is None and time.time() < deadline
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   assert process.wait() == -signal.SIGKILL
-  assert not (killed / 'checkpoints' / '300').exists()  # Killed mid-run.
+  assert not (killed / 'checkpoints' / '120').exists()  # Killed mid-run.
   resumed = ok(run(killed, *LONG))
   assert 'Resuming from checkpoint at step' in resumed.stdout
-  a, b = params(tmp_path / 'straight', 300), params(killed, 300)
+  a, b = params(tmp_path / 'straight', 120), params(killed, 120)
   assert 'stage1_blocks' in a  # Scanned.
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   # The metrics file reads as one run: no step is logged twice.
   steps = [r['step'] for r in records(killed, 'train')]
-  assert steps == sorted(set(steps)) == [50, 100, 150, 200, 250, 300]
+  assert steps == sorted(set(steps)) == [20, 40, 60, 80, 100, 120]
 
 
 def assert_one_record_per_step_and_split(workdir):
