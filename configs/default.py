@@ -30,6 +30,9 @@ def get_config():
   config.block = ''  # '' = the family's own (cifar: basic; imagenet: Table 1);
   # 'bottleneck' on cifar: depth 9n+2 (ResNet-164, ResNet-1001 of the 2016 paper).
   config.dtype = 'float32'  # Computation dtype: 'float32' | 'bfloat16'.
+  config.init_from = ''  # A workdir (e.g. of converted PyTorch weights,
+  # resnet_jax/convert.py) whose latest parameters and BN statistics start a
+  # new run (fine-tuning; not its optimiser or step).
   config.remat = False  # Recompute each block in the backward pass
   # (jax.checkpoint): less memory for the deepest nets, same results.
   config.scan_blocks = True  # Run blocks 2..n of each stage as one loop

@@ -341,6 +341,11 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
       state = state.replace(
           mean=devices_lib.replicate(np.asarray(mean), steps.replicated),
           std=devices_lib.replicate(np.asarray(std), steps.replicated))
+      if config.init_from:
+        state = workdir_lib.initial_weights(
+            state, pathlib.Path(config.init_from),
+            lambda c: workdir_lib.abstract(state_shapes(c), steps.replicated),
+            steps.replicated)
     writer = writers.create(workdir, jax.process_index() == 0)
     writer.write_hparams({k: v for k, v in config.items()
                           if isinstance(v, (int, float, str, bool))})

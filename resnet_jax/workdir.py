@@ -20,10 +20,12 @@ import time
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from resnet_jax import metrics
+from resnet_jax import models
 
 # The config fields that define the network: a workdir holds one of them.
 MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
@@ -37,7 +39,7 @@ NEW_FIELD_DEFAULTS = {'scan_blocks': False, 'preactivation': False,
 RESUMABLE_FIELDS = ('train_length', 'log_every_steps', 'eval_every_steps',
                     'checkpoint_every_steps', 'keep_checkpoints',
                     'eval_batch_size', 'eval_checkpoint_step', 'data_dir',
-                    'remat', 'scan_blocks')
+                    'remat', 'scan_blocks', 'init_from')
 
 
 class WorkdirError(ValueError):
@@ -70,6 +72,18 @@ def check_model(config, workdir: pathlib.Path) -> bool:
           f'blocks; using scan_blocks={scan_blocks}', flush=True)
     config.scan_blocks = scan_blocks
   return True
+
+
+def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The config.json of the run in ``workdir``."""
+  path = workdir / 'config.json'
+  try:
+    return ml_collections.ConfigDict(
+        NEW_FIELD_DEFAULTS | json.loads(path.read_text()))
+  except OSError as e:
+    raise WorkdirError(f'{workdir} holds no run (no config.json)') from e
+  except ValueError as e:
+    raise WorkdirError(f'{path} is unreadable: {e}') from e
 
 
 def check_writable(workdir: pathlib.Path):
@@ -285,6 +299,44 @@ def load(workdir: pathlib.Path, abstract_state, step: int = -1):
   except Exception as e:  # pylint: disable=broad-except
     raise WorkdirError(f'checkpoint {step} in {workdir} is unreadable: '
                        f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
+
+
+def initial_weights(state, source: pathlib.Path, shapes_of, sharding):
+  """``state`` with the parameters and BN statistics of the latest checkpoint
+  in ``source`` (``config.init_from``: fine-tuning); its optimiser, step and
+  normalisation stay fresh. A classifier of another shape (other classes)
+  keeps its initialisation; any other difference is another network.
+  ``shapes_of(config)`` gives the abstract state of a config's run.
+  """
+  loaded = load(source, shapes_of(saved_config(source)))
+  scanned = any(models.scanned_name(1) == k for k in state.params)
+  theirs = dict(jax.tree_util.tree_leaves_with_path(models.unroll_blocks(
+      {'params': loaded.params, 'batch_stats': loaded.batch_stats})))
+  fresh = []
+
+  def take(path, leaf):
+    other = theirs.get(path)
+    if other is not None and other.shape == leaf.shape:
+      return other
+    fresh.append(path)
+    return leaf
+
+  variables = jax.tree_util.tree_map_with_path(take, models.unroll_blocks(
+      {'params': state.params, 'batch_stats': state.batch_stats}))
+  other = [p for p in fresh if p[1].key != 'head']
+  if other:
+    raise WorkdirError(f'--config.init_from={source} holds another network '
+                       f'(no {jax.tree_util.keystr(other[0])} of that shape)')
+  if fresh:
+    print('note: the classifier (head) keeps its initialisation: its shape '
+          f'differs from {source}\'s', flush=True)
+  if scanned:
+    variables = models.stack_blocks(variables)
+  variables = jax.device_put(variables, sharding)
+  print(f'Starting from the weights of {source} (step {int(loaded.step)}).',
+        flush=True)
+  return state.replace(params=variables['params'],
+                       batch_stats=variables['batch_stats'])
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> set[int]:
