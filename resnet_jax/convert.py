@@ -52,23 +52,29 @@ from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    'config', None, 'The config the PyTorch weights are of (--to=jax).',
-    lock_config=True)
-flags.DEFINE_string('workdir', None, 'The resnet_jax workdir: written '
-                    '(--to=jax, it must hold no run) or read (--to=torch).')
-flags.DEFINE_string('torch', None, 'The PyTorch state_dict file: read '
-                    '(--to=jax) or written (--to=torch).')
-flags.DEFINE_enum('to', 'jax', ['jax', 'torch'], 'The direction.')
-flags.DEFINE_enum('layout', None, ['torchvision', 'cifar', 'baseline'],
-                  '--to=torch: the names of the state_dict (default: '
-                  'torchvision for ImageNet nets, cifar for CIFAR nets).')
-flags.DEFINE_list('mean', ['0.485', '0.456', '0.406'],
-                  '--to=jax: the per-channel mean the weights expect '
-                  'subtracted from images in [0, 1].')
-flags.DEFINE_list('std', ['0.229', '0.224', '0.225'],
-                  '--to=jax: the per-channel std the weights expect.')
-flags.mark_flags_as_required(['workdir', 'torch'])
+
+
+def define_flags():
+  """The command line's flags (defined when run, so that importing this
+  module beside resnet_jax.main defines no flag twice)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'The config the PyTorch weights are of (--to=jax).',
+      lock_config=True)
+  flags.DEFINE_string('workdir', None, 'The resnet_jax workdir: written '
+                      '(--to=jax, it must hold no run) or read (--to=torch).')
+  flags.DEFINE_string('torch', None, 'The PyTorch state_dict file: read '
+                      '(--to=jax) or written (--to=torch).')
+  flags.DEFINE_enum('to', 'jax', ['jax', 'torch'], 'The direction.')
+  flags.DEFINE_enum('layout', None, ['torchvision', 'cifar', 'baseline'],
+                    '--to=torch: the names of the state_dict (default: '
+                    'torchvision for ImageNet nets, cifar for CIFAR nets).')
+  flags.DEFINE_list('mean', ['0.485', '0.456', '0.406'],
+                    '--to=jax: the per-channel mean the weights expect '
+                    'subtracted from images in [0, 1].')
+  flags.DEFINE_list('std', ['0.229', '0.224', '0.225'],
+                    '--to=jax: the per-channel std the weights expect.')
+  flags.mark_flags_as_required(['workdir', 'torch'])
+
 
 # What distinguishes each layout's state_dict.
 LAYOUT_KEYS = {'fc.weight': 'torchvision', 'linear.weight': 'cifar',
@@ -284,4 +290,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main, (ConvertError, *train.USER_ERRORS))

@@ -128,9 +128,9 @@ def jax_logits(workdir, x):
 
 @pytest.mark.parametrize('config, make_net, layout, size', [
     (imagenet_resnet18.get_config(), lambda: torchvision_resnet(18),
-     'torchvision', 64),
+     'torchvision', 32),
     (imagenet_resnet50.get_config(), lambda: torchvision_resnet(50),
-     'torchvision', 64),
+     'torchvision', 32),
     (resnet20.get_config(), None, 'baseline', 32),
 ])
 def test_same_logits_and_back_bit_for_bit(config, make_net, layout, size,
@@ -208,11 +208,15 @@ def test_a_checkpoint_that_does_not_fit_is_one_error_line(tmp_path):
 
 def test_fine_tuning_starts_from_the_converted_weights(tmp_path, capsys):
   from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
-  torch.save(randomized(torch_baseline.CifarResNet(20)).state_dict(),
-             tmp_path / 'r20.pth')
-  convert.to_jax(resnet20.get_config(), tmp_path / 'r20.pth',
-                 tmp_path / 'converted', [0.5] * 3, [0.25] * 3)
+  # A ResNet-8 of torch_baseline's, fine-tuned for 100 classes.
+  torch.save(randomized(torch_baseline.CifarResNet(8)).state_dict(),
+             tmp_path / 'r8.pth')
   config = resnet20.get_config()
+  config.depth = 8
+  convert.to_jax(config, tmp_path / 'r8.pth', tmp_path / 'converted',
+                 [0.5] * 3, [0.25] * 3)
+  config = resnet20.get_config()
+  config.depth = 8
   config.dataset = 'cifar100'  # Another classifier: 100 classes.
   config.data_source = 'synthetic'
   config.synthetic_train_size = 256

@@ -132,13 +132,13 @@ def test_cifar_parameter_counts_equal_the_pytorch_twins(depth, block, params):
 
 
 @pytest.mark.parametrize('kwargs, stages', [
-    (dict(model='cifar', depth=29, block='bottleneck'), (3, 3, 3)),
-    (dict(model='cifar', depth=20), (3, 3, 3)),
+    (dict(model='cifar', depth=20, block='bottleneck'), (2, 2, 2)),
+    (dict(model='cifar', depth=14), (2, 2, 2)),
     (dict(model='imagenet', depth=50, bottleneck_stride='3x3'), (3, 4, 6, 3)),
 ])
 def test_logits_equal_the_pytorch_twins(kwargs, stages):
   imagenet = kwargs['model'] == 'imagenet'
-  size = 64 if imagenet else 32
+  size = 32
   model = models.create_model(num_classes=10, shortcut='B',
                               preactivation=True, scan_blocks=True, **kwargs)
   x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(
