@@ -7,7 +7,6 @@ keeps to what a user needs.
 
 from collections.abc import Callable
 import logging as std_logging
-import os
 import sys
 import warnings
 
@@ -55,8 +54,6 @@ def parse_flags(argv):
 def run(main: Callable[[list[str]], None],
         user_errors: tuple[type[Exception], ...]):
   """``app.run(main)``, with ``user_errors`` reported as one error line."""
-  # TensorFlow's C++ INFO lines (oneDNN and the like), if it is imported.
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   warnings.formatwarning = one_line_warning
 
   def guarded(argv):

@@ -1,8 +1,25 @@
-"""Eight simulated CPU devices, so sharding is tested without accelerators."""
+"""Eight simulated CPU devices, so sharding is tested without accelerators.
+
+One XLA compilation cache serves the whole run, every xdist worker and every
+subprocess they start: the many runs of configs/smoke.py compile the same
+programs, and a cached program computes exactly what a fresh compile does.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ['XLA_FLAGS'] = ' '.join([
     os.environ.get('XLA_FLAGS', ''),
     '--xla_force_host_platform_device_count=8']).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    tempfile.gettempdir(), 'resnet_jax-tests-xla-cache-' +
+    os.environ.get('PYTEST_XDIST_TESTRUNUID', str(os.getpid()))))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+
+
+def pytest_sessionfinish(session):
+  if not hasattr(session.config, 'workerinput'):  # The last to finish.
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)

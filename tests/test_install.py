@@ -56,7 +56,7 @@ def test_colab_install_keeps_the_runtimes_jax_and_tensorflow(tmp_path):
   venv = tmp_path / 'runtime'
   subprocess.run([sys.executable, '-m', 'venv', str(venv)], check=True)
   python = str(venv / 'bin' / 'python')
-  subprocess.run([python, '-m', 'pip', 'install', '-q',
+  subprocess.run([python, '-m', 'pip', 'install', '-q', '--no-compile',
                   *(f'{name}=={version}' for name, version in runtime.items())],
                  env=env, check=True, timeout=900)
   assert versions(python) == runtime
