@@ -26,6 +26,7 @@ from resnet_jax import cli
 from resnet_jax import data
 from resnet_jax import devices
 from resnet_jax import evaluate
+from resnet_jax import layers
 from resnet_jax import models
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
@@ -56,7 +57,7 @@ def summary(config) -> str:
   """The layer table of a config's network, its parameters and multiply-adds."""
   info = data.dataset_info(config.dataset)
   model = models.from_config(config, info.num_classes)
-  rows, variables = models.layer_table(model, info.image_size)
+  rows, variables = layers.layer_table(model, info.image_size)
   params = models.param_count(variables['params'])
   macs = sum(row['macs'] for row in rows)
   width = max(len(row['name']) for row in rows)

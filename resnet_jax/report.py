@@ -38,6 +38,7 @@ import numpy as np
 from resnet_jax import cli
 from resnet_jax import data
 from resnet_jax import evaluate
+from resnet_jax import layers
 from resnet_jax import metrics
 from resnet_jax import models
 from resnet_jax import train
@@ -132,7 +133,7 @@ def table(root, selection: str, out: pathlib.Path) -> str:
     info = data.dataset_info(config.dataset)
     model = models.from_config(config, info.num_classes)
     params = models.param_count(
-        models.layer_table(model, info.image_size)[1]['params'])
+        layers.layer_table(model, info.image_size)[1]['params'])
     results = [test_error(s, selection) for s in seeds]
     errors = np.array([e for e, _ in results])
     std = errors.std(ddof=1) if len(errors) > 1 else 0.0
@@ -274,7 +275,7 @@ def response_stds(model, variables, batches) -> np.ndarray:
   per channel, averaged over the channels."""
   responses = jax.jit(lambda v, x: [
       (r.sum((0, 1, 2)), (r ** 2).sum((0, 1, 2)), r.shape[0] * r.shape[1] *
-       r.shape[2]) for r in models.layer_responses(model, v, x)])
+       r.shape[2]) for r in layers.layer_responses(model, v, x)])
   totals = None
   for x in batches():
     sums = jax.device_get(responses(variables, x))

@@ -11,6 +11,7 @@ import pytest
 from numerics import assert_close
 from numerics import assert_trees_close
 
+from resnet_jax import layers
 from resnet_jax import models
 
 
@@ -25,7 +26,7 @@ def imagenet(depth, **kwargs):
 
 
 def count(model, image_size=32):
-  rows, variables = models.layer_table(model, image_size)
+  rows, variables = layers.layer_table(model, image_size)
   return models.param_count(variables['params']), sum(r['macs'] for r in rows)
 
 
@@ -79,13 +80,13 @@ def test_imagenet_plain_nets_match_their_resnets():
 def test_cifar_resnet18_of_the_reproductions():
   model = models.create_model(model='imagenet', depth=18, num_classes=10,
                               shortcut='B', stem='3x3')
-  rows, variables = models.layer_table(model, 32)
+  rows, variables = layers.layer_table(model, 32)
   assert models.param_count(variables['params']) == 11_173_962
   assert rows[-2]['output'] == (4, 4, 512)  # No max pool: 32 -> 4 px.
 
 
 def test_stage_shapes_follow_table_1():
-  rows, _ = models.layer_table(imagenet(50), 224)
+  rows, _ = layers.layer_table(imagenet(50), 224)
   outputs = {r['name'].split('/')[0]: r['output'] for r in rows}
   assert outputs['conv_init'] == (112, 112, 64)
   assert outputs['stage1_block1'] == (56, 56, 256)
@@ -172,7 +173,7 @@ def test_layer_responses_in_network_order():
   model = cifar(20)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   variables = init(model, x)
-  responses = models.layer_responses(model, variables, x)
+  responses = layers.layer_responses(model, variables, x)
   assert len(responses) == 19  # The stem and the 18 convs of 9 blocks.
   assert [r.shape[1:] for r in responses] == (
       [(32, 32, 16)] * 7 + [(16, 16, 32)] * 6 + [(8, 8, 64)] * 6)
@@ -183,7 +184,7 @@ def test_layer_responses_in_network_order():
   # Bottlenecks have one 3x3 conv per block; the 7x7 stem is not 3x3.
   model = imagenet(50)
   x = jnp.ones((1, 64, 64, 3))
-  assert len(models.layer_responses(model, init(model, x), x)) == 16
+  assert len(layers.layer_responses(model, init(model, x), x)) == 16
 
 
 def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
@@ -192,7 +193,7 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
   variables = init(f32, x)
   assert all(p.dtype == jnp.float32
              for p in jax.tree.leaves(init(bf16, x)['params']))
-  responses = models.layer_responses(bf16, variables, x)
+  responses = layers.layer_responses(bf16, variables, x)
   assert responses[0].dtype == jnp.bfloat16
   out32 = f32.apply(variables, x, train=False)
   out16 = bf16.apply(variables, x, train=False)
@@ -281,12 +282,12 @@ def test_block_forms_convert_both_ways_exactly():
 
 def test_summary_and_layer_responses_are_the_same_in_both_forms():
   unrolled, scanned = cifar(20), cifar(20, scan_blocks=True)
-  assert models.layer_table(scanned, 32)[0] == models.layer_table(
+  assert layers.layer_table(scanned, 32)[0] == layers.layer_table(
       unrolled, 32)[0]
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   variables = init(unrolled, x)
-  expected = models.layer_responses(unrolled, variables, x)
-  found = models.layer_responses(scanned, models.stack_blocks(variables), x)
+  expected = layers.layer_responses(unrolled, variables, x)
+  found = layers.layer_responses(scanned, models.stack_blocks(variables), x)
   assert len(found) == len(expected) == 19
   for a, b in zip(found, expected):  # In network order.
     assert_close(a, b, FORMS_RTOL)
@@ -313,8 +314,8 @@ def test_layer_responses_of_scanned_rematerialised_blocks():
   # ResNet-1202's form: remat inside the scan still reads out every layer.
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   variables = init(cifar(20), x)
-  expected = models.layer_responses(cifar(20), variables, x)
-  found = models.layer_responses(cifar(20, scan_blocks=True, remat=True),
+  expected = layers.layer_responses(cifar(20), variables, x)
+  found = layers.layer_responses(cifar(20, scan_blocks=True, remat=True),
                                  models.stack_blocks(variables), x)
   assert len(found) == len(expected)
   for a, b in zip(found, expected):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from numerics import assert_close
+from resnet_jax import layers
 from resnet_jax import models
 
 torch = pytest.importorskip('torch')
@@ -172,4 +173,4 @@ def test_plain_twin_and_fig7_responses():
   assert not any('proj' in k for block in variables['params'].values()
                  if isinstance(block, dict) for k in block)
   # One response per 3x3 conv: the stem and the 18 of the 9 units.
-  assert len(models.layer_responses(model, variables, x)) == 19
+  assert len(layers.layer_responses(model, variables, x)) == 19
