@@ -26,7 +26,6 @@ numbers next to them into ``--out``.
 """
 
 import csv
-import json
 import pathlib
 
 from absl import flags
@@ -68,9 +67,8 @@ def load_run(workdir) -> tuple[ml_collections.ConfigDict, list[dict]]:
   """A workdir's config and its metrics records."""
   workdir = pathlib.Path(workdir)
   try:
-    config = ml_collections.ConfigDict(
-        json.loads((workdir / 'config.json').read_text()))
-  except (OSError, ValueError) as e:
+    config = workdir_lib.saved_config(workdir)
+  except workdir_lib.WorkdirError as e:
     raise ReportError(f'{workdir} is not a resnet_jax run: {e}') from e
   records = metrics.read(workdir)
   if not records:
