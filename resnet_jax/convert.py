@@ -223,7 +223,6 @@ def to_jax(config, torch_path: pathlib.Path, workdir: pathlib.Path,
                                     config.seed, info.image_size))()
   state = state.replace(
       params=variables['params'], batch_stats=variables['batch_stats'],
-      opt_state=tx.init(variables['params']),
       mean=np.broadcast_to(np.asarray(mean, np.float32),
                            state.mean.shape).copy(),
       std=np.asarray(std, np.float32))

@@ -367,16 +367,12 @@ def from_config(config, num_classes: int) -> ResNet:
       residual=config.residual, shortcut=config.shortcut,
       stem=config.stem or None, bottleneck_stride=config.bottleneck_stride,
       zero_init_residual=config.zero_init_residual, dtype=config.dtype,
-      remat=config.remat,
-      # Runs recorded before these fields existed: unrolled blocks, the
-      # original units, the family's own blocks.
-      scan_blocks=config.get('scan_blocks', False),
-      preactivation=config.get('preactivation', False),
-      block=config.get('block', ''))
+      remat=config.remat, scan_blocks=config.scan_blocks,
+      preactivation=config.preactivation, block=config.block)
 
 
 def display_name(config) -> str:
   """The paper's name for a config's network, e.g. 'ResNet-56', 'plain-34' or
   'pre-act ResNet-164'."""
   name = f'{"ResNet" if config.residual else "plain"}-{config.depth}'
-  return f'pre-act {name}' if config.get('preactivation', False) else name
+  return f'pre-act {name}' if config.preactivation else name

@@ -46,44 +46,43 @@ class WorkdirError(ValueError):
   """A workdir a run cannot use: another model's, in use, unwritable, lost."""
 
 
+def _saved(workdir: pathlib.Path) -> dict:
+  """config.json, with the values runs before a new field were made with."""
+  path = workdir / 'config.json'
+  try:
+    return NEW_FIELD_DEFAULTS | json.loads(path.read_text())
+  except OSError as e:
+    raise WorkdirError(f'{workdir} holds no run (no config.json)') from e
+  except ValueError as e:
+    raise WorkdirError(f'{path} is unreadable: {e}') from e
+
+
+def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The config of the run in ``workdir``."""
+  return ml_collections.ConfigDict(_saved(workdir))
+
+
 def check_model(config, workdir: pathlib.Path) -> bool:
   """Whether the workdir holds a run; raises if it is of another model.
 
   Sets ``config.scan_blocks`` to the form the run's checkpoints hold.
   """
-  path = workdir / 'config.json'
-  if not path.exists():
+  if not (workdir / 'config.json').exists():
     return False
-  try:
-    saved = json.loads(path.read_text())
-  except ValueError as e:
-    raise WorkdirError(f'{path} is unreadable: {e}') from e
-  saved = NEW_FIELD_DEFAULTS | saved
+  saved = _saved(workdir)
   different = [f'{k}: {saved.get(k)!r} there, {config[k]!r} here'
                for k in MODEL_FIELDS if saved.get(k) != config[k]]
   if different:
     raise WorkdirError(f'{workdir} holds a run of another model ('
-                        f'{"; ".join(different)})')
+                       f'{"; ".join(different)})')
   # How the blocks are stored is the run's own (runs from before the field
   # existed are unrolled): resume and evaluate in that form.
   scan_blocks = saved['scan_blocks']
-  if config.get('scan_blocks', False) != scan_blocks:
+  if config.scan_blocks != scan_blocks:
     print(f'note: {workdir} holds {"scanned" if scan_blocks else "unrolled"} '
           f'blocks; using scan_blocks={scan_blocks}', flush=True)
     config.scan_blocks = scan_blocks
   return True
-
-
-def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
-  """The config.json of the run in ``workdir``."""
-  path = workdir / 'config.json'
-  try:
-    return ml_collections.ConfigDict(
-        NEW_FIELD_DEFAULTS | json.loads(path.read_text()))
-  except OSError as e:
-    raise WorkdirError(f'{workdir} holds no run (no config.json)') from e
-  except ValueError as e:
-    raise WorkdirError(f'{path} is unreadable: {e}') from e
 
 
 def check_writable(workdir: pathlib.Path):
@@ -131,8 +130,7 @@ def check_changes(config, workdir: pathlib.Path, allow: bool):
   With ``allow``, config.json takes the new values and the change is
   appended to ``config_changes.jsonl`` (time, field: [old, new]).
   """
-  path = workdir / 'config.json'
-  saved = NEW_FIELD_DEFAULTS | json.loads(path.read_text())
+  saved = _saved(workdir)
   current = json.loads(config.to_json())
   changes = {k: [saved.get(k), v] for k, v in current.items()
              if k not in RESUMABLE_FIELDS and saved.get(k) != v}
@@ -309,7 +307,7 @@ def initial_weights(state, source: pathlib.Path, shapes_of, sharding):
   ``shapes_of(config)`` gives the abstract state of a config's run.
   """
   loaded = load(source, shapes_of(saved_config(source)))
-  scanned = any(models.scanned_name(1) == k for k in state.params)
+  scanned = models.scanned_name(1) in state.params
   theirs = dict(jax.tree_util.tree_leaves_with_path(models.unroll_blocks(
       {'params': loaded.params, 'batch_stats': loaded.batch_stats})))
   fresh = []
