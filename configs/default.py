@@ -53,6 +53,9 @@ def get_config():
 
   # Optimisation: momentum SGD with decoupled L2 (optax).
   config.batch_size = 128  # Global, across all devices and hosts.
+  config.bn_group_size = 0  # Images per BatchNorm group in training: 0 = the
+  # whole global batch on any device count; 64 = §4.2's "mini-batch size of
+  # 128 on two GPUs", each GPU normalising its own 64 images.
   config.learning_rate = 0.1
   config.momentum = 0.9
   config.nesterov = False
@@ -63,6 +66,11 @@ def get_config():
   config.train_length = 64000
   config.lr_boundaries = (32000, 48000)
   config.lr_factor = 0.1  # Learning rate multiplier at each boundary.
+  config.lr_schedule = 'piecewise'  # 'piecewise': x lr_factor at each of
+  # lr_boundaries (§4.2); 'plateau': x lr_factor when the validation error
+  # has not improved for lr_patience evaluations (§3.4: "divided by 10 when
+  # the error plateaus"); needs validation_size > 0.
+  config.lr_patience = 3  # Evaluations (eval_every_steps apart), plateau only.
   config.warmup_steps = 0  # ResNet-110/1202: 400 steps at 0.01 (§4.2).
   config.warmup_learning_rate = 0.01
 

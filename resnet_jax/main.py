@@ -14,7 +14,6 @@ that does not describe a network or run of the paper is one error line on
 stderr and exit status 2.
 """
 
-import json
 import pathlib
 
 from absl import flags
@@ -85,8 +84,8 @@ def use_run_settings(config, workdir: pathlib.Path):
   data and other settings, but for this command's --config.* overrides and
   the model fields (checked against the run's)."""
   try:
-    saved = json.loads((workdir / 'config.json').read_text())
-  except (OSError, ValueError):
+    saved = workdir_lib.saved_config(workdir)
+  except workdir_lib.WorkdirError:
     return  # No run, or an unreadable one: evaluation reports it.
   overrides = config_flags.get_override_values(FLAGS['config'])
   for key, value in saved.items():

@@ -87,6 +87,41 @@ def conv_layer(features: int, kernel: int, strides: int, *, name: str,
                  conv_general_dilated=canonical_conv.conv_general_dilated)
 
 
+class GroupBatchNorm(nn.Module):
+  """Training-mode BatchNorm over groups of ``group_size`` consecutive images.
+
+  §4.2 trains with "a mini-batch size of 128 on two GPUs": BatchNorm of its
+  time normalised each GPU's 64 images with their own statistics. Each group
+  here is normalised with its own mean and variance, on any number of devices.
+  The variables are ``nn.BatchNorm``'s (which evaluates the net); the running
+  statistics move towards the mean of the groups' statistics.
+  """
+  group_size: int
+  momentum: float
+  epsilon: float
+  dtype: jnp.dtype
+  scale_init: Callable[..., jax.Array] = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    scale = self.param('scale', self.scale_init, features)
+    bias = self.param('bias', nn.initializers.zeros, features)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, features)
+    groups = x.astype(jnp.float32).reshape((-1, self.group_size) + x.shape[1:])
+    axes = tuple(range(1, x.ndim))  # All but the group and the channel axes.
+    mean = groups.mean(axes, keepdims=True)
+    # E[x^2] - E[x]^2, clipped at 0, as nn.BatchNorm computes it.
+    var = jnp.maximum((groups ** 2).mean(axes, keepdims=True) - mean ** 2, 0)
+    if not self.is_initializing():
+      for stat, value in ((ra_mean, mean), (ra_var, var)):
+        stat.value = (self.momentum * stat.value +
+                      (1 - self.momentum) * value.mean(0).reshape(features))
+    y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.reshape(x.shape).astype(self.dtype)
+
+
 class Block(nn.Module):
   """A basic (two 3x3 convs, Fig. 2) or bottleneck (1x1-3x3-1x1, Fig. 5) block.
 
@@ -197,6 +232,8 @@ class ResNet(nn.Module):
       ``stack_blocks`` convert between the two forms of its variables.
     preactivation: full pre-activation units (``Block``; Identity Mappings,
       2016), and a BN and ReLU after the last addition, before the pooling.
+    bn_group_size: in training, BatchNorm statistics per group of this many
+      images (``GroupBatchNorm``, §4.2's two GPUs); 0: of the whole batch.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -211,6 +248,7 @@ class ResNet(nn.Module):
   remat: bool = False
   scan_blocks: bool = False
   preactivation: bool = False
+  bn_group_size: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -218,6 +256,9 @@ class ResNet(nn.Module):
     norm = functools.partial(
         nn.BatchNorm, use_running_average=not train, momentum=0.9,
         epsilon=1e-5, dtype=self.dtype)
+    if train and self.bn_group_size:
+      norm = functools.partial(GroupBatchNorm, group_size=self.bn_group_size,
+                               momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     x = jnp.asarray(x, self.dtype)
     if self.stem == '7x7':
       x = conv(self.widths[0], 7, 2, name='conv_init')(x)
@@ -264,7 +305,7 @@ def create_model(*, model: str, depth: int, num_classes: int,
                  zero_init_residual: bool = False,
                  dtype: str = 'float32', remat: bool = False,
                  scan_blocks: bool = False, preactivation: bool = False,
-                 block: str = '') -> ResNet:
+                 block: str = '', bn_group_size: int = 0) -> ResNet:
   """Builds a paper network by family and depth; raises ModelError otherwise.
 
   ``block`` is '' for the family's own ('basic' on CIFAR; Table 1's on
@@ -314,7 +355,7 @@ def create_model(*, model: str, depth: int, num_classes: int,
       bottleneck_stride=bottleneck_stride,
       zero_init_residual=zero_init_residual, num_classes=num_classes,
       dtype=jnp.dtype(dtype), remat=remat, scan_blocks=scan_blocks,
-      preactivation=preactivation)
+      preactivation=preactivation, bn_group_size=bn_group_size)
 
 
 def param_count(params) -> int:
@@ -368,7 +409,8 @@ def from_config(config, num_classes: int) -> ResNet:
       stem=config.stem or None, bottleneck_stride=config.bottleneck_stride,
       zero_init_residual=config.zero_init_residual, dtype=config.dtype,
       remat=config.remat, scan_blocks=config.scan_blocks,
-      preactivation=config.preactivation, block=config.block)
+      preactivation=config.preactivation, block=config.block,
+      bn_group_size=config.bn_group_size)
 
 
 def display_name(config) -> str:

@@ -218,9 +218,9 @@ def curve(workdir, out: pathlib.Path) -> figure.Figure:
   fig = figure.Figure(figsize=(11, 4))
   loss_ax, error_ax = fig.subplots(1, 2)
   train_records = [r for r in records if r['split'] == metrics.TRAIN]
-  if config.schedule_unit == 'steps':
+  if config.schedule_unit == 'steps' and config.lr_schedule == 'piecewise':
     drops = list(config.lr_boundaries)
-  else:  # The last logged step before each drop.
+  else:  # Epochs or plateaus: the last logged step before each drop.
     drops = [a['step'] for a, b in zip(train_records, train_records[1:])
              if b['learning_rate'] < a['learning_rate']]
   csv_rows = []

@@ -4,7 +4,8 @@ One loop for every scale: ``jax.jit`` over a 1-D ``data`` mesh of all devices
 (``devices.py``), the training state replicated and each global batch split
 across the devices, so BatchNorm statistics are those of the global batch.
 The optimiser is the paper's momentum SGD with weight decay, as decoupled L2
-in optax, on a piecewise-constant schedule in iterations (or epochs).
+in optax, on a piecewise-constant schedule in iterations (or epochs), or
+divided "when the error plateaus" (§3.4).
 The data come through ``data.inputs``; the workdir (config.json, metrics,
 checkpoints) is ``workdir.py``'s. The loop's writers (clu, TensorBoard: they
 import TensorFlow) are imported where it runs, so the steps import with jax,
@@ -16,7 +17,7 @@ import functools
 import math
 import pathlib
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 from flax.training import train_state
@@ -54,9 +55,10 @@ class TrainState(train_state.TrainState):
 
 # Fields that only make sense above zero.
 POSITIVE_FIELDS = ('batch_size', 'eval_batch_size', 'train_length',
-                   'learning_rate', 'lr_factor', 'log_every_steps',
-                   'eval_every_steps', 'checkpoint_every_steps',
-                   'keep_checkpoints')
+                   'learning_rate', 'lr_factor', 'lr_patience',
+                   'log_every_steps', 'eval_every_steps',
+                   'checkpoint_every_steps', 'keep_checkpoints')
+LR_SCHEDULES = ('piecewise', 'plateau')
 
 
 def check_config(config):
@@ -79,6 +81,14 @@ def check_config(config):
   if boundaries != sorted(set(boundaries)) or any(b <= 0 for b in boundaries):
     raise TrainingError(f'lr_boundaries must be positive and increasing, got '
                         f'{tuple(boundaries)}')
+  if config.lr_schedule not in LR_SCHEDULES:
+    raise TrainingError(f'lr_schedule must be piecewise or plateau, got '
+                        f'{config.lr_schedule!r}')
+  if config.bn_group_size < 0 or (
+      config.bn_group_size and config.batch_size % config.bn_group_size):
+    raise TrainingError(f'bn_group_size must be 0 (the whole batch) or divide '
+                        f'batch_size {config.batch_size}, got '
+                        f'{config.bn_group_size!r}')
 
 
 def schedule_in_steps(config, train_size: int) -> tuple[int, list[int]]:
@@ -103,8 +113,11 @@ def learning_rate_schedule(config, boundaries: list[int]) -> optax.Schedule:
   """Piecewise constant (x lr_factor at each boundary), after the warm-up.
 
   The warm-up (§4.2, ResNet-110) runs at warmup_learning_rate for the first
-  warmup_steps steps; the boundaries stay where they are.
+  warmup_steps steps; the boundaries stay where they are. The plateau
+  schedule has no boundaries: ``scale_on_plateau`` lowers its rate.
   """
+  if config.lr_schedule == 'plateau':
+    boundaries = []
   main = optax.piecewise_constant_schedule(
       config.learning_rate, {b: config.lr_factor for b in boundaries})
   if not config.warmup_steps:
@@ -113,12 +126,69 @@ def learning_rate_schedule(config, boundaries: list[int]) -> optax.Schedule:
                                 config.warmup_learning_rate, main(step))
 
 
+class Plateau(NamedTuple):
+  """The plateau schedule's state (§3.4), checkpointed with the optimiser's."""
+  scale: jax.Array  # The learning rate's multiplier: lr_factor ** drops.
+  best: jax.Array  # The lowest validation error (%) so far.
+  since: jax.Array  # Evaluations since the error last improved (or the rate
+  # last dropped).
+
+
+def scale_on_plateau() -> optax.GradientTransformation:
+  """Multiplies the update by the plateau schedule's scale.
+
+  Momentum SGD's update is the learning rate times the momentum buffer, so
+  scaling the update is scaling the learning rate, as in Caffe and PyTorch
+  (the buffer keeps its history). ``after_validation`` moves the scale.
+  """
+  def init(params):
+    del params
+    return Plateau(scale=jnp.ones([]), best=jnp.full([], jnp.inf),
+                   since=jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u: u * state.scale, updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def plateau(state: TrainState) -> Plateau | None:
+  """The plateau schedule's state, if the run has one."""
+  last = state.opt_state[-1]
+  return last if isinstance(last, Plateau) else None
+
+
+def after_validation(state: TrainState, error: float, patience: int,
+                     factor: float) -> TrainState:
+  """The plateau schedule's decision after an evaluation (§3.4: "divided by
+  10 when the error plateaus").
+
+  The rate is multiplied by ``factor`` once the validation error has not
+  improved (gone below its best) for ``patience`` evaluations in a row; the
+  count then starts again. Decided on the host, from the same evaluation on
+  every process; the state goes back replicated as it came.
+  """
+  old = jax.device_get(plateau(state))
+  best, since, scale = float(old.best), int(old.since) + 1, old.scale
+  if error < best:
+    best, since = error, 0
+  elif since >= patience:
+    since, scale = 0, scale * np.float32(factor)
+  new = Plateau(scale=np.float32(scale), best=np.float32(best),
+                since=np.int32(since))
+  new = jax.tree.map(
+      lambda x, like: devices_lib.replicate(np.asarray(x), like.sharding),
+      new, plateau(state))
+  return state.replace(opt_state=state.opt_state[:-1] + (new,))
+
+
 def create_optimizer(config, schedule) -> optax.GradientTransformation:
   """Weight decay as decoupled L2 before momentum SGD: the paper's update.
 
   ``add_decayed_weights`` adds ``weight_decay * w`` to the gradient, which
   momentum SGD then treats as part of it, exactly as Caffe and PyTorch apply
-  weight decay.
+  weight decay. The plateau schedule scales the result last.
   """
   if config.weight_decay_mask == 'all':
     mask = None
@@ -128,10 +198,12 @@ def create_optimizer(config, schedule) -> optax.GradientTransformation:
   else:
     raise TrainingError(f'weight_decay_mask must be all or kernels, got '
                         f'{config.weight_decay_mask!r}')
+  plateau_scale = ([scale_on_plateau()] if config.lr_schedule == 'plateau'
+                   else [])
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask),
       optax.sgd(schedule, momentum=config.momentum,
-                nesterov=config.nesterov))
+                nesterov=config.nesterov), *plateau_scale)
 
 
 def create_train_state(model, tx, seed: int, image_size: int) -> TrainState:
@@ -162,10 +234,13 @@ def train_step(state: TrainState, images, labels, schedule):
 
   (loss, (logits, updates)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
+  learning_rate = schedule(state.step)
+  if plateau(state) is not None:
+    learning_rate *= plateau(state).scale
   metrics = {
       'loss': loss,
       'error': jnp.mean(jnp.argmax(logits, -1) != labels),
-      'learning_rate': schedule(state.step),
+      'learning_rate': learning_rate,
   }
   state = state.apply_gradients(grads=grads,
                                 batch_stats=updates['batch_stats'])
@@ -288,6 +363,10 @@ def setup(config, devices=None):
   if config.batch_size > inputs.train_size:
     raise TrainingError(f'batch_size {config.batch_size} is larger than the '
                         f'training set ({inputs.train_size} images)')
+  if config.lr_schedule == 'plateau' and inputs.eval_split != 'validation':
+    raise TrainingError('lr_schedule=plateau decides on the validation error '
+                        'and this run has no validation split: set '
+                        'validation_size above 0')
   total_steps, boundaries = schedule_in_steps(config, inputs.train_size)
   schedule = learning_rate_schedule(config, boundaries)
   tx = create_optimizer(config, schedule)
@@ -316,7 +395,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
   has_run = workdir_lib.check_model(config, workdir)
   inputs, steps, state, total_steps = setup(config)
   late = [b for b in config.lr_boundaries if b >= config.train_length]
-  if late:
+  if late and config.lr_schedule == 'piecewise':
     print(f'warning: lr_boundaries {", ".join(map(str, late))} are not '
           f'before the end of training ({config.train_length} '
           f'{config.schedule_unit}): no learning-rate drop there', flush=True)
@@ -389,6 +468,9 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
         write(writer, step, inputs.eval_split, result)
         if inputs.eval_split == metrics.VALIDATION:  # Never select by test.
           checkpoint_metrics = {'validation_error': result['error']}
+          if plateau(state) is not None:
+            state = after_validation(state, result['error'],
+                                     config.lr_patience, config.lr_factor)
         elif is_last:
           tested = result
       if step % config.checkpoint_every_steps == 0 or is_last:

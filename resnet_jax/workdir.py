@@ -32,7 +32,8 @@ MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
                 'bottleneck_stride', 'dataset', 'preactivation', 'block')
 # What a run recorded before a field existed was built with.
 NEW_FIELD_DEFAULTS = {'scan_blocks': False, 'preactivation': False,
-                      'block': ''}
+                      'block': '', 'lr_schedule': 'piecewise',
+                      'lr_patience': 3, 'bn_group_size': 0}
 # Fields a resumed run may change freely: how long it trains, what it logs,
 # where the data lie, how memory is used. Any other change is a different
 # run, and needs allow_config_changes.
@@ -138,6 +139,10 @@ def check_changes(config, workdir: pathlib.Path, allow: bool):
     return
   listed = '; '.join(f'{k}: {old!r} there, {new!r} here'
                      for k, (old, new) in changes.items())
+  if 'lr_schedule' in changes:  # Its state is part of the checkpoints.
+    raise WorkdirError(f'{workdir} was trained with another learning-rate '
+                       f'schedule ({listed}); its checkpoints cannot resume '
+                       'under another one: use a new --workdir')
   if not allow:
     raise WorkdirError(f'{workdir} was trained with other settings '
                         f'({listed}); --allow_config_changes resumes with '

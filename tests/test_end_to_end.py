@@ -82,18 +82,23 @@ def trained(tmp_path_factory):
   return workdir
 
 
-def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
-  ok(run(tmp_path / 'straight', *LONG))
-  killed = tmp_path / 'killed'
-  process = subprocess.Popen(command(killed, *LONG), cwd=ROOT, env=env(2),
+def kill_after_checkpoint(workdir, step, *flags):
+  """Starts a run and kills it (SIGKILL) once checkpoint ``step`` exists."""
+  process = subprocess.Popen(command(workdir, *flags), cwd=ROOT, env=env(2),
                              stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
-  while not (killed / 'checkpoints' / '40').exists():
+  while not (workdir / 'checkpoints' / str(step)).exists():
     assert process.poll() is None and time.time() < deadline
     time.sleep(0.05)
   process.send_signal(signal.SIGKILL)
   assert process.wait() == -signal.SIGKILL
+
+
+def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
+  ok(run(tmp_path / 'straight', *LONG))
+  killed = tmp_path / 'killed'
+  kill_after_checkpoint(killed, 40, *LONG)
   assert not (killed / 'checkpoints' / '120').exists()  # Killed mid-run.
   resumed = ok(run(killed, *LONG))
   assert 'Resuming from checkpoint at step' in resumed.stdout
@@ -104,6 +109,36 @@ def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
   # The metrics file reads as one run: no step is logged twice.
   steps = [r['step'] for r in records(killed, 'train')]
   assert steps == sorted(set(steps)) == [20, 40, 60, 80, 100, 120]
+
+
+def test_plateau_decisions_resume_exactly_after_sigkill(tmp_path):
+  # §3.4's "divided by 10 when the error plateaus", decided on the
+  # validation error every 2 steps with patience 1.
+  flags = ('--config.lr_schedule=plateau', '--config.lr_patience=1',
+           '--config.train_length=40', '--config.eval_every_steps=2',
+           '--config.log_every_steps=2', '--config.checkpoint_every_steps=20')
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  ok(run(straight, *flags))
+  rates = [(r['step'], r['learning_rate']) for r in records(straight, 'train')]
+  # The rate dropped before the first checkpoint, so that checkpoint holds
+  # decisions: a resume that forgot them would go on at another rate.
+  assert any(rate < 0.1 for step, rate in rates if step <= 20), rates
+  kill_after_checkpoint(killed, 20, *flags)
+  assert not (killed / 'checkpoints' / '40').exists()
+  assert 'Resuming from checkpoint' in ok(run(killed, *flags)).stdout
+  assert [(r['step'], r['learning_rate'])
+          for r in records(killed, 'train')] == rates
+  for x, y in zip(jax.tree.leaves(params(straight, 40)),
+                  jax.tree.leaves(params(killed, 40))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_a_run_keeps_its_learning_rate_schedule(trained, tmp_path):
+  workdir = tmp_path / 'schedule'
+  shutil.copytree(trained, workdir)
+  message = error_line(run(workdir, '--config.lr_schedule=plateau',
+                           '--allow_config_changes', devices=8))
+  assert 'trained with another learning-rate schedule' in message
 
 
 def assert_one_record_per_step_and_split(workdir):

@@ -320,3 +320,38 @@ def test_layer_responses_of_scanned_rematerialised_blocks():
   assert len(found) == len(expected)
   for a, b in zip(found, expected):
     assert_close(a, b, FORMS_RTOL)
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_batchnorm_groups_of_64_are_two_independent_batchnorms(num_devices):
+  # §4.2: batch 128 on two GPUs, each GPU's BatchNorm normalising its own 64
+  # images. The halves differ in scale and offset, so statistics of the whole
+  # batch would give other outputs altogether. (8x8 images keep it quick.)
+  x = jax.random.normal(jax.random.key(1), (128, 8, 8, 3))
+  x = x.at[64:].set(3 * x[64:] + 1)
+  whole = cifar(14, scan_blocks=True)
+  grouped = cifar(14, scan_blocks=True, bn_group_size=64)
+  variables = init(whole, x[:1])
+  train = lambda model, v, x: model.apply(v, x, train=True,
+                                          mutable=['batch_stats'])
+  mesh = jax.make_mesh((num_devices,), ('data',),
+                       devices=jax.devices()[:num_devices],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  logits, updates = jax.jit(functools.partial(train, grouped))(
+      variables, jax.device_put(x, batch))
+  halves = [train(whole, variables, half) for half in (x[:64], x[64:])]
+  expected = jnp.concatenate([logits for logits, _ in halves])
+  # Each BN's output is the same normalisation with its sums taken in
+  # another order (and over devices): float32 rounding, renormalised at
+  # every layer; 1e-5 of the scale is far below what other statistics do.
+  assert_close(logits, expected, FORMS_RTOL)
+  assert np.abs(train(whole, variables, x)[0] - expected).max() > 0.1
+  # The running statistics move towards the mean of the groups' statistics.
+  assert_trees_close(updates, jax.tree.map(lambda a, b: (a + b) / 2,
+                                           halves[0][1], halves[1][1]),
+                     FORMS_RTOL)
+  # Evaluation is unchanged: the same variables, nn.BatchNorm's running
+  # averages.
+  np.testing.assert_array_equal(grouped.apply(variables, x, train=False),
+                                whole.apply(variables, x, train=False))

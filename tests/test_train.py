@@ -100,12 +100,49 @@ def test_bad_training_fields_are_rejected(field, value):
     ('momentum', 1.0, r'momentum must be in \[0, 1\)'),
     ('weight_decay', -0.5, 'weight_decay must not be negative'),
     ('lr_boundaries', (15, 10), 'positive and increasing, got \\(15, 10\\)'),
+    ('lr_schedule', 'cosine', 'lr_schedule must be piecewise or plateau'),
+    ('lr_patience', 0, 'lr_patience must be positive'),
+    ('bn_group_size', 12, 'bn_group_size must be 0 .* or divide batch_size 32'),
+    ('bn_group_size', -16, 'bn_group_size must be 0'),
     ('batch_size', 512, r'larger than the training set \(192 images\)')])
 def test_settings_no_run_can_train_with_are_refused(field, value, message):
   config = smoke.get_config()
   config[field] = value
   with pytest.raises(train.TrainingError, match=message):
     train.setup(config)
+
+
+def test_the_plateau_schedule_needs_a_validation_split():
+  config = smoke.get_config()
+  config.lr_schedule = 'plateau'
+  config.validation_size = 0
+  with pytest.raises(train.TrainingError, match='no validation split'):
+    train.setup(config)
+
+
+def test_plateau_divides_the_rate_after_patience_evaluations_without_gain():
+  config = smoke.get_config()
+  config.lr_schedule = 'plateau'
+  _, _, state, _ = train.setup(config)
+  scales = []
+  # Patience 2: the rate drops at the second evaluation in a row that does
+  # not beat the best error, and the count starts again.
+  for error in [50.0, 40.0, 45.0, 40.0, 30.0, 30.0, 30.0, 30.0, 20.0]:
+    state = train.after_validation(state, error, patience=2, factor=0.1)
+    scales.append(float(train.plateau(state).scale))
+  np.testing.assert_allclose(scales, [1, 1, 1, .1, .1, .1, .01, .01, .01],
+                             rtol=1e-6)
+  assert float(train.plateau(state).best) == 20.0
+  assert train.plateau(state).scale.sharding == state.step.sharding
+  # The scale multiplies the whole update: the learning rate.
+  tx = train.create_optimizer(config, lambda step: 0.1)
+  params = {'w': jnp.array([1.0, -2.0])}
+  grads = {'w': jnp.array([0.5, 0.25])}
+  fresh = tx.init(params)
+  lowered = fresh[:-1] + (fresh[-1]._replace(scale=jnp.float32(0.1)),)
+  np.testing.assert_array_equal(tx.update(grads, lowered, params)[0]['w'],
+                                np.float32(0.1) *
+                                tx.update(grads, fresh, params)[0]['w'])
 
 
 def test_batch_must_divide_over_the_devices():
