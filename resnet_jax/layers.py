@@ -81,9 +81,8 @@ def layer_responses(model: models.ResNet, variables, x) -> list[jax.Array]:
 def deconv_relu(x):
   """ReLU whose backward pass rectifies the signal it is given (deconvnet).
 
-  Zeiler & Fergus (2014, §2.1) pass the reconstruction through a ReLU on the
-  way down, where the gradient would mask it with where the forward input was
-  positive.
+  Zeiler & Fergus (2014, §2.1) rectify the reconstruction on its way down;
+  the gradient would instead zero it wherever the forward input was negative.
   """
   return nn.relu(x)
 
