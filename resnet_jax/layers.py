@@ -1,9 +1,11 @@
-"""The layers of a network: its table (Table 1's columns) and Fig. 7's responses.
+"""The layers of a network: its table (Table 1's columns), Fig. 7's responses
+and the deconvnet's projections.
 
 ``layer_table`` lists every conv and dense layer with its output shape,
 parameters and multiply-adds (``--mode=summary``, the README's table);
-``layer_responses`` reads the BN outputs the blocks sow (the report's Fig. 7).
-Both work on either block form (``scan_blocks``).
+``layer_responses`` reads the BN outputs the blocks sow (the report's Fig. 7);
+``deconv`` projects a sown feature map's strongest channels back to the input
+(the report's ``deconv``). All work on either block form (``scan_blocks``).
 """
 
 import functools
@@ -73,3 +75,61 @@ def layer_responses(model: models.ResNet, variables, x) -> list[jax.Array]:
     elif models.BLOCK_NAME.fullmatch(name):
       found.extend(value['response'])
   return found
+
+
+@jax.custom_vjp
+def deconv_relu(x):
+  """ReLU whose backward pass rectifies the signal it is given (deconvnet).
+
+  Zeiler & Fergus (2014, §2.1) rectify the reconstruction on its way down;
+  the gradient would instead zero it wherever the forward input was negative.
+  """
+  return nn.relu(x)
+
+
+deconv_relu.defvjp(lambda x: (nn.relu(x), None), lambda _, g: (nn.relu(g),))
+
+DECONV_KEEP = ('map', 'max')
+
+
+def deconv(model: models.ResNet, variables, x, layer: str, count: int,
+           keep: str = 'map'):
+  """Deconvnet projections (Zeiler & Fergus, 2014) of one image's strongest
+  channels of a sown feature map (``conv1``, ``stage1``, ...).
+
+  The deconvnet of a net of convs, inference-mode BN, ReLUs, max pooling and
+  additions is the backward pass from the map to the input with ReLU's
+  backward rule replaced (``deconv_relu``): convs become transposed convs
+  with the same filters, BN (affine in inference) multiplies by its
+  scale / sqrt(var + eps) and its bias drops out, max pooling unpools to the
+  forward pass's maxima (the switches), additions send the signal down both
+  paths, option A's subsampling and zero channels scatter it back.
+
+  Each of the ``count`` channels with the largest maximum is projected on
+  its own, all other channels zero: with ``keep='map'`` its whole map, with
+  ``keep='max'`` only its strongest activation (as Zeiler & Fergus do).
+  ``x`` is one input (1, h, w, 3). Returns the channels (strongest first),
+  their maxima and the projections (count, h, w, 3), in input space.
+  """
+  deconvnet = model.clone(act=deconv_relu)
+
+  def feature_map(x):
+    _, state = deconvnet.apply(variables, x, train=False,
+                               mutable=['intermediates'])
+    return state['intermediates'][layer][0]
+
+  @jax.jit
+  def project(x):
+    fmap, backward = jax.vjp(feature_map, x)
+    maxima, channels = jax.lax.top_k(fmap[0].max((0, 1)), count)
+    kept = jnp.moveaxis(fmap[0], -1, 0)[channels]  # (count, h, w)
+    if keep == 'max':  # One position (the first of ties) per channel.
+      flat = kept.reshape(count, -1)
+      kept = (flat * jax.nn.one_hot(flat.argmax(1), flat.shape[1],
+                                    dtype=flat.dtype)).reshape(kept.shape)
+    one_channel = jax.nn.one_hot(channels, fmap.shape[-1], dtype=fmap.dtype)
+    cotangents = kept[:, None, :, :, None] * one_channel[:, None, None, None]
+    projections, = jax.vmap(backward)(cotangents)
+    return channels, maxima, projections[:, 0]
+
+  return project(x)

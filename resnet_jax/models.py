@@ -136,6 +136,8 @@ class Block(nn.Module):
   pre-activates once for both paths (its shortcut starts from the activated
   input); the other units' shortcuts are the raw input. A 3x3 conv with no
   BN after it in the unit sows its own output as the response.
+
+  ``act`` is every ReLU of the block (``ResNet.act``).
   """
   width: int
   strides: int
@@ -148,6 +150,7 @@ class Block(nn.Module):
   norm: Callable[..., nn.Module]
   preactivation: bool = False
   first: bool = False
+  act: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x):
@@ -158,12 +161,12 @@ class Block(nn.Module):
     elif self.first:  # Activated after conv1, before the split.
       y = self._branch(x, out_features)
     elif grows:  # One pre-activation for both paths.
-      x = nn.relu(self.norm(name='bn0')(x))
+      x = self.act(self.norm(name='bn0')(x))
       y = self._branch(x, out_features)
     else:
-      y = self._branch(nn.relu(self.norm(name='bn0')(x)), out_features)
+      y = self._branch(self.act(self.norm(name='bn0')(x)), out_features)
     if not self.residual:
-      return y if self.preactivation else nn.relu(y)
+      return y if self.preactivation else self.act(y)
     if self.shortcut == 'C' or (self.shortcut == 'B' and grows):
       x = self.conv(out_features, 1, self.strides, name='proj_conv')(x)
       if not self.preactivation:
@@ -172,7 +175,7 @@ class Block(nn.Module):
       x = x[:, ::self.strides, ::self.strides, :]
       extra = out_features - x.shape[-1]
       x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    return x + y if self.preactivation else nn.relu(x + y)
+    return x + y if self.preactivation else self.act(x + y)
 
   def _branch(self, x, out_features):
     """The residual function: convs with BN (and ReLU) after (original) or
@@ -184,18 +187,18 @@ class Block(nn.Module):
       s1, s3 = ((self.strides, 1) if self.bottleneck_stride == '1x1'
                 else (1, self.strides))
       y = self.conv(self.width, 1, s1, name='conv1')(x)
-      y = nn.relu(self.norm(name='bn1')(y))
+      y = self.act(self.norm(name='bn1')(y))
       y = self.conv(self.width, 3, s3, name='conv2')(y)
       y = self.norm(name='bn2')(y)
       self.sow('intermediates', 'response', y)
-      y = nn.relu(y)
+      y = self.act(y)
       y = self.conv(out_features, 1, 1, name='conv3')(y)
       return y if pre else self.norm(scale_init=last_scale_init,
                                      name='bn3')(y)
     y = self.conv(self.width, 3, self.strides, name='conv1')(x)
     y = self.norm(name='bn1')(y)
     self.sow('intermediates', 'response', y)
-    y = nn.relu(y)
+    y = self.act(y)
     y = self.conv(out_features, 3, 1, name='conv2')(y)
     if not pre:
       y = self.norm(scale_init=last_scale_init, name='bn2')(y)
@@ -207,7 +210,8 @@ class ResNet(nn.Module):
   """A ResNet (or plain net) of the paper; see the module docstring.
 
   Each stage's output is sown into the ``intermediates`` collection as
-  ``stage1``, ``stage2``, ... (the feature maps of the report's figures).
+  ``stage1``, ``stage2``, ..., and conv1's (Table 1; after its BN and ReLU,
+  before any pooling) as ``conv1``: the feature maps of the report's figures.
 
   Attributes:
     stage_sizes: blocks per stage.
@@ -234,6 +238,8 @@ class ResNet(nn.Module):
       2016), and a BN and ReLU after the last addition, before the pooling.
     bn_group_size: in training, BatchNorm statistics per group of this many
       images (``GroupBatchNorm``, §4.2's two GPUs); 0: of the whole batch.
+    act: the ReLU, wherever the network applies one. The report's deconvnet
+      (``layers.deconv_relu``) swaps in a ReLU with another backward pass.
   """
   stage_sizes: Sequence[int]
   widths: Sequence[int]
@@ -249,6 +255,7 @@ class ResNet(nn.Module):
   scan_blocks: bool = False
   preactivation: bool = False
   bn_group_size: int = 0
+  act: Callable[[jax.Array], jax.Array] = nn.relu
 
   @nn.compact
   def __call__(self, x, train: bool = True):
@@ -262,13 +269,15 @@ class ResNet(nn.Module):
     x = jnp.asarray(x, self.dtype)
     if self.stem == '7x7':
       x = conv(self.widths[0], 7, 2, name='conv_init')(x)
-      x = nn.relu(norm(name='bn_init')(x))
+      x = self.act(norm(name='bn_init')(x))
+      self.sow('intermediates', 'conv1', x)
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
     else:
       x = conv(self.widths[0], 3, 1, name='conv_init')(x)
       x = norm(name='bn_init')(x)
       self.sow('intermediates', 'response', x)
-      x = nn.relu(x)
+      x = self.act(x)
+      self.sow('intermediates', 'conv1', x)
     block_class = nn.remat(Block) if self.remat else Block
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       block = functools.partial(
@@ -276,7 +285,7 @@ class ResNet(nn.Module):
           residual=self.residual, shortcut=self.shortcut,
           bottleneck_stride=self.bottleneck_stride,
           zero_init_residual=self.zero_init_residual, conv=conv, norm=norm,
-          preactivation=self.preactivation)
+          preactivation=self.preactivation, act=self.act)
       x = block(strides=2 if i > 0 else 1, first=i == 0,
                 name=f'stage{i + 1}_block1')(x)
       if self.scan_blocks and size > 1:
@@ -292,7 +301,7 @@ class ResNet(nn.Module):
           x = block(strides=1, name=f'stage{i + 1}_block{j + 1}')(x)
       self.sow('intermediates', f'stage{i + 1}', x)
     if self.preactivation:
-      x = nn.relu(norm(name='bn_final')(x))
+      x = self.act(norm(name='bn_final')(x))
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=he_normal,
                  name='head')(x)

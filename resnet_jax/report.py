@@ -4,6 +4,7 @@ r"""The paper's tables and figures, from workdirs of resnet_jax runs.
   python -m resnet_jax.report fig6 --workdirs=W1,W2,... --out=report
   python -m resnet_jax.report fig7 --workdirs=W1,W2,... --out=report
   python -m resnet_jax.report filters --workdirs=W --image=4 --out=report
+  python -m resnet_jax.report deconv --workdirs=W --image=4 --out=report
   python -m resnet_jax.report curve --workdirs=W --out=report
 
 * ``table``: Table 6 (§4.2): for each config under ROOT (``ROOT/<name>/seed*``,
@@ -18,6 +19,11 @@ r"""The paper's tables and figures, from workdirs of resnet_jax runs.
   the ReLU or addition) on the test set, in layer order and sorted.
 * ``filters``: the first conv layer's filters, and the feature maps at the end
   of the first and the last stage for one test image.
+* ``deconv``: for one test image, the ``--channels`` strongest channels (by
+  their maximum) of conv1 (after its BN and ReLU) and of the last stage's
+  output, each projected back to the input by the deconvnet of Zeiler &
+  Fergus (2014; ``layers.deconv``), beside the image. ``--keep=map`` projects
+  the channel's whole map, ``--keep=max`` only its strongest activation.
 * ``curve``: loss and error against steps for one run, learning-rate drops
   marked.
 
@@ -50,9 +56,13 @@ flags.DEFINE_string('out', 'report', 'Directory for figures, tables, CSV.')
 flags.DEFINE_enum('selection', 'final', ['final', 'validation'],
                   'table: final test error, or that of the best checkpoint '
                   'by validation error.')
-flags.DEFINE_integer('image', 0, 'filters: index of the test image.')
+flags.DEFINE_integer('image', 0, 'filters, deconv: index of the test image.')
+flags.DEFINE_integer('channels', 9, 'deconv: strongest channels per layer.')
+flags.DEFINE_enum('keep', 'map', layers.DECONV_KEEP,
+                  "deconv: project each channel's whole map, or only its "
+                  'strongest activation (Zeiler & Fergus).')
 
-COMMANDS = ('table', 'fig6', 'fig7', 'filters', 'curve')
+COMMANDS = ('table', 'fig6', 'fig7', 'filters', 'deconv', 'curve')
 
 # Table 6: CIFAR-10 test error (%) of the ResNets (option A), best of 5 runs;
 # ResNet-110 is also reported as mean ± std, 6.61 ± 0.16.
@@ -249,8 +259,9 @@ def curve(workdir, out: pathlib.Path) -> figure.Figure:
 
 
 def load_checkpoint(workdir):
-  """(config, model, variables, normalised test batches) of a run's latest
-  checkpoint, on this machine's first device."""
+  """(config, model, variables, test batches) of a run's latest checkpoint,
+  on this machine's first device; the batches are (images as stored, the
+  network's normalised input) pairs."""
   config, _ = load_run(workdir)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   state = workdir_lib.load(
@@ -263,7 +274,8 @@ def load_checkpoint(workdir):
 
   def batches():
     for images, _, mask in test:
-      yield data.normalize(images[mask > 0], state.mean, state.std)
+      images = images[mask > 0]
+      yield images, data.normalize(images, state.mean, state.std)
 
   return config, model, variables, batches
 
@@ -275,7 +287,7 @@ def response_stds(model, variables, batches) -> np.ndarray:
       (r.sum((0, 1, 2)), (r ** 2).sum((0, 1, 2)), r.shape[0] * r.shape[1] *
        r.shape[2]) for r in layers.layer_responses(model, v, x)])
   totals = None
-  for x in batches():
+  for _, x in batches():
     sums = jax.device_get(responses(variables, x))
     totals = sums if totals is None else [
         (a + c, b + d, n + m) for (a, b, n), (c, d, m) in zip(totals, sums)]
@@ -327,14 +339,22 @@ def grid(ax, tiles: np.ndarray, title: str):
   ax.axis('off')
 
 
+def test_image(batches, image: int):
+  """Test image number ``image`` as stored and as the network's input (with a
+  batch axis of 1)."""
+  seen = 0
+  for images, x in batches():
+    if 0 <= image - seen < len(x):
+      return images[image - seen], x[image - seen:image - seen + 1]
+    seen += len(x)
+  raise ReportError(f'--image must be in [0, {seen}), got {image}')
+
+
 def filters(workdir, image: int, out: pathlib.Path) -> figure.Figure:
   """First-layer filters and first/last-stage feature maps of a test image."""
   config, model, variables, batches = load_checkpoint(workdir)
-  test = np.concatenate(list(batches()))
-  if not 0 <= image < len(test):
-    raise ReportError(f'--image must be in [0, {len(test)}), got {image}')
-  _, state = model.apply(variables, test[image:image + 1], train=False,
-                         mutable=['intermediates'])
+  _, x = test_image(batches, image)
+  _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
   kernel = np.asarray(variables['params']['conv_init']['kernel'])  # (3,3,3,c)
   # Each stage's output, named after its last block.
   last = {f'stage{i}': f'stage{i}_block{model.stage_sizes[i - 1]}'
@@ -361,6 +381,40 @@ def filters(workdir, image: int, out: pathlib.Path) -> figure.Figure:
   return save(fig, out, 'filters')
 
 
+def deconv(workdir, image: int, channels: int, keep: str,
+           out: pathlib.Path) -> figure.Figure:
+  """A test image and the deconvnet projections of the strongest channels of
+  conv1 and of the last stage (Zeiler & Fergus, 2014)."""
+  config, model, variables, batches = load_checkpoint(workdir)
+  if not 1 <= channels <= model.widths[0]:  # conv1 has the fewest.
+    raise ReportError(f'--channels must be in [1, {model.widths[0]}] (conv1 '
+                      f'has {model.widths[0]} channels), got {channels}')
+  raw, inputs = test_image(batches, image)
+  fig = figure.Figure(figsize=(12, 4))
+  axes = fig.subplots(1, 3)
+  axes[0].imshow(raw, interpolation='nearest')
+  axes[0].set_title(f'test image {image}', fontsize=9)
+  axes[0].axis('off')
+  rows = [['input', '', '', '', '', y, x, c, int(raw[y, x, c])]
+          for y in range(raw.shape[0]) for x in range(raw.shape[1])
+          for c in range(raw.shape[2])]
+  for ax, layer in zip(axes[1:], ('conv1', f'stage{len(model.stage_sizes)}')):
+    found, maxima, projections = jax.device_get(
+        layers.deconv(model, variables, inputs, layer, channels, keep))
+    grid(ax, projections, f'{layer}: channels {", ".join(map(str, found))}\n'
+         f'(strongest first; {keep} projected)')
+    rows += [['projection', layer, rank, found[rank], f'{maxima[rank]:.6f}',
+              y, x, c, f'{p[y, x, c]:.6g}']
+             for rank, p in enumerate(projections) for y in range(p.shape[0])
+             for x in range(p.shape[1]) for c in range(p.shape[2])]
+  fig.suptitle(f'{models.display_name(config)}: {workdir} (deconvnet, Zeiler '
+               '& Fergus 2014)', fontsize=9)
+  write_csv(out / 'deconv.csv', ['kind', 'layer', 'rank', 'channel',
+                                 'activation', 'y', 'x', 'input_channel',
+                                 'value'], rows)
+  return save(fig, out, 'deconv')
+
+
 def run(command: str, out: pathlib.Path):
   """One report command; raises ReportError (or a training error) if it
   cannot be made."""
@@ -371,7 +425,7 @@ def run(command: str, out: pathlib.Path):
     return
   if not FLAGS.workdirs:
     raise ReportError(f'{command} needs --workdirs')
-  if command in ('filters', 'curve') and len(FLAGS.workdirs) != 1:
+  if command in ('filters', 'deconv', 'curve') and len(FLAGS.workdirs) != 1:
     raise ReportError(f'{command} takes one workdir')
   if command == 'fig6':
     fig6(FLAGS.workdirs, out)
@@ -379,6 +433,8 @@ def run(command: str, out: pathlib.Path):
     fig7(FLAGS.workdirs, out)
   elif command == 'filters':
     filters(FLAGS.workdirs[0], FLAGS.image, out)
+  elif command == 'deconv':
+    deconv(FLAGS.workdirs[0], FLAGS.image, FLAGS.channels, FLAGS.keep, out)
   else:
     curve(FLAGS.workdirs[0], out)
   print(f'wrote {out / command}.png, .pdf and .csv')

@@ -141,7 +141,7 @@ def test_validation_ties_pick_the_checkpoint_orbax_keeps(sweep, tmp_path):
 
 def test_figures_write_their_numbers(sweep, tmp_path):
   run = sweep / 'smoke' / 'seed0'
-  for command in ('fig6', 'fig7', 'curve', 'filters'):
+  for command in ('fig6', 'fig7', 'curve', 'filters', 'deconv'):
     ok(python('resnet_jax.report', command, f'--workdirs={run}',
               f'--out={tmp_path}', '--image=5'))
     for suffix in ('png', 'pdf', 'csv'):
@@ -156,6 +156,27 @@ def test_figures_write_their_numbers(sweep, tmp_path):
   assert sorted(int(r['sorted_rank']) for r in fig7) == list(range(1, 8))
   filters = read_csv(tmp_path / 'filters.csv')
   assert len(filters) == 16 * 27 + 16 * 32 * 32 + 64 * 8 * 8
+  deconv = read_csv(tmp_path / 'deconv.csv')
+  assert sum(r['kind'] == 'input' for r in deconv) == 32 * 32 * 3
+  chosen = {}
+  for layer in ('conv1', 'stage3'):
+    rows = [r for r in deconv if r['layer'] == layer]
+    assert len(rows) == 9 * 32 * 32 * 3
+    # One channel per rank, strongest first.
+    chosen[layer] = sorted({(int(r['rank']), int(r['channel']),
+                             float(r['activation'])) for r in rows})
+    assert [rank for rank, _, _ in chosen[layer]] == list(range(9))
+    activations = [a for _, _, a in chosen[layer]]
+    assert activations == sorted(activations, reverse=True)
+  # The strongest of the last stage's maps that filters drew.
+  maxima = {}
+  for r in filters:
+    if r['layer'] == 'stage3_block1':
+      channel = int(r['channel'])
+      maxima[channel] = max(float(r['value']),
+                            maxima.get(channel, float('-inf')))
+  assert [c for _, c, _ in chosen['stage3']] == sorted(
+      maxima, key=maxima.get, reverse=True)[:9]
 
 
 def test_report_bad_input(tmp_path):
@@ -165,6 +186,17 @@ def test_report_bad_input(tmp_path):
   assert 'holds no runs' in error_line(python(
       'resnet_jax.report', 'table', f'--root={tmp_path}', f'--out={tmp_path}'))
   assert 'give one command' in error_line(python('resnet_jax.report', 'fig8'))
+
+
+def test_deconv_bad_input(sweep, tmp_path):
+  run = sweep / 'smoke' / 'seed0'
+  for flag, message in (('--image=64', '--image must be in [0, 64)'),
+                        ('--channels=17', '--channels must be in [1, 16]'),
+                        ('--keep=all', 'flag --keep')):
+    assert message in error_line(python(
+        'resnet_jax.report', 'deconv', f'--workdirs={run}',
+        f'--out={tmp_path}', flag))
+  assert not any(tmp_path.iterdir())
 
 
 def test_colab_notebook_runs_top_to_bottom(tmp_path):
