@@ -26,7 +26,8 @@ CROP = 224
 # The colour augmentation of §3.4 ("the standard color augmentation in [21]",
 # Krizhevsky et al., 2012): the eigenvalues and eigenvectors (the columns) of
 # the covariance of ImageNet's RGB pixels in [0, 1], as fb.resnet.torch
-# (datasets/transforms.lua, Lighting) and most reimplementations use them.
+# (datasets/imagenet.lua, applied by Lighting in datasets/transforms.lua) and
+# most reimplementations use them.
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
               (-0.5808, -0.0045, -0.8140),
@@ -39,6 +40,7 @@ def decode(image):
 
 
 def resize_shorter_side(image, size):
+  """``image`` resized (antialiased) so its shorter side is ``size``."""
   shape = tf.cast(tf.shape(image)[:2], tf.float32)
   scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
   new = tf.cast(tf.round(shape * scale), tf.int32)
