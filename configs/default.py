@@ -49,6 +49,9 @@ def get_config():
   config.normalization = 'per_pixel_mean'  # Paper: 'per_pixel_mean';
   # seed reproductions: 'per_channel' (mean/std), both from the training split.
   config.augment = True  # Paper: 4-pixel zero padding, random crop, flip.
+  config.pca_lighting = 0.0  # ImageNet: the std of §3.4's "standard color
+  # augmentation in [21]" (AlexNet's noise along the principal components of
+  # the RGB pixels; 0.1 there); 0 = none.
   config.synthetic_train_size = 512  # Images per split when synthetic.
 
   # Optimisation: momentum SGD with decoupled L2 (optax).

@@ -29,9 +29,22 @@ as ``configs/resnet1202.py`` does (``--remat`` sets it for every depth).
 With ``--plain`` each ResNet row is followed by its plain twin's,
 and the ResNet row gets the residual tax: its seconds per step over the
 plain net's. Every row is also one JSON line, for scripts.
+
+  python -m resnet_jax.benchmark --config=configs/imagenet_resnet18.py \
+      --input_pipeline
+
+times instead what the ImageNet training input pipeline (``imagenet.py``,
+tf.data on the host) delivers, on synthetic JPEGs of ImageNet's typical size
+and weight, with 1 and 2 tf.data threads (``--input_threads``; one core
+each): images/s, images/s per thread and images per CPU second (what a busy
+core delivers, also on a shared machine), for decoding alone, decoding and
+resizing to the middle training scale, and the whole training augmentation
+(``imagenet.augmented``, the function the training pipeline maps: decode,
+scale, crop, flip, colour). It needs TensorFlow; nothing else here does.
 """
 
 import json
+import os
 import resource
 import time
 
@@ -50,7 +63,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'The config whose CIFAR net and training step are timed '
     '(e.g. configs/default.py); each row sets its depth, batch size, dtype, '
-    'remat and synthetic data.', lock_config=True)
+    'remat and synthetic data. With --input_pipeline: an ImageNet config.',
+    lock_config=True)
 flags.mark_flags_as_required(['config'])
 REMAT_DEPTH = 1202  # ResNet-1202's activations exceed memory without remat.
 flags.DEFINE_list('depths', ['20', '56', '110'], 'CIFAR depths (6n+2).')
@@ -74,6 +88,13 @@ flags.DEFINE_integer('torch_max_depth', 110, 'Run the PyTorch baseline up to '
 flags.DEFINE_bool('torch_compile', True, 'Also time the PyTorch baseline '
                   'under torch.compile; the faster of the two is the '
                   'baseline.')
+flags.DEFINE_bool('input_pipeline', False, 'Instead of the nets, time the '
+                  'ImageNet training input pipeline of --config (an ImageNet '
+                  'config) on synthetic JPEGs. Needs TensorFlow.')
+flags.DEFINE_list('input_threads', ['1', '2'], '--input_pipeline: tf.data '
+                  'threads (a private thread pool, one op thread each).')
+flags.DEFINE_integer('input_images', 64, '--input_pipeline: distinct '
+                     'synthetic JPEGs, encoded once, read over and over.')
 
 MODES = ('train', 'eval', 'data')
 
@@ -209,6 +230,110 @@ def measure_torch(baseline, depth, batch, dtype, mode, min_seconds) -> dict:
           'pytorch_threads': baseline.torch.get_num_threads()}
 
 
+JPEG_SHAPE = (375, 500)  # Height, width: a typical ImageNet photo.
+INPUT_BATCH = 32  # Images per tf.data batch timed.
+
+
+def synthetic_jpegs(tf, num_images: int) -> list[bytes]:
+  """JPEGs (quality 90) of ImageNet's typical size and weight.
+
+  Smooth random colour fields with a fine grain: like photos, they compress
+  to about 100 KB, so decoding costs what it does on ImageNet.
+  """
+  rng = np.random.default_rng(0)
+  jpegs = []
+  for _ in range(num_images):
+    coarse = rng.uniform(0, 255, (1, 24, 32, 3))
+    smooth = tf.image.resize(coarse, JPEG_SHAPE, method='bicubic')[0]
+    grain = rng.normal(0, 20, JPEG_SHAPE + (3,))
+    image = tf.cast(tf.clip_by_value(smooth + grain, 0, 255), tf.uint8)
+    jpegs.append(tf.io.encode_jpeg(image, quality=90).numpy())
+  return jpegs
+
+
+def time_batches(batches) -> tuple[float, float]:
+  """Images per second of tf.data ``batches``, and per CPU second.
+
+  The CPU time is of all the process's threads: on a shared machine threads
+  may wait for a core, and images per CPU second are what a busy core
+  delivers.
+  """
+  for _ in range(2):  # Threads started, buffers filled.
+    next(batches)
+  start, cpu, calls = time.perf_counter(), time.process_time(), 0
+  while calls < 3 or time.perf_counter() - start < FLAGS.min_seconds:
+    next(batches)
+    calls += 1
+  images = calls * INPUT_BATCH
+  return (images / (time.perf_counter() - start),
+          images / (time.process_time() - cpu))
+
+
+def input_pipeline_rows(config) -> list[dict]:
+  """Images/s of the ImageNet training input pipeline, by stage and threads.
+
+  The stages show what limits it: decoding alone, decoding and resizing to
+  the middle of the training scales, and the whole augmentation
+  (``imagenet.augmented``, as training maps it, with the config's
+  colour augmentation).
+  """
+  if config.dataset != 'imagenet2012':
+    raise BenchmarkError('--input_pipeline times ImageNet\'s pipeline: '
+                         'pass an ImageNet --config (e.g. '
+                         'configs/imagenet_resnet18.py)')
+  try:
+    threads = [int(t) for t in FLAGS.input_threads]
+  except ValueError as e:
+    raise BenchmarkError(f'--input_threads takes integers: {e}')
+  if min(threads, default=0) <= 0 or FLAGS.input_images <= 0:
+    raise BenchmarkError('--input_threads and --input_images must be '
+                         'positive')
+  from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+  tf = imagenet.tf
+  jpegs = synthetic_jpegs(tf, FLAGS.input_images)
+  middle = sum(imagenet.SCALES) // 2
+  stages = {
+      'decode': lambda ds: ds.map(
+          lambda image, label: (imagenet.decode(image), label),
+          num_parallel_calls=tf.data.AUTOTUNE),
+      'decode+resize': lambda ds: ds.map(
+          lambda image, label: (imagenet.resize_shorter_side(
+              imagenet.decode(image), middle), label),
+          num_parallel_calls=tf.data.AUTOTUNE),
+      'augment': lambda ds: imagenet.augmented(ds, 0, config.pca_lighting),
+  }
+  print(f'ImageNet input pipeline: TensorFlow {tf.__version__}, '
+        f'{len(os.sched_getaffinity(0))} cores, {len(jpegs)} JPEGs of '
+        f'{JPEG_SHAPE[1]}x{JPEG_SHAPE[0]}', flush=True)
+  rows = []
+  for stage, pipeline in stages.items():
+    for n in threads:
+      options = tf.data.Options()
+      options.threading.private_threadpool_size = n
+      options.threading.max_intra_op_parallelism = 1
+      ds = tf.data.Dataset.from_tensor_slices(
+          (jpegs, np.zeros(len(jpegs), np.int64))).repeat()
+      ds = pipeline(ds).batch(INPUT_BATCH).prefetch(1).with_options(options)
+      images_per_s, images_per_cpu_s = time_batches(iter(ds))
+      row = {'mode': 'input', 'stage': stage, 'threads': n,
+             'images_per_s': images_per_s,
+             'images_per_s_per_thread': images_per_s / n,
+             'images_per_cpu_s': images_per_cpu_s,
+             'jpeg_kb': np.mean([len(j) for j in jpegs]) / 1000,
+             'jpeg_shape': JPEG_SHAPE, 'pca_lighting': config.pca_lighting,
+             'cores': len(os.sched_getaffinity(0)),
+             'tensorflow_version': tf.__version__}
+      print(json.dumps(row), flush=True)
+      rows.append(row)
+  print(f'\n{"stage":<15}{"threads":>8}{"images/s":>10}{"per thread":>11}'
+        f'{"per CPU s":>10}')
+  for row in rows:
+    print(f'{row["stage"]:<15}{row["threads"]:>8}{row["images_per_s"]:>10.0f}'
+          f'{row["images_per_s_per_thread"]:>11.0f}'
+          f'{row["images_per_cpu_s"]:>10.0f}')
+  return rows
+
+
 def parse_flags():
   """The rows' settings from the flags; raises BenchmarkError if invalid."""
   try:
@@ -256,6 +381,9 @@ def table_row(row: dict) -> str:
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+  if FLAGS.input_pipeline:
+    input_pipeline_rows(FLAGS.config)
+    return
   depths, batch_sizes = parse_flags()
   devices.use_cpu_cores(batch_sizes)  # As the training command does.
   for batch in batch_sizes:

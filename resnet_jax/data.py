@@ -57,6 +57,9 @@ class Inputs:
 def inputs(config, mesh) -> Inputs:
   """The inputs of config.dataset, on ``mesh``."""
   dataset_info(config.dataset)
+  if config.pca_lighting and config.dataset != 'imagenet2012':
+    raise DataError('pca_lighting (the colour augmentation of §3.4) is for '
+                    f'ImageNet; {config.dataset} has none in the paper')
   # pylint: disable=g-import-not-at-top
   if config.dataset == 'imagenet2012':
     from resnet_jax import imagenet  # Imports TensorFlow.

@@ -33,7 +33,8 @@ MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
 # What a run recorded before a field existed was built with.
 NEW_FIELD_DEFAULTS = {'scan_blocks': False, 'preactivation': False,
                       'block': '', 'lr_schedule': 'piecewise',
-                      'lr_patience': 3, 'bn_group_size': 0}
+                      'lr_patience': 3, 'bn_group_size': 0,
+                      'pca_lighting': 0.0}
 # Fields a resumed run may change freely: how long it trains, what it logs,
 # where the data lie, how memory is used. Any other change is a different
 # run, and needs allow_config_changes.

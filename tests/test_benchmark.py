@@ -21,12 +21,12 @@ from resnet_jax import models
 ROOT = pathlib.Path(__file__).parent.parent
 
 
-def benchmark(*flags, devices=2):
+def benchmark(*flags, devices=2, config='configs/default.py'):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   return subprocess.run(
       [sys.executable, '-m', 'resnet_jax.benchmark',
-       '--config=configs/default.py', *flags], cwd=ROOT,
+       f'--config={config}', *flags], cwd=ROOT,
       env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -49,13 +49,34 @@ def test_benchmark_rows():
 
 @pytest.mark.parametrize('flag, message', [
     ('--depths=21', 'not 6n+2'), ('--dtypes=float16', 'float16'),
-    ('--modes=infer', 'infer'), ('--batch_sizes=3', 'does not divide')])
+    ('--modes=infer', 'infer'), ('--batch_sizes=3', 'does not divide'),
+    ('--input_pipeline', 'ImageNet --config')])
 def test_benchmark_bad_flags(flag, message):
   result = benchmark(flag, '--torch=off')
   assert result.returncode == 2
   lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
+
+
+def test_benchmark_input_pipeline_rows():
+  result = benchmark('--input_pipeline', '--input_images=2',
+                     '--input_threads=1,2', '--min_seconds=0',
+                     config='configs/imagenet_resnet18.py')
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [json.loads(l) for l in result.stdout.splitlines()
+          if l.startswith('{')]
+  assert [(r['stage'], r['threads']) for r in rows] == [
+      (stage, threads) for stage in ('decode', 'decode+resize', 'augment')
+      for threads in (1, 2)]
+  for row in rows:
+    assert row['images_per_s'] > 0 and row['images_per_cpu_s'] > 0
+    # JPEGs as heavy as ImageNet's (about 110 KB on average), so decoding
+    # costs what it does there.
+    assert 80 < row['jpeg_kb'] < 150 and row['pca_lighting'] == 0.1
+  # The printed table has a line per row.
+  assert len(re.findall(r'^(decode|decode\+resize|augment) +[12] +\d',
+                        result.stdout, re.M)) == 6
 
 
 def test_one_cpu_device_per_core_unless_chosen():
