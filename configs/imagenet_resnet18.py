@@ -1,7 +1,8 @@
 """ResNet-18 on ImageNet (Table 1, §3.4); the ImageNet recipe of the paper.
 
 Batch 256, learning rate 0.1 divided by 10 "when the error plateaus" up to
-60e4 iterations (here: fixed drops at 150k, 300k and 450k), weight decay 1e-4,
+60e4 iterations (here: after 3 validations, 30k iterations, without a new best
+validation error; the paper gives no patience), weight decay 1e-4,
 momentum 0.9, scale augmentation (shorter side in [256, 480], 224 crop, flip),
 per-pixel mean subtraction, and the colour augmentation of [21]. 10,000
 training images are held out as the validation set, where the error is
@@ -27,7 +28,10 @@ def get_config():
   # [21]" (Krizhevsky et al., 2012, std 0.1).
   config.batch_size = 256
   config.train_length = 600_000
-  config.lr_boundaries = (150_000, 300_000, 450_000)
+  config.lr_schedule = 'plateau'  # §3.4: "divided by 10 when the error
+  # plateaus", decided on the validation error.
+  config.lr_patience = 3  # Evaluations, eval_every_steps apart.
+  config.lr_boundaries = ()  # None: the plateaus decide.
   config.eval_every_steps = 10_000
   config.eval_batch_size = 250
   config.checkpoint_every_steps = 10_000

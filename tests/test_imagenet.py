@@ -182,6 +182,8 @@ def test_imagenet_resnet18_trains_and_evaluates(mock_imagenet, tmp_path,
                                                 monkeypatch, validation_size):
   config = mock_imagenet
   config.validation_size = validation_size
+  if not validation_size:  # The plateau schedule needs a validation split.
+    config.lr_schedule = 'piecewise'
   config.batch_size = config.eval_batch_size = 8
   config.train_length = 2
   config.lr_boundaries = (1,)
