@@ -32,14 +32,15 @@ MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
                 'bottleneck_stride', 'dataset', 'preactivation', 'block')
 # What a run recorded before a field existed was built with.
 NEW_FIELD_DEFAULTS = {'scan_blocks': False, 'preactivation': False,
-                      'block': ''}
+                      'block': '', 'test_scales': ()}
 # Fields a resumed run may change freely: how long it trains, what it logs,
-# where the data lie, how memory is used. Any other change is a different
+# where the data lie, how memory is used, how a finished run is tested
+# (test_scales: training never reads it). Any other change is a different
 # run, and needs allow_config_changes.
 RESUMABLE_FIELDS = ('train_length', 'log_every_steps', 'eval_every_steps',
                     'checkpoint_every_steps', 'keep_checkpoints',
                     'eval_batch_size', 'eval_checkpoint_step', 'data_dir',
-                    'remat', 'scan_blocks', 'init_from')
+                    'remat', 'scan_blocks', 'init_from', 'test_scales')
 
 
 class WorkdirError(ValueError):
