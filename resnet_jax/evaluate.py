@@ -75,7 +75,8 @@ def test_batches(config):
   from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
   return imagenet.multiscale_batches(config, metrics.TEST,
                                      config.eval_batch_size,
-                                     tuple(config.test_scales))
+                                     tuple(config.test_scales),
+                                     jax.local_device_count())
 
 
 def test_probabilities(config, workdir):

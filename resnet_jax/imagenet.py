@@ -128,16 +128,20 @@ def eval_batches(config, split: str, batch_size: int,
     yield images, labels, mask.astype(np.float32)
 
 
-def multiscale_batches(config, split: str, batch_size: int, scales):
+def multiscale_batches(config, split: str, batch_size: int, scales,
+                       devices: int = 1):
   """Per-process batches of whole test images at several scales (§3.4).
 
   "We adopt the fully-convolutional form [...] and average the scores at
   multiple scales (images are resized such that the shorter side is in
   {224, 256, 384, 480, 640})" (Tables 4 and 5). Each image comes once per
-  scale, uncropped (the flips are the step's). A batch holds images of one
-  shape, padded to ``batch_size`` (global) with masked zeros, so a shape
-  compiles once. Yields (images, labels, mask, index), ``index`` the image's
-  position in this process's share of the split, the same in every pass.
+  scale, uncropped (the flips are the step's). A batch holds up to
+  ``batch_size`` (global) images of one shape, padded with masked zeros to
+  that size or, for a shape's last images, to ``devices`` (those that share
+  this process's batch) times a power of two: a shape compiles at most twice,
+  and a rare one costs a few images, not a batch. Yields (images, labels,
+  mask, index), ``index`` the image's position in this process's share of
+  the split, the same in every pass.
   """
   if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
     raise DataError(f'test_scales must be positive shorter sides, got '
@@ -167,7 +171,10 @@ def multiscale_batches(config, split: str, batch_size: int, scales):
   ds = ds.group_by_window(shape, lambda _, group: group.batch(local),
                           window_size=local).prefetch(tf.data.AUTOTUNE)
   for images, labels, index in tfds.as_numpy(ds):
-    pad = local - len(labels)
+    size = devices
+    while size < min(len(labels), local):
+      size *= 2
+    pad = min(size, local) - len(labels)
     yield (np.concatenate([images, np.zeros((pad,) + images.shape[1:],
                                             np.uint8)]),
            np.pad(labels, (0, pad)),

@@ -1,6 +1,8 @@
 """ImageNet (§3.4) through TFDS mock data: the pipeline and a short run."""
 
+import collections
 import functools
+import math
 import os
 import pathlib
 import subprocess
@@ -146,19 +148,31 @@ def test_imagenet_nets_take_images_of_any_size():
       assert out.shape == (1, 1000)
 
 
-def test_multiscale_batches_hold_one_shape_each(mock_imagenet):
-  seen = []
+# Shorter sides of 1 and 2 pixels give images of the same shape to batch.
+@pytest.mark.parametrize('scales, batch_size, devices', [
+    (SCALES, 12, 2), ((1, 2), 12, 2), ((1, 2), 2, 1)])
+def test_multiscale_batches_hold_one_shape_each(mock_imagenet, scales,
+                                                batch_size, devices):
+  seen, sizes = [], collections.defaultdict(set)
   for images, labels, mask, index in imagenet.multiscale_batches(
-      mock_imagenet, 'test', 4, SCALES):
-    assert images.shape[0] == 4 and images.dtype == np.uint8
-    assert min(images.shape[1:3]) in SCALES
-    assert mask[0] == 1 and np.all(np.diff(mask) <= 0)  # Padding last.
+      mock_imagenet, 'test', batch_size, scales, devices):
+    n = int(mask.sum())
+    # A full batch, or the fewest of devices x 2^k rows that hold the rest.
+    assert len(images) == min(batch_size, devices * 2 ** max(
+        0, math.ceil(math.log2(n / devices))))
+    assert images.dtype == np.uint8 and min(images.shape[1:3]) in scales
+    assert np.all(mask[:n] == 1) and np.all(mask[n:] == 0)  # Padding last.
+    sizes[images.shape[1:]].add(len(images))
     seen += [(i, min(images.shape[1:3]), l) for i, l in
-             zip(index[mask > 0], labels[mask > 0])]
+             zip(index[:n], labels[:n])]
   # Each image once at each scale, with its label every time.
   assert sorted((i, s) for i, s, _ in seen) == [
-      (i, s) for i in range(VALIDATION) for s in SCALES]
+      (i, s) for i in range(VALIDATION) for s in scales]
   assert len({(i, l) for i, _, l in seen}) == VALIDATION
+  # Each shape compiles at most twice: full batches, and its last images.
+  assert all(len(s) <= 2 for s in sizes.values())
+  if scales != SCALES:  # Where shapes repeat, they share batches.
+    assert len(sizes) < len(seen)
 
 
 @pytest.mark.parametrize('change, message', [
