@@ -24,8 +24,8 @@ r"""The paper's tables and figures, from workdirs of resnet_jax runs.
 * ``ensemble``: Table 5: the top-1 and top-5 test error of each run and of
   their ensemble (softmax averaged over the runs), each run tested as
   ``--mode=eval`` tests it; ``--test_scales=224,256,384,480,640`` tests them
-  all on whole images at those scales (§3.4), ``--eval_batch_size`` sets
-  their batch.
+  all on whole images at those scales (§3.4) instead, ``--eval_batch_size``
+  sets their batch.
 
 Each writes PNG and PDF figures (or Markdown for the tables) and a CSV of the
 numbers next to them into ``--out``.
@@ -391,8 +391,8 @@ def ensemble(workdirs, out: pathlib.Path, test_scales=(),
   runs = []
   for workdir in workdirs:
     config, _ = load_run(workdir)
-    if test_scales:
-      config.test_scales = tuple(test_scales)
+    if test_scales:  # In place of the run's own views.
+      config.test_scales, config.ten_crop = tuple(test_scales), False
     if eval_batch_size:
       config.eval_batch_size = eval_batch_size
     runs.append((config, workdir))
@@ -405,8 +405,8 @@ def ensemble(workdirs, out: pathlib.Path, test_scales=(),
   rows.append([f'ensemble of {len(runs)}', '', '', '', result['error'],
                result['top5_error'], result['images']])
   lines = [
-      'Test error (%): top-1 and top-5, of each run and of their ensemble '
-      '(softmax averaged over the runs).', '',
+      f'Test error (%) on {result["images"]} images: top-1 and top-5, of '
+      'each run and of their ensemble (softmax averaged over the runs).', '',
       '| model | workdir | step | views | top-1 err. | top-5 err. |',
       '| --- | --- | ---: | --- | ---: | ---: |',
       *(f'| {m} | {w} | {s} | {v} | {e:.2f} | {t:.2f} |'
