@@ -381,7 +381,9 @@ def views(config) -> str:
   """How a run's test images are viewed."""
   if config.test_scales:
     return f'scales {",".join(map(str, config.test_scales))} + flips'
-  return '10 crops' if config.ten_crop else '1 view'
+  if config.dataset != 'imagenet2012':
+    return 'whole image'
+  return '10 crops' if config.ten_crop else 'centre crop'
 
 
 def ensemble(workdirs, out: pathlib.Path, test_scales=(),

@@ -215,6 +215,7 @@ def test_ensemble_averages_the_members_softmax(sweep, tmp_path):
         100 * np.mean(np.all(top5 != labels[:, None], 1)), abs=1e-4)
     assert row['images'] == str(len(labels))
   assert [r['step'] for r in rows] == ['10', '10', '']
+  assert [r['views'] for r in rows] == ['whole image', 'whole image', '']
   # The test can tell the ensemble from its members.
   assert rows[2]['error'] not in (rows[0]['error'], rows[1]['error'])
 
