@@ -87,4 +87,10 @@ def get_config():
   config.eval_checkpoint_step = -1  # --mode=eval: -1 = latest.
   config.ten_crop = False  # ImageNet: 10-crop testing (Table 3), else the
   # centre 224 crop of the image resized to shorter side 256.
+  config.test_scales = ()  # ImageNet, --mode=eval and `report ensemble`:
+  # §3.4's fully-convolutional multi-scale testing (Tables 4 and 5), e.g.
+  # (224, 256, 384, 480, 640): the whole image at each shorter side and its
+  # flip, softmax averaged; () tests the centre crop (or ten_crop's). Not
+  # with ten_crop. Training's evaluations never use it (one compilation per
+  # image shape: too slow to repeat).
   return config

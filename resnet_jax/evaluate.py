@@ -1,11 +1,24 @@
 """A workdir's checkpoint, restored on this machine's devices and tested.
 
 ``--mode=eval`` and the report's selection by validation error use it: the
-run's own network and data settings (config.json), any device count.
+run's own network and data settings (config.json), any device count. It also
+tests as §3.4 does for Tables 4 and 5: whole images at several scales
+(``config.test_scales``), and ensembles of runs (``evaluate_ensemble``), each
+image scored by its softmax averaged over its views and the members.
 """
 
+import functools
 import pathlib
 
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax import data
+from resnet_jax import devices as devices_lib
 from resnet_jax import metrics
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
@@ -26,8 +39,122 @@ def restore_checkpoint(config, workdir: str, step: int = -1):
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
-  """Test metrics of a workdir's checkpoint (config.eval_checkpoint_step)."""
+  """Test metrics of a workdir's checkpoint (config.eval_checkpoint_step).
+
+  With ``config.test_scales``, of whole images at those scales (§3.4): top-1
+  and top-5 error and images, without the loss.
+  """
+  if config.test_scales:
+    return evaluate_ensemble([(config, workdir)])['members'][0]
   inputs, steps, state = restore_checkpoint(config, workdir,
                                             config.eval_checkpoint_step)
   return {'step': int(state.step), **train.evaluate(
       steps, state, inputs.eval(metrics.TEST))}
+
+
+@functools.partial(jax.jit, static_argnames='whole')
+def probabilities(state, images, whole: bool):
+  """Each image's softmax, averaged over its views: its crops or, for whole
+  images (of any size: the network is fully convolutional), the image and
+  its flip. Whole images are normalised by the mean image's average colour:
+  a per-pixel mean has the training crops' size only."""
+  if whole:
+    state = state.replace(mean=state.mean.mean((0, 1)))
+    images = jnp.stack([images, images[:, :, ::-1]], 1)
+  return jax.nn.softmax(train.classify(state, images))
+
+
+def test_batches(config):
+  """This process's test batches: (images, labels, mask[, index])."""
+  if not config.test_scales:
+    return data.inputs(config, mesh=None).eval(metrics.TEST)
+  if config.dataset != 'imagenet2012':
+    raise data.DataError(f'test_scales is ImageNet\'s multi-scale testing '
+                         f'(§3.4); {config.dataset} is tested on its images '
+                         'as they are')
+  from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+  return imagenet.multiscale_batches(config, metrics.TEST,
+                                     config.eval_batch_size,
+                                     tuple(config.test_scales),
+                                     jax.local_device_count())
+
+
+def test_probabilities(config, workdir):
+  """(step, probabilities, labels) of this process's test images.
+
+  The class probabilities of each image, in the split's order: its softmax
+  averaged over its views (``probabilities``), at every scale. Each process
+  tests its own images on its own devices: whole images come in shapes the
+  other processes need not share.
+  """
+  train.check_config(config)
+  workdir = pathlib.Path(workdir)
+  if not workdir_lib.check_model(config, workdir):
+    raise workdir_lib.WorkdirError(f'{workdir} holds no run (no config.json)')
+  mesh = devices_lib.make_mesh(
+      {'eval_batch_size': config.eval_batch_size // jax.process_count()},
+      jax.local_devices())
+  state = workdir_lib.load(
+      workdir, workdir_lib.abstract(train.state_shapes(config),
+                                    NamedSharding(mesh, P())),
+      config.eval_checkpoint_step)
+  sums, views, labels = {}, {}, {}
+  position = 0
+  for images, batch_labels, mask, *index in test_batches(config):
+    # Without an index, the batches come in order, padding last.
+    index = index[0] if index else position + np.arange(len(mask))
+    position += len(mask)
+    probs = np.asarray(probabilities(
+        state, jax.device_put(images, NamedSharding(mesh, P('data'))),
+        whole=bool(config.test_scales)))
+    for i, label, p in zip(index[mask > 0], batch_labels[mask > 0],
+                           probs[mask > 0]):
+      sums[i] = sums.get(i, 0) + p
+      views[i] = views.get(i, 0) + 1
+      labels[i] = label
+  order = sorted(sums)
+  return (int(state.step), np.stack([sums[i] / views[i] for i in order]),
+          np.array([labels[i] for i in order]))
+
+
+def scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """Top-1/top-5 error (%) of class probabilities, over every process's
+  images."""
+  top5 = np.argsort(-probs, axis=1, kind='stable')[:, :5]
+  counts = np.array([np.sum(top5[:, 0] != labels),
+                     np.sum(np.all(top5 != labels[:, None], axis=1)),
+                     len(labels)])
+  if jax.process_count() > 1:
+    counts = multihost_utils.process_allgather(counts).sum(0)
+  errors, top5_errors, images = counts
+  return {'error': 100 * errors / images,
+          'top5_error': 100 * top5_errors / images, 'images': int(images)}
+
+
+def evaluate_ensemble(runs) -> dict:
+  """An ensemble's test error (Table 5): the softmax averaged over runs.
+
+  ``runs`` are (config, workdir) pairs. Each member is tested as
+  ``--mode=eval`` tests it alone: its network, normalisation (of its own copy
+  of the uint8 images), checkpoint (``eval_checkpoint_step``) and views
+  (``test_scales`` or ``ten_crop``). They must share the test images.
+  Returns the ensemble's error, top5_error and images, and 'members': each
+  one's workdir, step and own errors.
+  """
+  datasets = {config.dataset for config, _ in runs}
+  if len(datasets) > 1:
+    raise data.DataError(
+        'an ensemble\'s members must be tested on the same images: '
+        + ', '.join(f'{w} is of {c.dataset}' for c, w in runs))
+  total, labels, members = 0, None, []
+  for config, workdir in runs:
+    step, probs, own = test_probabilities(config, workdir)
+    if labels is not None and not np.array_equal(own, labels):
+      raise data.DataError(
+          f'an ensemble\'s members must be tested on the same images: '
+          f'{workdir}\'s test set ({len(own)} images) is not '
+          f'{runs[0][1]}\'s ({len(labels)})')
+    labels, total = own, total + probs
+    members.append({'workdir': str(workdir), 'step': step,
+                    **scores(probs, labels)})
+  return {**scores(total / len(runs), labels), 'members': members}

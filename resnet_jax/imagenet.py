@@ -3,7 +3,8 @@
 Training images are resized so their shorter side is a random length in
 [256, 480], then a random 224x224 crop is taken, maybe flipped, and its colours
 shifted along the principal components of ImageNet's pixels; testing uses the
-centre 224 crop of the image resized to 256 (or 10 crops, Table 3). The images
+centre 224 crop of the image resized to 256 (or 10 crops, Table 3), or whole
+images at several scales (``multiscale_batches``, Tables 4 and 5). The images
 are decoded here, from TFDS's JPEG bytes, so the benchmark can time the same
 functions on JPEGs of its own. The only module that needs TensorFlow to train.
 """
@@ -143,6 +144,13 @@ def train_batches(config, seed: int, batch_size: int):
     yield images, labels.astype(np.int32)
 
 
+def _eval_split(config, split: str):
+  """(builder, this process's share, total images) of an evaluation split."""
+  tfds_split = _tfds_split(config, split)
+  builder, share = _split(config, tfds_split)
+  return builder, share, builder.info.splits[tfds_split].num_examples
+
+
 def eval_batches(config, split: str, batch_size: int, ten_crop: bool):
   """Per-process test or validation batches: the centre 224 crop (or 10).
 
@@ -150,10 +158,8 @@ def eval_batches(config, split: str, batch_size: int, ten_crop: bool):
   takes the four corners and the centre, and their flips. Every process
   yields the same number of batches (padded, masked).
   """
-  tfds_split = _tfds_split(config, split)
-  builder, split = _split(config, tfds_split)
+  builder, split, total = _eval_split(config, split)
   local = batch_size // jax.process_count()
-  total = builder.info.splits[tfds_split].num_examples
   per_process = -(-total // jax.process_count())
   num_batches = -(-per_process // local)
 
@@ -181,6 +187,60 @@ def eval_batches(config, split: str, batch_size: int, ten_crop: bool):
   ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
   for images, labels, mask in tfds.as_numpy(ds):
     yield images, labels, mask.astype(np.float32)
+
+
+def multiscale_batches(config, split: str, batch_size: int, scales,
+                       devices: int = 1):
+  """Per-process batches of whole test images at several scales (§3.4).
+
+  "We adopt the fully-convolutional form [...] and average the scores at
+  multiple scales (images are resized such that the shorter side is in
+  {224, 256, 384, 480, 640})" (Tables 4 and 5). Each image comes once per
+  scale, uncropped (the flips are the step's). A batch holds up to
+  ``batch_size`` (global) images of one shape, padded with masked zeros to
+  that size or, for a shape's last images, to ``devices`` (those that share
+  this process's batch) times a power of two: a shape compiles at most twice,
+  and a rare one costs a few images, not a batch. Yields (images, labels,
+  mask, index), ``index`` the image's position in this process's share of
+  the split, the same in every pass.
+  """
+  if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
+    raise DataError(f'test_scales must be positive shorter sides, got '
+                    f'{tuple(scales)}')
+  if config.ten_crop:
+    raise DataError('test_scales (whole images at several scales, Table 4) '
+                    'and ten_crop (Table 3) are two ways to test: set one')
+  builder, split, _ = _eval_split(config, split)
+  local = batch_size // jax.process_count()
+
+  def views(index, example):
+    image, label = example
+
+    def resize(scale):
+      view = _resize_shorter_side(image, scale)
+      return (tf.cast(tf.clip_by_value(tf.round(view), 0, 255), tf.uint8),
+              tf.cast(label, tf.int32), index)
+
+    return tf.data.Dataset.from_tensor_slices(list(scales)).map(resize)
+
+  def shape(image, label, index):
+    del label, index
+    return tf.cast(tf.shape(image)[0] * 65536 + tf.shape(image)[1], tf.int64)
+
+  ds = builder.as_dataset(split=split, as_supervised=True).enumerate()
+  ds = ds.interleave(views, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.group_by_window(shape, lambda _, group: group.batch(local),
+                          window_size=local).prefetch(tf.data.AUTOTUNE)
+  for images, labels, index in tfds.as_numpy(ds):
+    size = devices
+    while size < min(len(labels), local):
+      size *= 2
+    pad = min(size, local) - len(labels)
+    yield (np.concatenate([images, np.zeros((pad,) + images.shape[1:],
+                                            np.uint8)]),
+           np.pad(labels, (0, pad)),
+           np.pad(np.ones(len(labels), np.float32), (0, pad)),
+           np.pad(index, (0, pad)))
 
 
 def normalization(config, num_images: int = 10_000):

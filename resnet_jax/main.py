@@ -3,6 +3,8 @@ r"""Command line of resnet_jax.
   python -m resnet_jax.main --config=configs/resnet56.py --workdir=DIR
   python -m resnet_jax.main --config=configs/resnet56.py --workdir=DIR \
       --mode=eval
+  python -m resnet_jax.main --config=configs/imagenet_resnet50.py \
+      --workdir=DIR --mode=eval --config.test_scales='(224,256,384,480,640)'
   python -m resnet_jax.main --config=configs/resnet56.py --mode=summary
 
 Training resumes from the workdir's latest checkpoint. On several hosts, run
@@ -123,10 +125,12 @@ def main(argv):
           f'{result["error"]:.2f}% on {result["images"]} images')
   else:
     result = evaluate.evaluate_checkpoint(config, FLAGS.workdir)
+    scales = (f' at scales {", ".join(map(str, config.test_scales))} and '
+              'their flips' if config.test_scales else '')
     print(f'{models.display_name(config)} at step {result["step"]}: test '
           f'error {result["error"]:.2f}% (top-1), '
           f'{result["top5_error"]:.2f}% (top-5) on {result["images"]} '
-          'images')
+          f'images{scales}')
 
 
 def initialize_distributed():

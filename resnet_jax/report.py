@@ -6,6 +6,7 @@ r"""The paper's tables and figures, from workdirs of resnet_jax runs.
   python -m resnet_jax.report filters --workdirs=W --image=4 --out=report
   python -m resnet_jax.report deconv --workdirs=W --image=4 --out=report
   python -m resnet_jax.report curve --workdirs=W --out=report
+  python -m resnet_jax.report ensemble --workdirs=W1,W2,... --out=report
 
 * ``table``: Table 6 (§4.2): for each config under ROOT (``ROOT/<name>/seed*``,
   as ``resnet_jax.sweep`` lays them out), depth, parameters and test error as
@@ -26,8 +27,13 @@ r"""The paper's tables and figures, from workdirs of resnet_jax runs.
   the channel's whole map, ``--keep=max`` only its strongest activation.
 * ``curve``: loss and error against steps for one run, learning-rate drops
   marked.
+* ``ensemble``: Table 5: the top-1 and top-5 test error of each run and of
+  their ensemble (softmax averaged over the runs), each run tested as
+  ``--mode=eval`` tests it; ``--test_scales=224,256,384,480,640`` tests them
+  all on whole images at those scales (§3.4) instead, ``--eval_batch_size``
+  sets their batch.
 
-Each writes PNG and PDF figures (or Markdown for the table) and a CSV of the
+Each writes PNG and PDF figures (or Markdown for the tables) and a CSV of the
 numbers next to them into ``--out``.
 """
 
@@ -42,6 +48,7 @@ import numpy as np
 
 from resnet_jax import cli
 from resnet_jax import data
+from resnet_jax import devices
 from resnet_jax import evaluate
 from resnet_jax import layers
 from resnet_jax import metrics
@@ -51,7 +58,8 @@ from resnet_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('root', None, 'table: the sweep root.')
-flags.DEFINE_list('workdirs', [], 'Run workdirs (fig6, fig7, filters, curve).')
+flags.DEFINE_list('workdirs', [], 'Run workdirs (fig6, fig7, filters, curve, '
+                  'ensemble).')
 flags.DEFINE_string('out', 'report', 'Directory for figures, tables, CSV.')
 flags.DEFINE_enum('selection', 'final', ['final', 'validation'],
                   'table: final test error, or that of the best checkpoint '
@@ -61,8 +69,13 @@ flags.DEFINE_integer('channels', 9, 'deconv: strongest channels per layer.')
 flags.DEFINE_enum('keep', 'map', layers.DECONV_KEEP,
                   "deconv: project each channel's whole map, or only its "
                   'strongest activation (Zeiler & Fergus).')
+flags.DEFINE_list('test_scales', [], 'ensemble: shorter sides to test whole '
+                  'images at (§3.4), for every run; default: each run\'s own '
+                  'test_scales.')
+flags.DEFINE_integer('eval_batch_size', 0, 'ensemble: test batch size of '
+                     'every run; 0: each run\'s own.')
 
-COMMANDS = ('table', 'fig6', 'fig7', 'filters', 'deconv', 'curve')
+COMMANDS = ('table', 'fig6', 'fig7', 'filters', 'deconv', 'curve', 'ensemble')
 
 # Table 6: CIFAR-10 test error (%) of the ResNets (option A), best of 5 runs;
 # ResNet-110 is also reported as mean ± std, 6.61 ± 0.16.
@@ -415,6 +428,55 @@ def deconv(workdir, image: int, channels: int, keep: str,
   return save(fig, out, 'deconv')
 
 
+# Table 5.
+
+
+def views(config) -> str:
+  """How a run's test images are viewed."""
+  if config.test_scales:
+    return f'scales {",".join(map(str, config.test_scales))} + flips'
+  if config.dataset != 'imagenet2012':
+    return 'whole image'
+  return '10 crops' if config.ten_crop else 'centre crop'
+
+
+def ensemble(workdirs, out: pathlib.Path, test_scales=(),
+             eval_batch_size: int = 0) -> str:
+  """Table 5 as Markdown (also written with its CSV): each run's test error
+  and the error of their ensemble; see the module doc."""
+  runs = []
+  for workdir in workdirs:
+    config, _ = load_run(workdir)
+    if test_scales:  # In place of the run's own views.
+      config.test_scales, config.ten_crop = tuple(test_scales), False
+    if eval_batch_size:
+      config.eval_batch_size = eval_batch_size
+    runs.append((config, workdir))
+  devices.use_cpu_cores([config.eval_batch_size for config, _ in runs])
+  result = evaluate.evaluate_ensemble(runs)
+  rows = [[models.display_name(config), str(workdir), member['step'],
+           views(config), member['error'], member['top5_error'],
+           member['images']]
+          for (config, workdir), member in zip(runs, result['members'])]
+  rows.append([f'ensemble of {len(runs)}', '', '', '', result['error'],
+               result['top5_error'], result['images']])
+  lines = [
+      f'Test error (%) on {result["images"]} images: top-1 and top-5, of '
+      'each run and of their ensemble (softmax averaged over the runs).', '',
+      '| model | workdir | step | views | top-1 err. | top-5 err. |',
+      '| --- | --- | ---: | --- | ---: | ---: |',
+      *(f'| {m} | {w} | {s} | {v} | {e:.2f} | {t:.2f} |'
+        for m, w, s, v, e, t, _ in rows)]
+  markdown = '\n'.join(lines) + '\n'
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'ensemble.md').write_text(markdown)
+  write_csv(out / 'ensemble.csv', ['model', 'workdir', 'step', 'views',
+                                   'error', 'top5_error', 'images'],
+            [row[:4] + [f'{row[4]:.4f}', f'{row[5]:.4f}', row[6]]
+             for row in rows])
+  return markdown
+
+
 def run(command: str, out: pathlib.Path):
   """One report command; raises ReportError (or a training error) if it
   cannot be made."""
@@ -427,6 +489,15 @@ def run(command: str, out: pathlib.Path):
     raise ReportError(f'{command} needs --workdirs')
   if command in ('filters', 'deconv', 'curve') and len(FLAGS.workdirs) != 1:
     raise ReportError(f'{command} takes one workdir')
+  if command == 'ensemble':
+    try:
+      scales = [int(s) for s in FLAGS.test_scales]
+    except ValueError:
+      raise ReportError(f'--test_scales takes integers, got '
+                        f'{",".join(FLAGS.test_scales)}') from None
+    print(ensemble(FLAGS.workdirs, out, scales, FLAGS.eval_batch_size),
+          end='')
+    return
   if command == 'fig6':
     fig6(FLAGS.workdirs, out)
   elif command == 'fig7':

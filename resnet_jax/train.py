@@ -247,11 +247,11 @@ def train_step(state: TrainState, images, labels, schedule):
   return state, metrics
 
 
-def eval_step(state: TrainState, images, labels, mask):
-  """Sums of top-1/top-5 errors and loss over the unmasked examples.
+def classify(state: TrainState, images):
+  """The logits of a batch of uint8 images, in inference mode.
 
   Images of shape (batch, crops, h, w, 3) are classified by their softmax
-  averaged over the crops (10-crop testing, Table 3).
+  averaged over the crops (10-crop testing, Table 3): its log is returned.
   """
   crops = images.shape[1] if images.ndim == 5 else 1
   x = data.normalize(images.reshape((-1,) + images.shape[-3:]),
@@ -260,8 +260,14 @@ def eval_step(state: TrainState, images, labels, mask):
       {'params': state.params, 'batch_stats': state.batch_stats}, x,
       train=False)
   if crops > 1:
-    probs = jax.nn.softmax(logits).reshape(len(labels), crops, -1).mean(1)
+    probs = jax.nn.softmax(logits).reshape(len(images), crops, -1).mean(1)
     logits = jnp.log(probs)
+  return logits
+
+
+def eval_step(state: TrainState, images, labels, mask):
+  """Sums of top-1/top-5 errors and loss over the unmasked examples."""
+  logits = classify(state, images)
   top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
   return {
       'count': mask.sum(),

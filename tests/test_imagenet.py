@@ -1,25 +1,42 @@
 """ImageNet (§3.4) through a tiny copy on disk: the pipeline and a short run."""
 
+import collections
+import functools
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import imagenet_resnet18
+from numerics import assert_close
 from resnet_jax import data
+from resnet_jax import evaluate
 from resnet_jax import imagenet
+from resnet_jax import models
 from resnet_jax import train
+from resnet_jax import workdir as workdir_lib
 
+ROOT = pathlib.Path(__file__).parent.parent
 TRAIN = 40  # Images in the tiny training split: image i has label i.
 VALIDATION = 10  # In its validation split: image i has label 500 + i.
 HELD_OUT = 8  # The config's validation_size.
 
 
 @pytest.fixture
-def mock_imagenet(tmp_path):
+def mock_imagenet(tmp_path, request):
   """A tiny imagenet2012 that TFDS reads, and slices, as the real one.
 
   Its images are small JPEGs of random pixels away from 0 and 255 (where a
-  colour shift would be clipped); each label names its image.
+  colour shift would be clipped); each label names its image. An indirect
+  parameter sets the number of validation (test) images.
   """
+  validation = getattr(request, 'param', VALIDATION)
   tf = data.import_tensorflow()
   tfds = data.import_tfds()
   builder = tfds.builder('imagenet2012', data_dir=str(tmp_path))
@@ -28,7 +45,7 @@ def mock_imagenet(tmp_path):
   rng = np.random.default_rng(0)
   splits = []
   for name, size, first_label in (('train', TRAIN, 0),
-                                  ('validation', VALIDATION, 500)):
+                                  ('validation', validation, 500)):
     template = tfds.core.ShardedFileTemplate(
         data_dir=str(builder_dir), dataset_name='imagenet2012', split=name,
         filetype_suffix='tfrecord')
@@ -205,3 +222,131 @@ def test_imagenet_resnet18_trains_and_evaluates(mock_imagenet, tmp_path,
   assert result == evaluations[-1] and result['images'] == VALIDATION
   assert 0 <= result['top5_error'] <= result['error'] <= 100
   assert (tmp_path / 'run' / 'checkpoints' / '2').is_dir()
+
+
+SCALES = (32, 48)  # Tiny shorter sides: the images are 24-47 pixels.
+# Each image shape compiles once: four images at two scales are at most 8.
+FEW = 4
+
+def fake_run(config, workdir, seed):
+  """A run that was never trained: its config.json and a step-0 checkpoint
+  of a fresh network, with a normalisation whose mean image is not flat."""
+  model = models.from_config(config, 1000)
+  tx = train.create_optimizer(config, train.learning_rate_schedule(config, []))
+  state = jax.jit(functools.partial(train.create_train_state, model, tx, seed,
+                                    224))()
+  rng = np.random.default_rng(seed)
+  state = state.replace(
+      mean=jnp.asarray(rng.uniform(0.2, 0.7, (224, 224, 3)), jnp.float32),
+      std=jnp.asarray(rng.uniform(0.2, 0.3, 3), jnp.float32))
+  workdir_lib.record_config(config, workdir)
+  manager = workdir_lib.checkpoint_manager(workdir, 1)
+  workdir_lib.save(manager, state, None)
+  manager.wait_until_finished()
+  return model, state
+
+
+def test_imagenet_nets_take_images_of_any_size():
+  # Fully convolutional (§3.4): global average pooling before the classifier.
+  for shortcut in ('A', 'B'):
+    model = models.create_model(model='imagenet', depth=18, num_classes=1000,
+                                shortcut=shortcut)
+    for shape in ((1, 224, 299, 3), (1, 37, 53, 3), (1, 640, 480, 3)):
+      variables = jax.eval_shape(
+          functools.partial(model.init, train=False), jax.random.key(0),
+          jnp.zeros(shape))
+      out = jax.eval_shape(functools.partial(model.apply, train=False),
+                           variables, jnp.zeros(shape))
+      assert out.shape == (1, 1000)
+
+
+# Shorter sides of 1 and 2 pixels give images of the same shape to batch.
+@pytest.mark.parametrize('scales, batch_size, devices', [
+    (SCALES, 12, 2), ((1, 2), 12, 2), ((1, 2), 2, 1)])
+def test_multiscale_batches_hold_one_shape_each(mock_imagenet, scales,
+                                                batch_size, devices):
+  seen, sizes = [], collections.defaultdict(set)
+  for images, labels, mask, index in imagenet.multiscale_batches(
+      mock_imagenet, 'test', batch_size, scales, devices):
+    n = int(mask.sum())
+    # A full batch, or the fewest of devices x 2^k rows that hold the rest.
+    assert len(images) == min(batch_size, devices * 2 ** max(
+        0, math.ceil(math.log2(n / devices))))
+    assert images.dtype == np.uint8 and min(images.shape[1:3]) in scales
+    assert np.all(mask[:n] == 1) and np.all(mask[n:] == 0)  # Padding last.
+    sizes[images.shape[1:]].add(len(images))
+    seen += [(i, min(images.shape[1:3]), l) for i, l in
+             zip(index[:n], labels[:n])]
+  # Each image once at each scale, with its label every time.
+  assert sorted((i, s) for i, s, _ in seen) == [
+      (i, s) for i in range(VALIDATION) for s in scales]
+  assert len({(i, l) for i, _, l in seen}) == VALIDATION
+  # Each shape compiles at most twice: full batches, and its last images.
+  assert all(len(s) <= 2 for s in sizes.values())
+  if scales != SCALES:  # Where shapes repeat, they share batches.
+    assert len(sizes) < len(seen)
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'ten_crop': True}, 'two ways to test'),
+    ({'test_scales': (224, 0)}, 'positive shorter sides')])
+def test_multiscale_bad_settings(mock_imagenet, change, message):
+  mock_imagenet.update(change)
+  with pytest.raises(data.DataError, match=message):
+    next(imagenet.multiscale_batches(
+        mock_imagenet, 'test', 4, mock_imagenet.test_scales or SCALES))
+
+
+@pytest.mark.parametrize('mock_imagenet', [FEW], indirect=True)
+def test_multiscale_score_is_the_mean_over_scales_and_flips(mock_imagenet,
+                                                            tmp_path):
+  # A fully-convolutional ResNet-8 (CIFAR form: fast) for 1000 classes.
+  config = mock_imagenet
+  config.model, config.depth, config.shortcut = 'cifar', 8, 'A'
+  config.eval_batch_size = 8
+  workdir = tmp_path / 'run'
+  model, state = fake_run(config, workdir, seed=0)
+  config.test_scales = SCALES
+  step, probs, labels = evaluate.test_probabilities(config, workdir)
+  # By hand: each image resized to each shorter side, whole, and its flip;
+  # normalised by the mean image's average colour.
+  tf = data.import_tensorflow()
+  builder = data.import_tfds().builder('imagenet2012',
+                                       data_dir=config.data_dir)
+  mean, std = np.asarray(state.mean).mean((0, 1)), np.asarray(state.std)
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  expected = []
+  for i, (image, label) in enumerate(builder.as_dataset(
+      split='validation', as_supervised=True).as_numpy_iterator()):
+    assert labels[i] == label
+    h, w = image.shape[:2]
+    views = []
+    for scale in SCALES:
+      size = (round(h * scale / min(h, w)), round(w * scale / min(h, w)))
+      view = np.clip(np.round(tf.image.resize(image, size, antialias=True)),
+                     0, 255).astype(np.uint8)
+      assert min(view.shape[:2]) == scale
+      x = np.stack([view, view[:, ::-1]]).astype(np.float32) / 255
+      views += list(jax.nn.softmax(apply(variables, (x - mean) / std)))
+    expected.append(np.mean(views, 0))
+  assert step == 0 and len(expected) == FEW
+  # Logits spread over ~20 and summed in another order (8 devices, batches)
+  # differ by tens of float32 epsilons of that (~1e-5): so do the
+  # probabilities, relative to their scale.
+  assert_close(probs, np.array(expected), 1e-4)
+
+  # The same through the command line.
+  top1 = 100 * np.mean(probs.argmax(1) != labels)
+  result = subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.main',
+       '--config=configs/imagenet_resnet18.py', f'--workdir={workdir}',
+       '--mode=eval', '--config.model=cifar', '--config.depth=8',
+       '--config.shortcut=A', '--config.test_scales=(32,48)'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ,
+               XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (f'ResNet-8 at step 0: test error {top1:.2f}% (top-1)' in
+          result.stdout), result.stdout
+  assert f'on {FEW} images at scales 32, 48 and their flips' in result.stdout

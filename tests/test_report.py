@@ -8,11 +8,19 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import nbclient
 import nbformat
+import numpy as np
 import pytest
 
+from numerics import assert_close
+from resnet_jax import cifar
+from resnet_jax import evaluate
+from resnet_jax import models
 from resnet_jax import report
+from resnet_jax import train
+from resnet_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).parent.parent
 ENV = dict(os.environ, JAX_PLATFORMS='cpu',
@@ -177,6 +185,77 @@ def test_figures_write_their_numbers(sweep, tmp_path):
                             maxima.get(channel, float('-inf')))
   assert [c for _, c, _ in chosen['stage3']] == sorted(
       maxima, key=maxima.get, reverse=True)[:9]
+
+
+def copy_run(source, workdir, **changes):
+  """A copy of a run, its config.json changed."""
+  shutil.copytree(source, workdir)
+  config = json.loads((workdir / 'config.json').read_text())
+  (workdir / 'config.json').write_text(json.dumps(config | changes))
+  return workdir
+
+
+def softmax_by_hand(workdir, step):
+  """A run's test-set softmax and labels, its network applied here."""
+  config = workdir_lib.saved_config(workdir)
+  state = workdir_lib.load(workdir, workdir_lib.abstract(
+      train.state_shapes(config),
+      jax.sharding.SingleDeviceSharding(jax.local_devices()[0])), step)
+  test = cifar.load(config).test
+  x = (test.images.astype(np.float32) / 255 - state.mean) / state.std
+  logits = models.from_config(config, 10).apply(
+      {'params': state.params, 'batch_stats': state.batch_stats}, x,
+      train=False)
+  return np.asarray(jax.nn.softmax(logits)), test.labels
+
+
+def test_ensemble_averages_the_members_softmax(sweep, tmp_path):
+  # Step 10 (each run's config.eval_checkpoint_step): errors of ~50%, where
+  # the ensemble differs from its members.
+  runs = [copy_run(sweep / 'smoke' / f'seed{seed}', tmp_path / f'seed{seed}',
+                   eval_checkpoint_step=10) for seed in (0, 1)]
+  out = ok(python('resnet_jax.report', 'ensemble',
+                  f'--workdirs={runs[0]},{runs[1]}', f'--out={tmp_path}'))
+  rows = read_csv(tmp_path / 'ensemble.csv')
+  assert (tmp_path / 'ensemble.md').read_text() == out
+  assert [r['model'] for r in rows] == ['ResNet-8', 'ResNet-8',
+                                        'ensemble of 2']
+  members = [softmax_by_hand(run, 10) for run in runs]
+  labels = members[0][1]
+  step, probs, own_labels = evaluate.test_probabilities(
+      workdir_lib.saved_config(runs[0]), runs[0])
+  assert step == 10 and np.array_equal(own_labels, labels)
+  # The same float32 network on 2 devices or 1, in batches or not.
+  assert_close(probs, members[0][0], 1e-4)
+  average = (members[0][0] + members[1][0]) / 2
+  for row, probs in zip(rows, [p for p, _ in members] + [average]):
+    top5 = np.argsort(-probs, axis=1)[:, :5]
+    assert float(row['error']) == pytest.approx(
+        100 * np.mean(top5[:, 0] != labels), abs=1e-4)
+    assert float(row['top5_error']) == pytest.approx(
+        100 * np.mean(np.all(top5 != labels[:, None], 1)), abs=1e-4)
+    assert row['images'] == str(len(labels))
+  assert [r['step'] for r in rows] == ['10', '10', '']
+  assert [r['views'] for r in rows] == ['whole image', 'whole image', '']
+  # The test can tell the ensemble from its members.
+  assert rows[2]['error'] not in (rows[0]['error'], rows[1]['error'])
+
+
+def test_ensemble_bad_input(sweep, tmp_path):
+  run = sweep / 'smoke' / 'seed0'
+  other = copy_run(run, tmp_path / 'cifar100', dataset='cifar100')
+  assert 'tested on the same images' in error_line(python(
+      'resnet_jax.report', 'ensemble', f'--workdirs={run},{other}'))
+  fewer = copy_run(run, tmp_path / 'fewer', synthetic_train_size=128)
+  assert "test set (32 images) is not" in error_line(python(
+      'resnet_jax.report', 'ensemble', f'--workdirs={run},{fewer}',
+      f'--out={tmp_path}'))
+  assert 'not a resnet_jax run' in error_line(python(
+      'resnet_jax.report', 'ensemble', f'--workdirs={run},{tmp_path}',
+      f'--out={tmp_path}'))
+  assert "multi-scale testing" in error_line(python(
+      'resnet_jax.report', 'ensemble', f'--workdirs={run}',
+      '--test_scales=32,48', f'--out={tmp_path}'))
 
 
 def test_report_bad_input(tmp_path):
