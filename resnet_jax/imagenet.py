@@ -217,7 +217,7 @@ def multiscale_batches(config, split: str, batch_size: int, scales,
     image, label = example
 
     def resize(scale):
-      view = _resize_shorter_side(image, scale)
+      view = resize_shorter_side(image, scale)
       return (tf.cast(tf.clip_by_value(tf.round(view), 0, 255), tf.uint8),
               tf.cast(label, tf.int32), index)
 
