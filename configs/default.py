@@ -38,6 +38,9 @@ def get_config():
   config.scan_blocks = True  # Run blocks 2..n of each stage as one loop
   # (nn.scan over stacked parameters): compile time independent of depth,
   # the fastest form on CPU (BENCHMARKS.md); False unrolls every block.
+  config.steps_per_dispatch = 1  # Training steps per jitted call (a loop in
+  # the program): small nets on accelerators pay the host round trip once per
+  # call. The log, eval and checkpoint intervals must be multiples of it.
 
   # Data.
   config.dataset = 'cifar10'  # 'cifar10' | 'cifar100' | 'imagenet2012'.

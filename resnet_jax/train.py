@@ -12,6 +12,7 @@ import TensorFlow) are imported where it runs, so the steps import with jax,
 flax, optax and orbax alone.
 """
 
+from collections.abc import Iterator
 import dataclasses
 import functools
 import math
@@ -57,7 +58,8 @@ class TrainState(train_state.TrainState):
 POSITIVE_FIELDS = ('batch_size', 'eval_batch_size', 'train_length',
                    'learning_rate', 'lr_factor', 'lr_patience',
                    'log_every_steps', 'eval_every_steps',
-                   'checkpoint_every_steps', 'keep_checkpoints')
+                   'checkpoint_every_steps', 'keep_checkpoints',
+                   'steps_per_dispatch')
 LR_SCHEDULES = ('piecewise', 'plateau')
 
 
@@ -281,8 +283,20 @@ def eval_step(state: TrainState, images, labels, mask):
 class Steps:
   """The jitted steps of a run, sharded over ``mesh``."""
   mesh: jax.sharding.Mesh
-  train: Any  # (state, *inputs) -> (state, metrics).
+  train: Any  # (state, *inputs) -> (state, metrics): steps_per_dispatch
+  # training steps, each metric stacked along a leading axis of that length.
   eval: Any  # (state, images, labels, mask) -> sums.
+  steps_per_dispatch: int
+  on_device: bool  # Inputs drawn in the step (CIFAR), else host batches.
+
+  def inputs(self, train_inputs: Iterator[tuple]) -> tuple:
+    """The next dispatch's inputs from ``Inputs.train``'s iterator: the
+    on-device training set, or a tuple of images and one of labels, one
+    global batch per step (ImageNet)."""
+    if self.on_device:
+      return next(train_inputs)
+    return tuple(zip(*(next(train_inputs)
+                       for _ in range(self.steps_per_dispatch))))
 
   @property
   def replicated(self):
@@ -293,13 +307,16 @@ class Steps:
     return NamedSharding(self.mesh, P('data'))
 
 
-def make_steps(mesh, schedule, draw) -> Steps:
+def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
   """Jits the training and evaluation steps over the mesh.
 
   With ``draw`` (``data.Inputs.draw``) the training step takes the whole
   uint8 training split, replicated, and draws, augments and normalises its
-  batch inside the same program (CIFAR); without, it takes a global batch
-  sharded over the mesh (ImageNet).
+  batch inside the same program (CIFAR); without, it takes global batches
+  sharded over the mesh (ImageNet). One call runs ``steps_per_dispatch``
+  steps (a loop inside the program, as TPUEstimator's iterations_per_loop):
+  on an accelerator a small net's step is launches and host round trips,
+  which the loop pays once per call.
   """
   replicated = NamedSharding(mesh, P())
   batch = NamedSharding(mesh, P('data'))
@@ -311,16 +328,27 @@ def make_steps(mesh, schedule, draw) -> Steps:
     y = jax.lax.with_sharding_constraint(y, batch)
     return train_step(state, x, y, schedule)
 
-  if draw:
-    train = jax.jit(on_device_step, in_shardings=replicated,
-                    out_shardings=replicated, donate_argnums=0)
-  else:
-    train = jax.jit(functools.partial(train_step, schedule=schedule),
-                    in_shardings=(replicated, batch, batch),
-                    out_shardings=replicated, donate_argnums=0)
+  def on_device_steps(state, images, labels):
+    return repeat(lambda state, _: on_device_step(state, images, labels),
+                  state, None)
+
+  def host_steps(state, images, labels):  # A batch per step.
+    return repeat(lambda state, xy: train_step(state, *xy, schedule), state,
+                  (jnp.stack(images), jnp.stack(labels)))
+
+  def repeat(step, state, xs):
+    """``step`` over the dispatch's steps; metrics stacked."""
+    if steps_per_dispatch == 1:  # The plain step, without a loop around it.
+      state, metrics = step(state, jax.tree.map(lambda x: x[0], xs))
+      return state, jax.tree.map(lambda x: x[None], metrics)
+    return jax.lax.scan(step, state, xs, length=steps_per_dispatch)
+
+  train = jax.jit(on_device_steps if draw else host_steps,
+                  in_shardings=(replicated, *[replicated if draw else batch] * 2),
+                  out_shardings=replicated, donate_argnums=0)
   evaluate = jax.jit(eval_step, in_shardings=(replicated, batch, batch, batch),
                      out_shardings=replicated)
-  return Steps(mesh, train, evaluate)
+  return Steps(mesh, train, evaluate, steps_per_dispatch, bool(draw))
 
 
 def evaluate(steps: Steps, state, batches) -> dict[str, float]:
@@ -374,9 +402,19 @@ def setup(config, devices=None):
                         'and this run has no validation split: set '
                         'validation_size above 0')
   total_steps, boundaries = schedule_in_steps(config, inputs.train_size)
+  per_dispatch = config.steps_per_dispatch
+  for name, length in (('train_length', total_steps),
+                       *((k, config[k]) for k in ('log_every_steps',
+                                                  'eval_every_steps',
+                                                  'checkpoint_every_steps'))):
+    if length % per_dispatch:
+      raise TrainingError(
+          f'{name} ({length} steps) is not a multiple of steps_per_dispatch '
+          f'{per_dispatch}: a run logs, evaluates and checkpoints between '
+          'dispatches')
   schedule = learning_rate_schedule(config, boundaries)
   tx = create_optimizer(config, schedule)
-  steps = make_steps(mesh, schedule, inputs.draw)
+  steps = make_steps(mesh, schedule, inputs.draw, per_dispatch)
   state = jax.jit(
       functools.partial(create_train_state, model, tx, config.seed,
                         info.image_size),
@@ -435,6 +473,11 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
     writer.write_hparams({k: v for k, v in config.items()
                           if isinstance(v, (int, float, str, bool))})
 
+    if int(state.step) % steps.steps_per_dispatch:
+      raise TrainingError(
+          f'{workdir} resumes from step {int(state.step)}, not a multiple of '
+          f'steps_per_dispatch {steps.steps_per_dispatch}; resume with '
+          'a steps_per_dispatch that divides it')
     train_inputs = inputs.train(int(state.step))
     report = periodic_actions.ReportProgress(num_train_steps=total_steps,
                                              writer=writer)
@@ -445,20 +488,21 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
     logging.info('Training %s for %d steps from step %d.',
                  models.display_name(config), total_steps, step)
     while step < total_steps:
-      state, step_metrics = steps.train(state, *next(train_inputs))
-      if train_metrics:  # At most two steps in flight: the device stays busy,
-        # the host never runs far ahead (XLA's CPU collectives can deadlock
-        # with more).
+      state, step_metrics = steps.train(state, *steps.inputs(train_inputs))
+      if train_metrics:  # At most two dispatches in flight: the device stays
+        # busy, the host never runs far ahead (XLA's CPU collectives can
+        # deadlock with more).
         jax.block_until_ready(train_metrics[-1])
       train_metrics.append(step_metrics)
-      step += 1
+      step += steps.steps_per_dispatch
       report(step)
       is_last = step == total_steps
       if step % config.log_every_steps == 0 or is_last:
         summary = {k: float(np.mean(v)) for k, v in
                    jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
                                                *train_metrics)).items()}
-        summary['learning_rate'] = float(train_metrics[-1]['learning_rate'])
+        summary['learning_rate'] = float(
+            train_metrics[-1]['learning_rate'][-1])
         train_metrics = []
         if not math.isfinite(summary['loss']):
           raise TrainingError(f'the training loss is {summary["loss"]} at step '

@@ -34,15 +34,17 @@ MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
 NEW_FIELD_DEFAULTS = {'scan_blocks': False, 'preactivation': False,
                       'block': '', 'lr_schedule': 'piecewise',
                       'lr_patience': 3, 'bn_group_size': 0,
-                      'pca_lighting': 0.0, 'test_scales': ()}
+                      'pca_lighting': 0.0, 'test_scales': (),
+                      'steps_per_dispatch': 1}
 # Fields a resumed run may change freely: how long it trains, what it logs,
-# where the data lie, how memory is used, how a finished run is tested
-# (test_scales: training never reads it). Any other change is a different
-# run, and needs allow_config_changes.
+# where the data lie, how memory and dispatches are used, how a finished run
+# is tested (test_scales: training never reads it). Any other change is a
+# different run, and needs allow_config_changes.
 RESUMABLE_FIELDS = ('train_length', 'log_every_steps', 'eval_every_steps',
                     'checkpoint_every_steps', 'keep_checkpoints',
                     'eval_batch_size', 'eval_checkpoint_step', 'data_dir',
-                    'remat', 'scan_blocks', 'init_from', 'test_scales')
+                    'remat', 'scan_blocks', 'init_from', 'test_scales',
+                    'steps_per_dispatch')
 
 
 class WorkdirError(ValueError):

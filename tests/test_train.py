@@ -104,6 +104,9 @@ def test_bad_training_fields_are_rejected(field, value):
     ('lr_patience', 0, 'lr_patience must be positive'),
     ('bn_group_size', 12, 'bn_group_size must be 0 .* or divide batch_size 32'),
     ('bn_group_size', -16, 'bn_group_size must be 0'),
+    ('steps_per_dispatch', 0, 'steps_per_dispatch must be positive'),
+    ('steps_per_dispatch', 3, r'train_length \(20 steps\) is not a multiple '
+     'of steps_per_dispatch 3'),
     ('batch_size', 512, r'larger than the training set \(192 images\)')])
 def test_settings_no_run_can_train_with_are_refused(field, value, message):
   config = smoke.get_config()
@@ -225,3 +228,60 @@ def test_a_run_keeps_the_block_form_it_was_written_in(tmp_path, capsys):
   assert result['step'] == 10
   assert result['error'] == trained['error']
   assert result['loss'] == pytest.approx(trained['loss'], rel=1e-6)
+
+
+def train_for(config, num_steps):
+  """(state, metrics of every step) after ``num_steps`` steps."""
+  inputs, steps, state, _ = train.setup(config)
+  train_inputs = inputs.train(0)
+  metrics = []
+  for _ in range(num_steps // config.steps_per_dispatch):
+    state, dispatched = steps.train(state, *steps.inputs(train_inputs))
+    metrics.append(dispatched)
+  return jax.device_get(state), jax.device_get(jax.tree.map(
+      lambda *m: jnp.concatenate(m), *metrics))
+
+
+def test_steps_per_dispatch_compute_what_single_steps_do():
+  config = smoke.get_config()
+  config.train_length = config.log_every_steps = 8
+  config.eval_every_steps = config.checkpoint_every_steps = 8
+  one, one_metrics = train_for(config, 8)
+  config.steps_per_dispatch = 4
+  four, four_metrics = train_for(config, 8)
+  assert four_metrics['loss'].shape == (8,)
+  assert int(four.step) == 8
+  # The same step in a loop: the same operations on the same values. XLA may
+  # fuse the loop body otherwise (float32 rounding in other orders), so the
+  # states are compared to what the 8 steps changed, as across device
+  # counts (test_eight_devices_step_like_one).
+  start = jax.device_get(train.setup(smoke.get_config())[2])
+  for name in ('params', 'batch_stats'):
+    for a, b, c in zip(jax.tree.leaves(getattr(four, name)),
+                       jax.tree.leaves(getattr(one, name)),
+                       jax.tree.leaves(getattr(start, name))):
+      assert np.abs(a - b).max() <= 1e-3 * np.abs(b - c).max(), name
+  np.testing.assert_allclose(four_metrics['loss'], one_metrics['loss'],
+                             rtol=1e-5)
+  np.testing.assert_array_equal(four_metrics['learning_rate'],
+                                one_metrics['learning_rate'])
+
+
+def test_host_batches_per_dispatch_are_each_steps_batch():
+  # ImageNet's path: global batches from the host, one per step of the
+  # dispatch, equal to the on-device path given the same batches.
+  config = smoke.get_config()
+  inputs, steps, state, _ = train.setup(config)
+  images, labels = next(inputs.train(0))
+  key = jax.random.wrap_key_data(state.rng)
+  batches = [jax.device_put(inputs.draw(images, labels, key, step),
+                            steps.batch) for step in range(2)]
+  host = train.make_steps(steps.mesh, lambda step: 0.1, None, 2)
+  host_state, metrics = host.train(
+      jax.tree.map(jnp.copy, state), *host.inputs(iter(batches)))
+  assert metrics['loss'].shape == (2,)
+  device_state = state
+  for _ in range(2):
+    device_state, _ = steps.train(device_state, images, labels)
+  assert_trees_close(jax.device_get(host_state.params),
+                     jax.device_get(device_state.params), rtol=1e-5)
