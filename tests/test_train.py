@@ -162,7 +162,8 @@ def run_steps(devices, n=3):
   losses = []
   for _ in range(n):
     state, metrics = steps.train(state, *data)
-    losses.append(float(metrics['loss']))
+    (loss,) = metrics['loss']  # One step per dispatch.
+    losses.append(float(loss))
   return steps, start, state, losses, data
 
 
