@@ -14,6 +14,8 @@ import json
 import pathlib
 import time
 
+from resnet_jax import atomic
+
 FILENAME = 'metrics.jsonl'
 TRAIN, VALIDATION, TEST, FINAL_TEST = 'train', 'validation', 'test', 'final_test'
 
@@ -50,10 +52,11 @@ def final_test(records: list[dict]) -> dict | None:
 
 def keep_until(workdir: pathlib.Path, step: int):
   """Drops the records after ``step``, and the final test: what a killed run
-  logged after the checkpoint its resume starts from."""
+  logged after the checkpoint its resume starts from. Atomic: a kill during
+  the rewrite leaves the history before the checkpoint."""
   path = workdir / FILENAME
   if path.exists():
-    path.write_text(''.join(
+    atomic.write(path, ''.join(
         text + '\n' for record, text in _lines(workdir)
         if record['step'] <= step and record['split'] != FINAL_TEST))
 

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from resnet_jax import atomic
 from resnet_jax import metrics
 from resnet_jax import models
 
@@ -128,7 +129,9 @@ def check_changes(config, workdir: pathlib.Path, allow: bool):
   """Refuses a resume whose training fields differ from config.json's.
 
   With ``allow``, config.json takes the new values and the change is
-  appended to ``config_changes.jsonl`` (time, field: [old, new]).
+  appended to ``config_changes.jsonl`` (time, field: [old, new]). The
+  append is a rewrite of the whole (small) file, atomically: a kill leaves
+  no torn line for the next change to be glued to.
   """
   saved = _saved(workdir)
   current = json.loads(config.to_json())
@@ -145,8 +148,10 @@ def check_changes(config, workdir: pathlib.Path, allow: bool):
   print(f'note: resuming with changed settings ({listed}); recorded in '
         f'{workdir / "config_changes.jsonl"}', flush=True)
   if jax.process_index() == 0:
-    with (workdir / 'config_changes.jsonl').open('a') as f:
-      f.write(json.dumps({'time': time.time(), 'changes': changes}) + '\n')
+    path = workdir / 'config_changes.jsonl'
+    earlier = path.read_text() if path.exists() else ''
+    atomic.write(path, earlier + json.dumps(
+        {'time': time.time(), 'changes': changes}) + '\n')
   record_config(config, workdir)
 
 
@@ -154,8 +159,8 @@ def record_config(config, workdir: pathlib.Path):
   """Writes config.json: for a new run, or after allowed config changes."""
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(
-        config.to_json(indent=2, sort_keys=True) + '\n')
+    atomic.write(workdir / 'config.json',
+                 config.to_json(indent=2, sort_keys=True) + '\n')
 
 
 def checkpoint_manager(workdir: pathlib.Path, keep: int, read_only=False):
