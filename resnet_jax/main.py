@@ -16,6 +16,7 @@ stderr and exit status 2.
 
 import json
 import pathlib
+import sys
 
 from absl import flags
 import jax
@@ -117,9 +118,13 @@ def main(argv):
   if FLAGS.distributed:
     initialize_distributed()
   if FLAGS.mode == 'train':
-    result = train.train_and_evaluate(config, FLAGS.workdir,
-                                      FLAGS.start_over,
-                                      FLAGS.allow_config_changes)
+    try:
+      result = train.train_and_evaluate(config, FLAGS.workdir,
+                                        FLAGS.start_over,
+                                        FLAGS.allow_config_changes)
+    except train.Stopped as e:
+      print(f'stopped: {e}', file=sys.stderr)
+      sys.exit(128 + e.signum)
     print(f'{models.display_name(config)}: final test error '
           f'{result["error"]:.2f}% on {result["images"]} images')
   else:
