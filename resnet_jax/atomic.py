@@ -6,10 +6,18 @@ leaves nothing. ``write`` puts the new contents in a temporary file beside
 the old one, forces it to disk, and renames it over the old (``rename(2)`` is
 atomic within a filesystem), then forces the directory entry to disk: after
 a crash at any instruction the file holds the old contents or the new.
+A full disk is one message (``full_disk``) naming the path and the space
+left.
 """
 
+import contextlib
+import errno
 import os
 import pathlib
+import shutil
+
+# A full disk, or a full quota.
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def write(path: pathlib.Path, contents: str | bytes):
@@ -24,14 +32,11 @@ def write(path: pathlib.Path, contents: str | bytes):
   try:
     # Created as open() creates files (0o666 less the umask), not mkstemp's
     # 0o600: the file keeps the permissions a plain write would give it.
-    with open(temporary, 'wb') as f:
+    with naming(path), open(temporary, 'wb') as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(temporary, path)
-  except OSError as e:
-    temporary.unlink(missing_ok=True)
-    raise OSError(e.errno, e.strerror, str(path)) from e
   except BaseException:
     temporary.unlink(missing_ok=True)
     raise
@@ -40,3 +45,33 @@ def write(path: pathlib.Path, contents: str | bytes):
     os.fsync(directory)
   finally:
     os.close(directory)
+
+
+@contextlib.contextmanager
+def naming(path):
+  """Names ``path`` in an OSError raised without a file name (a write's, a
+  flush's), for the message."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename is not None:
+      raise
+    raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def is_full(error: BaseException) -> bool:
+  """Whether ``error`` is a full disk: an OSError, or TensorStore's (orbax's
+  writer) ValueError, which quotes the OS's words."""
+  if isinstance(error, OSError):
+    return error.errno in FULL
+  return any(os.strerror(code) in str(error) for code in FULL)
+
+
+def full_disk(path) -> str:
+  """What to say when writing ``path`` found the disk full."""
+  path = pathlib.Path(path).absolute()
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  free = shutil.disk_usage(existing).free / 2**20
+  return (f'no space left on the device of {path} ({free:.1f} MiB free); '
+          'what was written before is intact: free some space and run the '
+          'same command again')

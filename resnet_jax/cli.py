@@ -14,6 +14,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from resnet_jax import atomic
+
 
 def fail(message: str):
   print(f'error: {message}', file=sys.stderr)
@@ -22,11 +24,14 @@ def fail(message: str):
 
 def quiet(record) -> bool:
   """Drops orbax's per-save INFO lines, its note that an evaluation opened
-  the checkpoints read-only, and jax's line about each platform it did not
-  find (TPU on every CPU machine)."""
+  the checkpoints read-only, its threads' tracebacks of an error that the
+  save raises again (and the command reports), and jax's line about each
+  platform it did not find (TPU on every CPU machine)."""
   message = record.getMessage()
   if record.levelno >= std_logging.WARNING:
-    return not message.startswith('Given directory is read only')
+    return not (message.startswith('Given directory is read only') or
+                ('orbax' in record.pathname and
+                 'raised an exception' in message))
   return not ('orbax' in record.pathname or
               message.startswith('Unable to initialize backend'))
 
@@ -62,5 +67,9 @@ def run(main: Callable[[list[str]], None],
       main(argv)
     except user_errors as e:
       fail(str(e))
+    except OSError as e:
+      if not atomic.is_full(e):
+        raise
+      fail(atomic.full_disk(e.filename or '.'))
 
   app.run(guarded, flags_parser=parse_flags)

@@ -109,19 +109,21 @@ def lock(workdir: pathlib.Path):
     yield
     return
   workdir.mkdir(parents=True, exist_ok=True)
-  with open(workdir / 'run.lock', 'a+') as f:
+  # Unbuffered: nothing is left to write when it closes (on a full disk,
+  # that write would fail again, without the file's name).
+  with open(workdir / 'run.lock', 'a+b', buffering=0) as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
-      holder = f.read().strip() or 'another process'
+      holder = f.read().decode().strip() or 'another process'
       raise WorkdirError(
           f'{workdir} is in use by another run ({holder}); wait for it to '
           'end or use another --workdir') from None
-    f.seek(0)
-    f.truncate()
-    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    f.flush()
+    with atomic.naming(workdir / 'run.lock'):
+      f.seek(0)
+      f.truncate()
+      f.write(f'pid {os.getpid()} on {socket.gethostname()}\n'.encode())
     yield
 
 
@@ -200,10 +202,24 @@ def checksum(state) -> str:
 
 def save(manager, state, ranking: dict[str, float] | None):
   """Saves a checkpoint with its checksum; ``ranking`` is what the policy
-  ranks it by ({'validation_error': ...}, or None)."""
-  manager.save(int(state.step), args=ocp.args.StandardSave(state),
-               metrics=ranking,
-               custom_metadata={'state_sha256': checksum(state)})
+  ranks it by ({'validation_error': ...}, or None).
+
+  On a full disk the half-written checkpoint is removed (its space is the
+  user's to free, and orbax would only remove it at the next save of that
+  step) and the earlier ones are kept.
+  """
+  step = int(state.step)
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state), metrics=ranking,
+                 custom_metadata={'state_sha256': checksum(state)})
+  except Exception as e:  # pylint: disable=broad-except
+    if not atomic.is_full(e):
+      raise
+    directory = pathlib.Path(manager.directory)
+    for partial in directory.glob(f'{step}.orbax-checkpoint-tmp*'):
+      shutil.rmtree(partial, ignore_errors=True)
+    raise WorkdirError(f'checkpoint {step}: {atomic.full_disk(directory)}'
+                       ) from e
 
 
 def restore(manager, abstract_state, step: int):
