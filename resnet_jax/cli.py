@@ -22,6 +22,13 @@ def fail(message: str):
   sys.exit(2)
 
 
+def first_line(error: BaseException) -> str:
+  """A library's exception in one line: its type and the first line of its
+  message that says something (many have none, or start with a blank)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return type(error).__name__ + (f': {lines[0]}' if lines else '')
+
+
 def quiet(record) -> bool:
   """Drops orbax's per-save INFO lines, its note that an evaluation opened
   the checkpoints read-only, its threads' tracebacks of an error that the
@@ -48,6 +55,9 @@ def parse_flags(argv):
   except flags.Error as e:
     fail(str(e))
   except (AttributeError, KeyError) as e:  # --config.<unknown field>=...
+    if 'get_config' in str(e):
+      fail('the config file defines no get_config() (a function returning '
+           'the ConfigDict, as in configs/default.py)')
     field = str(e).strip('"\'')
     fail(f'unknown config field {field!r} (every field is in '
          'configs/default.py)')

@@ -148,11 +148,18 @@ def from_torch_layout(array: np.ndarray, kind: str) -> np.ndarray:
 
 def read_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
   import torch  # pylint: disable=g-import-not-at-top
+  if not path.stat().st_size:
+    raise ConvertError(f'{path} is empty (0 bytes): not a PyTorch checkpoint')
   try:
     loaded = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
+    if 'weights_only' in str(e):  # Not torch's advice to load unsafely.
+      raise ConvertError(
+          f'{path} holds more than tensors, or is no PyTorch file: only a '
+          'state_dict is read (torch.save(model.state_dict(), FILE))'
+          ) from e
     raise ConvertError(f'cannot read {path} as a PyTorch checkpoint: '
-                       f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
+                       f'{cli.first_line(e)}') from e
   if isinstance(loaded, dict) and isinstance(loaded.get('state_dict'), dict):
     loaded = loaded['state_dict']
   if not isinstance(loaded, dict) or not all(
@@ -295,6 +302,8 @@ def main(argv):
     return
   if not isinstance(FLAGS.config, ml_collections.ConfigDict):
     cli.fail('--to=jax needs --config, the config the weights are of')
+  if torch_path.is_dir():
+    cli.fail(f'--torch={torch_path} is a directory, not a state_dict file')
   if not torch_path.is_file():
     cli.fail(f'{torch_path} does not exist')
   to_jax(FLAGS.config, torch_path, workdir,

@@ -89,10 +89,18 @@ def use_run_settings(config, workdir: pathlib.Path):
     saved = json.loads((workdir / 'config.json').read_text())
   except (OSError, ValueError):
     return  # No run, or an unreadable one: evaluation reports it.
+  if not isinstance(saved, dict):
+    return  # Evaluation reports it.
   overrides = config_flags.get_override_values(FLAGS['config'])
   for key, value in saved.items():
     if key in config and key not in overrides and key not in workdir_lib.MODEL_FIELDS:
-      config[key] = tuple(value) if isinstance(config[key], tuple) else value
+      try:
+        config[key] = tuple(value) if isinstance(config[key], tuple) else value
+      except TypeError as e:  # The config's types are checked.
+        raise workdir_lib.WorkdirError(
+            f'{workdir / "config.json"} has {key}={value!r}, not a '
+            f'{type(config[key]).__name__}; put the run\'s config.json back'
+            ) from e
 
 
 def main(argv):

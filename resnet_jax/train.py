@@ -129,10 +129,14 @@ def check_config(config):
         f'a warm-up needs warmup_steps >= 0 and a positive '
         f'warmup_learning_rate, got {config.warmup_steps!r} steps at '
         f'{config.warmup_learning_rate!r}')
-  boundaries = list(config.lr_boundaries)
-  if boundaries != sorted(set(boundaries)) or any(b <= 0 for b in boundaries):
-    raise TrainingError(f'lr_boundaries must be positive and increasing, got '
-                        f'{tuple(boundaries)}')
+  boundaries = config.lr_boundaries
+  if not (isinstance(boundaries, (tuple, list)) and
+          all(isinstance(b, (int, float)) and not isinstance(b, bool)
+              for b in boundaries) and
+          list(boundaries) == sorted(set(boundaries)) and
+          all(b > 0 for b in boundaries)):
+    raise TrainingError(f'lr_boundaries must be positive and increasing '
+                        f'numbers, e.g. (32000, 48000), got {boundaries!r}')
 
 
 def schedule_in_steps(config, train_size: int) -> tuple[int, list[int]]:

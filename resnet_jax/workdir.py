@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from resnet_jax import atomic
+from resnet_jax import cli
 from resnet_jax import metrics
 from resnet_jax import models
 
@@ -51,11 +52,16 @@ def _saved(workdir: pathlib.Path) -> dict:
   """config.json, with the values runs before a new field were made with."""
   path = workdir / 'config.json'
   try:
-    return NEW_FIELD_DEFAULTS | json.loads(path.read_text())
+    saved = json.loads(path.read_text())
   except OSError as e:
     raise WorkdirError(f'{workdir} holds no run (no config.json)') from e
   except ValueError as e:
     raise WorkdirError(f'{path} is unreadable: {e}') from e
+  if not isinstance(saved, dict):
+    raise WorkdirError(f'{path} holds no config (JSON {type(saved).__name__}, '
+                       'not an object of fields); put the run\'s config.json '
+                       'back')
+  return NEW_FIELD_DEFAULTS | saved
 
 
 def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
@@ -93,6 +99,10 @@ def check_writable(workdir: pathlib.Path):
   if not existing.is_dir():
     raise WorkdirError(f'--workdir {workdir}: {existing} is a file, not a '
                         'directory')
+  checkpoints = path / 'checkpoints'
+  if checkpoints.exists() and not checkpoints.is_dir():
+    raise WorkdirError(f'{checkpoints} is a file, not the directory of the '
+                       'run\'s checkpoints; move it out of the workdir')
   if not os.access(existing, os.W_OK | os.X_OK):
     raise WorkdirError(f'--workdir {workdir}: {existing} is not writable')
 
@@ -245,12 +255,12 @@ def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
       return restore(manager, abstract_state, step)
     except Exception as e:  # pylint: disable=broad-except
       aside = workdir / 'corrupt_checkpoints' / str(step)
-      logging.warning('Checkpoint %d is unreadable (%s: %s); moved to %s, '
-                      'falling back to the previous one.', step,
-                      type(e).__name__, str(e).splitlines()[0], aside)
-      print(f'warning: checkpoint {step} is unreadable '
-            f'({str(e).splitlines()[0]}); falling back to the previous one '
-            f'(moved to {aside})', flush=True)
+      reason = cli.first_line(e).removeprefix('WorkdirError: ')
+      logging.warning('Checkpoint %d is unreadable (%s); moved to %s, '
+                      'falling back to the previous one.', step, reason,
+                      aside)
+      print(f'warning: checkpoint {step} is unreadable ({reason}); falling '
+            f'back to the previous one (moved to {aside})', flush=True)
       if jax.process_index() == 0:
         aside.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))
@@ -317,7 +327,7 @@ def load(workdir: pathlib.Path, abstract_state, step: int = -1):
                        ) from e
   except Exception as e:  # pylint: disable=broad-except
     raise WorkdirError(f'checkpoint {step} in {workdir} is unreadable: '
-                       f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
+                       f'{cli.first_line(e)}') from e
 
 
 def initial_weights(state, source: pathlib.Path, shapes_of, sharding):

@@ -1,0 +1,102 @@
+"""Malformed input (config values and files, workdir contents, PyTorch files)
+is one ``error:`` line and exit status 2, saying what is wrong and what to
+do; nothing already written changes."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from test_end_to_end import error_line
+from test_end_to_end import ok
+from test_end_to_end import ROOT
+from test_end_to_end import run
+
+
+@pytest.mark.parametrize('value', ['foo', "(10,'x')", '(10,True)'])
+def test_bad_lr_boundaries(value, tmp_path):
+  message = error_line(run(tmp_path / 'run', f'--config.lr_boundaries={value}'))
+  assert 'lr_boundaries must be positive and increasing numbers' in message
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_config_file_without_get_config(tmp_path):
+  (tmp_path / 'notes.py').write_text('depth = 20\n')
+  message = error_line(subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.main', f'--config={tmp_path}/notes.py',
+       '--mode=summary'], cwd=ROOT, capture_output=True, text=True,
+      timeout=300))
+  assert message == ('error: the config file defines no get_config() (a '
+                     'function returning the ConfigDict, as in '
+                     'configs/default.py)')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('runs') / 'smoke'
+  ok(run(workdir, '--config.train_length=10'))
+  return workdir
+
+
+@pytest.mark.parametrize('content', ['[1, 2]', 'null', '"resnet"'])
+def test_a_config_json_that_is_not_an_object(content, trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  (workdir / 'config.json').write_text(content)
+  for mode in ('train', 'eval'):
+    message = error_line(run(workdir, '--config.train_length=10', mode=mode))
+    assert f'{workdir / "config.json"} holds no config (JSON ' in message
+  assert (workdir / 'config.json').read_text() == content
+
+
+def test_a_config_json_field_of_the_wrong_type(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  saved = json.loads((workdir / 'config.json').read_text())
+  (workdir / 'config.json').write_text(json.dumps(saved | {
+      'eval_batch_size': 'sixty-four'}))
+  message = error_line(run(workdir, mode='eval'))
+  assert "has eval_batch_size='sixty-four', not a int" in message
+
+
+def test_checkpoints_that_are_a_file(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  shutil.rmtree(workdir / 'checkpoints')
+  (workdir / 'checkpoints').write_text('not a directory')
+  metrics = (workdir / 'metrics.jsonl').read_text()
+  for flags in ((), ('--start_over',)):
+    message = error_line(run(workdir, '--config.train_length=10', *flags))
+    assert 'checkpoints is a file, not the directory of the run' in message
+  # --start_over moved nothing aside.
+  assert (workdir / 'metrics.jsonl').read_text() == metrics
+  assert not list(workdir.glob('metrics.replaced-*'))
+
+
+def run_convert(*flags):
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.convert', *flags],
+                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('name, content, expected', [
+    ('empty.pth', b'', 'is empty (0 bytes): not a PyTorch checkpoint'),
+    ('garbage.pth', b'garbage\n', 'holds more than tensors, or is no '
+     'PyTorch file: only a state_dict is read'),
+    ('folder', None, 'is a directory, not a state_dict file'),
+])
+def test_a_pytorch_file_that_is_none(name, content, expected, tmp_path):
+  path = tmp_path / name
+  if content is None:
+    path.mkdir()
+  else:
+    path.write_bytes(content)
+  message = error_line(run_convert('--config=configs/resnet20.py',
+                                   f'--torch={path}',
+                                   f'--workdir={tmp_path / "run"}'))
+  assert expected in message
+  assert 'weights_only' not in message  # Not torch's unsafe advice.
+  assert not (tmp_path / 'run').exists()
