@@ -26,16 +26,22 @@ def line(step: int, split: str, values) -> str:
 
 
 def _lines(workdir: pathlib.Path) -> list[tuple[dict, str]]:
-  """(record, line) pairs; a line a kill cut short is not a record."""
+  """(record, line) pairs. A line a kill cut short is not a record, nor is
+  any other line that is not one (bytes that are not UTF-8, JSON of other
+  types, an edit by hand): none is read, and a resume drops them."""
   path = workdir / FILENAME
   if not path.exists():
     return []
   pairs = []
-  for text in path.read_text().splitlines():
+  for raw in path.read_bytes().splitlines():
     try:
-      pairs.append((json.loads(text), text))
-    except ValueError:
-      pass
+      text = raw.decode()
+      record = json.loads(text)
+    except ValueError:  # UnicodeDecodeError is one.
+      continue
+    if (isinstance(record, dict) and isinstance(record.get('split'), str) and
+        type(record.get('step')) is int):
+      pairs.append((record, text))
   return pairs
 
 

@@ -100,3 +100,20 @@ def test_a_pytorch_file_that_is_none(name, content, expected, tmp_path):
   assert expected in message
   assert 'weights_only' not in message  # Not torch's unsafe advice.
   assert not (tmp_path / 'run').exists()
+
+
+def test_metrics_lines_that_are_not_records(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  good = (workdir / 'metrics.jsonl').read_bytes()
+  bad = [b'\xff\xfe{"step": 3}', b'[1, 2]', b'{"step": "3", "split": "train"}',
+         b'{"step": 3, "split": null}', b'{"step": true, "split": "train"}']
+  (workdir / 'metrics.jsonl').write_bytes(b'\n'.join(bad) + b'\n' + good)
+  result = ok(run(workdir, '--config.train_length=20'))  # Resumes from 10.
+  assert 'Traceback' not in result.stderr
+  assert 'Resuming from checkpoint at step 10.' in result.stdout
+  # The resume kept the records up to its checkpoint, and only them.
+  kept = [l for l in good.splitlines() if b'final_test' not in l]
+  lines = (workdir / 'metrics.jsonl').read_bytes().splitlines()
+  assert lines[:len(kept)] == kept
+  assert not set(bad) & set(lines)
