@@ -326,6 +326,12 @@ def load(workdir: pathlib.Path, abstract_state, step: int = -1):
     raise WorkdirError(f'checkpoint {step} in {workdir} is corrupt: {e}'
                        ) from e
   except Exception as e:  # pylint: disable=broad-except
+    if not (workdir / 'checkpoints' / str(step)).exists():
+      raise WorkdirError(
+          f'checkpoint {step} in {workdir} was deleted while it was read (a '
+          'training run keeps only its latest checkpoints and the best); '
+          'evaluate again, or choose a kept one with '
+          '--config.eval_checkpoint_step') from e
     raise WorkdirError(f'checkpoint {step} in {workdir} is unreadable: '
                        f'{cli.first_line(e)}') from e
 

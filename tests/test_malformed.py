@@ -8,8 +8,11 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from resnet_jax import train
+from resnet_jax import workdir as workdir_lib
 from test_end_to_end import error_line
 from test_end_to_end import ok
 from test_end_to_end import ROOT
@@ -117,3 +120,23 @@ def test_metrics_lines_that_are_not_records(trained, tmp_path):
   lines = (workdir / 'metrics.jsonl').read_bytes().splitlines()
   assert lines[:len(kept)] == kept
   assert not set(bad) & set(lines)
+
+
+def test_an_eval_that_races_the_deletion_of_its_checkpoint(trained, tmp_path,
+                                                           monkeypatch):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  restore = workdir_lib.restore
+
+  def deleted_meanwhile(manager, abstract_state, step):
+    # The training run's policy removes it while orbax reads it.
+    shutil.rmtree(workdir / 'checkpoints' / str(step))
+    return restore(manager, abstract_state, step)
+
+  monkeypatch.setattr(workdir_lib, 'restore', deleted_meanwhile)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = workdir_lib.abstract(
+      train.state_shapes(workdir_lib.saved_config(workdir)), device)
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match='checkpoint 10 in .* was deleted while it was read'):
+    workdir_lib.load(workdir, shapes)

@@ -15,6 +15,7 @@ import pytest
 from resnet_jax import workdir as workdir_lib
 from test_end_to_end import command
 from test_end_to_end import env
+from test_end_to_end import free_port
 from test_end_to_end import ok
 from test_end_to_end import params
 from test_end_to_end import records
@@ -36,6 +37,13 @@ def wait_for_training(process, workdir):
     time.sleep(0.05)
 
 
+def stop_line(path):
+  err = path.read_text()
+  lines = [l for l in err.splitlines() if l.startswith('stopped: ')]
+  assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+  return lines[0]
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum,
                                                              tmp_path):
@@ -47,12 +55,10 @@ def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum,
     wait_for_training(process, stopped)
     process.send_signal(signum)
     assert process.wait(timeout=300) == 128 + signum
-  err = (tmp_path / 'stderr').read_text()
-  lines = [l for l in err.splitlines() if l.startswith('stopped: ')]
-  assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+  line = stop_line(tmp_path / 'stderr')
   step = int(re.search(r'at step (\d+), its checkpoint saved; the same '
-                       'command resumes the run', lines[0]).group(1))
-  assert signal.Signals(signum).name in lines[0]
+                       'command resumes the run', line).group(1))
+  assert line.startswith(f'stopped: {signal.Signals(signum).name} at step')
   assert workdir_lib.checkpoint_steps(stopped) == {step}
   assert records(stopped, 'train')[-1]['step'] == step  # Its metrics too.
 
@@ -67,6 +73,31 @@ def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum,
   steps = [r['step'] for r in records(stopped, 'train')]
   assert steps == sorted(set(steps))
   assert set(steps) == set(range(5, step + 6, 5)) | {step, step + 5}
+
+
+def test_a_signal_to_one_host_stops_every_host_at_the_same_step(tmp_path):
+  port = free_port()
+  workdir = tmp_path / 'run'
+  logs = [tmp_path / f'stderr{i}' for i in range(2)]
+  processes = []
+  for i, log in enumerate(logs):
+    with open(log, 'w') as stderr:
+      processes.append(subprocess.Popen(
+          command(workdir, *FLAGS, '--config.train_length=100000',
+                  '--distributed', f'--coordinator_address=127.0.0.1:{port}',
+                  '--num_processes=2', f'--process_id={i}'),
+          cwd=ROOT, env=env(1), stdout=subprocess.DEVNULL, stderr=stderr))
+  try:
+    wait_for_training(processes[0], workdir)
+    processes[1].send_signal(signal.SIGTERM)  # Not to process 0.
+    assert [p.wait(timeout=300) for p in processes] == [143, 143]
+  finally:
+    for p in processes:
+      p.kill()
+  lines = [stop_line(log) for log in logs]
+  assert lines[0] == lines[1]  # The same step.
+  step = int(re.search(r'at step (\d+),', lines[0]).group(1))
+  assert workdir_lib.checkpoint_steps(workdir) == {step}
 
 
 def test_the_sweep_passes_a_signal_on_and_waits(tmp_path):
