@@ -236,7 +236,11 @@ def restore(manager, abstract_state, step: int):
   """A checkpoint, checked against the checksum saved with it."""
   state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   saved = manager.metadata(step).custom_metadata or {}
-  if 'state_sha256' in saved and checksum(state) != saved['state_sha256']:
+  if 'state_sha256' not in saved:  # Lost, or a checkpoint made without one.
+    print(f'warning: checkpoint {step} has no checksum (its '
+          '_CHECKPOINT_METADATA is missing or empty); restored unchecked',
+          flush=True)
+  elif checksum(state) != saved['state_sha256']:
     raise WorkdirError('its arrays do not match the checksum saved with them')
   return state
 

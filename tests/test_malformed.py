@@ -140,3 +140,23 @@ def test_an_eval_that_races_the_deletion_of_its_checkpoint(trained, tmp_path,
   with pytest.raises(workdir_lib.WorkdirError,
                      match='checkpoint 10 in .* was deleted while it was read'):
     workdir_lib.load(workdir, shapes)
+
+
+@pytest.mark.parametrize('damage', ['removed', 'zeroed'])
+def test_a_checkpoint_without_its_checksum_is_reported(damage, trained,
+                                                       tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  metadata = workdir / 'checkpoints' / '10' / '_CHECKPOINT_METADATA'
+  if damage == 'removed':
+    metadata.unlink()
+  else:
+    metadata.write_bytes(b'')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = workdir_lib.abstract(
+      train.state_shapes(workdir_lib.saved_config(workdir)), device)
+  capsys.readouterr()
+  workdir_lib.load(workdir, shapes)
+  assert capsys.readouterr().out == (
+      'warning: checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is '
+      'missing or empty); restored unchecked\n')
