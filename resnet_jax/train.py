@@ -135,8 +135,9 @@ def check_config(config):
               for b in boundaries) and
           list(boundaries) == sorted(set(boundaries)) and
           all(b > 0 for b in boundaries)):
-    raise TrainingError(f'lr_boundaries must be positive and increasing '
-                        f'numbers, e.g. (32000, 48000), got {boundaries!r}')
+    raise TrainingError(f'lr_boundaries must be positive and increasing, got '
+                        f'{boundaries!r} (numbers of steps or epochs, e.g. '
+                        '(32000, 48000))')
 
 
 def schedule_in_steps(config, train_size: int) -> tuple[int, list[int]]:

@@ -22,7 +22,8 @@ from test_end_to_end import run
 @pytest.mark.parametrize('value', ['foo', "(10,'x')", '(10,True)'])
 def test_bad_lr_boundaries(value, tmp_path):
   message = error_line(run(tmp_path / 'run', f'--config.lr_boundaries={value}'))
-  assert 'lr_boundaries must be positive and increasing numbers' in message
+  assert 'lr_boundaries must be positive and increasing, got ' in message
+  assert 'numbers of steps or epochs' in message
   assert not (tmp_path / 'run').exists()
 
 
