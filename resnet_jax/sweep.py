@@ -84,6 +84,8 @@ def main(argv):
     if code in (128 + s for s in train.STOP_SIGNALS):
       print('stopped: run the same sweep again to resume', file=sys.stderr)
       sys.exit(code)
+    if code == 2:  # The run's own error line said what is wrong.
+      sys.exit(code)
     if code:
       cli.fail(f'the run in {workdir} failed (exit status {code}); run the same '
            'sweep again to resume it')

@@ -2,6 +2,7 @@
 is one ``error:`` line and exit status 2, saying what is wrong and what to
 do; nothing already written changes."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import pytest
 
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
+from test_end_to_end import env
 from test_end_to_end import error_line
 from test_end_to_end import ok
 from test_end_to_end import ROOT
@@ -161,3 +163,17 @@ def test_a_checkpoint_without_its_checksum_is_reported(damage, trained,
   assert capsys.readouterr().out == (
       'warning: checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is '
       'missing or empty); restored unchecked\n')
+
+
+def test_a_sweep_whose_run_is_refused_says_it_once(tmp_path):
+  workdir = tmp_path / 'smoke' / 'seed0'
+  workdir.mkdir(parents=True)
+  with open(workdir / 'run.lock', 'a+') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Another run trains.
+    lock.write('pid 1 on elsewhere\n')
+    lock.flush()
+    result = subprocess.run(
+        [sys.executable, '-m', 'resnet_jax.sweep', f'--root={tmp_path}',
+         '--configs=configs/smoke.py'], cwd=ROOT, env=env(2),
+        capture_output=True, text=True, timeout=300)
+  assert 'in use by another run (pid 1 on elsewhere)' in error_line(result)

@@ -124,3 +124,4 @@ def test_the_sweep_passes_a_signal_on_and_waits(tmp_path):
   assert [l for l in err.splitlines() if l.startswith('stopped: ')][1] == (
       'stopped: run the same sweep again to resume')
   assert len(workdir_lib.checkpoint_steps(workdir)) == 1
+
