@@ -21,7 +21,7 @@ from test_end_to_end import ROOT
 from test_end_to_end import run
 
 
-@pytest.mark.parametrize('value', ['foo', "(10,'x')", '(10,True)'])
+@pytest.mark.parametrize('value', ['foo', "(10,'x')"])
 def test_bad_lr_boundaries(value, tmp_path):
   message = error_line(run(tmp_path / 'run', f'--config.lr_boundaries={value}'))
   assert 'lr_boundaries must be positive and increasing, got ' in message
@@ -47,7 +47,7 @@ def trained(tmp_path_factory):
   return workdir
 
 
-@pytest.mark.parametrize('content', ['[1, 2]', 'null', '"resnet"'])
+@pytest.mark.parametrize('content', ['[1, 2]', 'null'])
 def test_a_config_json_that_is_not_an_object(content, trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
