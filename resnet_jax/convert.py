@@ -297,13 +297,13 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   workdir, torch_path = pathlib.Path(FLAGS.workdir), pathlib.Path(
       FLAGS.torch)
+  if torch_path.is_dir():
+    cli.fail(f'--torch={torch_path} is a directory, not a state_dict file')
   if FLAGS.to == 'torch':
     to_torch(workdir, torch_path, FLAGS.layout, FLAGS.overwrite)
     return
   if not isinstance(FLAGS.config, ml_collections.ConfigDict):
     cli.fail('--to=jax needs --config, the config the weights are of')
-  if torch_path.is_dir():
-    cli.fail(f'--torch={torch_path} is a directory, not a state_dict file')
   if not torch_path.is_file():
     cli.fail(f'{torch_path} does not exist')
   to_jax(FLAGS.config, torch_path, workdir,
