@@ -89,8 +89,9 @@ def stop_signal(received: list[int]) -> int:
   """The signal to stop at this step for (0: none), the same on every host.
 
   Each host's signal handler sees only its own signals (a scheduler may
-  signal one host, or each at another moment): the hosts agree, every step,
-  on the first any of them received, so all save the same step.
+  signal one host, or each at another moment): the hosts agree every step
+  (the highest number any of them received), so all save the same step.
+  That costs a scalar all-gather per step, on several hosts only.
   """
   signum = received[0] if received else 0
   if jax.process_count() > 1:
