@@ -14,19 +14,31 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from resnet_jax import atomic
+
 
 def fail(message: str):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
 
+def first_line(error: BaseException) -> str:
+  """A library's exception in one line: its type and the first line of its
+  message that says something (many have none, or start with a blank)."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return type(error).__name__ + (f': {lines[0]}' if lines else '')
+
+
 def quiet(record) -> bool:
   """Drops orbax's per-save INFO lines, its note that an evaluation opened
-  the checkpoints read-only, and jax's line about each platform it did not
-  find (TPU on every CPU machine)."""
+  the checkpoints read-only, its threads' tracebacks of an error that the
+  save raises again (and the command reports), and jax's line about each
+  platform it did not find (TPU on every CPU machine)."""
   message = record.getMessage()
   if record.levelno >= std_logging.WARNING:
-    return not message.startswith('Given directory is read only')
+    return not (message.startswith('Given directory is read only') or
+                ('orbax' in record.pathname and
+                 'raised an exception' in message))
   return not ('orbax' in record.pathname or
               message.startswith('Unable to initialize backend'))
 
@@ -43,6 +55,9 @@ def parse_flags(argv):
   except flags.Error as e:
     fail(str(e))
   except (AttributeError, KeyError) as e:  # --config.<unknown field>=...
+    if 'get_config' in str(e):
+      fail('the config file defines no get_config() (a function returning '
+           'the ConfigDict, as in configs/default.py)')
     field = str(e).strip('"\'')
     fail(f'unknown config field {field!r} (every field is in '
          'configs/default.py)')
@@ -62,5 +77,9 @@ def run(main: Callable[[list[str]], None],
       main(argv)
     except user_errors as e:
       fail(str(e))
+    except OSError as e:
+      if not atomic.is_full(e):
+        raise
+      fail(atomic.full_disk(e.filename or '.'))
 
   app.run(guarded, flags_parser=parse_flags)

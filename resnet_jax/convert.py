@@ -35,6 +35,7 @@ definitions of that layout load with ``load_state_dict``.
 """
 
 import functools
+import io
 import operator
 import pathlib
 import re
@@ -45,6 +46,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from resnet_jax import atomic
 from resnet_jax import cli
 from resnet_jax import data
 from resnet_jax import models
@@ -65,6 +67,8 @@ def define_flags():
   flags.DEFINE_string('torch', None, 'The PyTorch state_dict file: read '
                       '(--to=jax) or written (--to=torch).')
   flags.DEFINE_enum('to', 'jax', ['jax', 'torch'], 'The direction.')
+  flags.DEFINE_bool('overwrite', False, '--to=torch: replace an existing '
+                    '--torch file.')
   flags.DEFINE_enum('layout', None, ['torchvision', 'cifar', 'baseline'],
                     '--to=torch: the names of the state_dict (default: '
                     'torchvision for ImageNet nets, cifar for CIFAR nets).')
@@ -144,11 +148,18 @@ def from_torch_layout(array: np.ndarray, kind: str) -> np.ndarray:
 
 def read_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
   import torch  # pylint: disable=g-import-not-at-top
+  if not path.stat().st_size:
+    raise ConvertError(f'{path} is empty (0 bytes): not a PyTorch checkpoint')
   try:
     loaded = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
+    if 'weights_only' in str(e):  # Not torch's advice to load unsafely.
+      raise ConvertError(
+          f'{path} holds more than tensors, or is no PyTorch file: only a '
+          'state_dict is read (torch.save(model.state_dict(), FILE))'
+          ) from e
     raise ConvertError(f'cannot read {path} as a PyTorch checkpoint: '
-                       f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
+                       f'{cli.first_line(e)}') from e
   if isinstance(loaded, dict) and isinstance(loaded.get('state_dict'), dict):
     loaded = loaded['state_dict']
   if not isinstance(loaded, dict) or not all(
@@ -204,9 +215,13 @@ def to_jax(config, torch_path: pathlib.Path, workdir: pathlib.Path,
            mean, std):
   """Writes ``workdir``: config.json and the converted weights at step 0."""
   workdir_lib.check_writable(workdir)
-  if (workdir / 'config.json').exists():
-    raise ConvertError(f'{workdir} already holds a run; convert into a new '
-                       'workdir')
+  # Orbax keeps no step 0 beside later steps, and evaluation would test the
+  # run's own checkpoint with the converted normalisation: a new workdir.
+  held = [name for name in ('config.json', 'metrics.jsonl', 'checkpoints')
+          if (workdir / name).exists()]
+  if held:
+    raise ConvertError(f'{workdir} already holds a run ({", ".join(held)}); '
+                       'convert into a new workdir')
   variables, layout = variables_from_torch(read_state_dict(torch_path),
                                            config)
   if layout == 'torchvision' and config.depth >= 50:
@@ -236,9 +251,12 @@ def to_jax(config, torch_path: pathlib.Path, workdir: pathlib.Path,
 
 
 def to_torch(workdir: pathlib.Path, torch_path: pathlib.Path,
-             layout: str | None):
-  """Writes the workdir's latest checkpoint as a PyTorch state_dict."""
+             layout: str | None, overwrite: bool = False):
+  """Writes the workdir's latest checkpoint as a PyTorch state_dict; an
+  existing file (perhaps the original download) only with ``overwrite``."""
   import torch  # pylint: disable=g-import-not-at-top
+  if torch_path.exists() and not overwrite:
+    raise ConvertError(f'{torch_path} exists; --overwrite replaces it')
   config = workdir_lib.saved_config(workdir)
   layout = layout or ('torchvision' if config.model == 'imagenet'
                       else 'cifar')
@@ -256,7 +274,9 @@ def to_torch(workdir: pathlib.Path, torch_path: pathlib.Path,
       state_dict[name.replace('running_var', 'num_batches_tracked')] = (
           torch.tensor(0))
   torch_path.parent.mkdir(parents=True, exist_ok=True)
-  torch.save(state_dict, torch_path)
+  buffer = io.BytesIO()
+  torch.save(state_dict, buffer)
+  atomic.write(torch_path, buffer.getvalue())
   print(f'wrote {models.display_name(config)} at step {int(state.step)} as '
         f'a {layout} state_dict to {torch_path}')
 
@@ -277,8 +297,10 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   workdir, torch_path = pathlib.Path(FLAGS.workdir), pathlib.Path(
       FLAGS.torch)
+  if torch_path.is_dir():
+    cli.fail(f'--torch={torch_path} is a directory, not a state_dict file')
   if FLAGS.to == 'torch':
-    to_torch(workdir, torch_path, FLAGS.layout)
+    to_torch(workdir, torch_path, FLAGS.layout, FLAGS.overwrite)
     return
   if not isinstance(FLAGS.config, ml_collections.ConfigDict):
     cli.fail('--to=jax needs --config, the config the weights are of')

@@ -17,6 +17,7 @@ stderr and exit status 2.
 """
 
 import pathlib
+import sys
 
 from absl import flags
 import jax
@@ -89,10 +90,18 @@ def use_run_settings(config, workdir: pathlib.Path):
     saved = workdir_lib.saved_config(workdir)
   except workdir_lib.WorkdirError:
     return  # No run, or an unreadable one: evaluation reports it.
+  if not isinstance(saved, dict):
+    return  # Evaluation reports it.
   overrides = config_flags.get_override_values(FLAGS['config'])
   for key, value in saved.items():
     if key in config and key not in overrides and key not in workdir_lib.MODEL_FIELDS:
-      config[key] = tuple(value) if isinstance(config[key], tuple) else value
+      try:
+        config[key] = tuple(value) if isinstance(config[key], tuple) else value
+      except TypeError as e:  # The config's types are checked.
+        raise workdir_lib.WorkdirError(
+            f'{workdir / "config.json"} has {key}={value!r}, not a '
+            f'{type(config[key]).__name__}; put the run\'s config.json back'
+            ) from e
 
 
 def main(argv):
@@ -118,9 +127,13 @@ def main(argv):
   if FLAGS.distributed:
     initialize_distributed()
   if FLAGS.mode == 'train':
-    result = train.train_and_evaluate(config, FLAGS.workdir,
-                                      FLAGS.start_over,
-                                      FLAGS.allow_config_changes)
+    try:
+      result = train.train_and_evaluate(config, FLAGS.workdir,
+                                        FLAGS.start_over,
+                                        FLAGS.allow_config_changes)
+    except train.Stopped as e:
+      print(f'stopped: {e}', file=sys.stderr)
+      sys.exit(128 + e.signum)
     print(f'{models.display_name(config)}: final test error '
           f'{result["error"]:.2f}% on {result["images"]} images')
   else:

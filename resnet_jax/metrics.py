@@ -14,6 +14,8 @@ import json
 import pathlib
 import time
 
+from resnet_jax import atomic
+
 FILENAME = 'metrics.jsonl'
 TRAIN, VALIDATION, TEST, FINAL_TEST = 'train', 'validation', 'test', 'final_test'
 
@@ -24,16 +26,22 @@ def line(step: int, split: str, values) -> str:
 
 
 def _lines(workdir: pathlib.Path) -> list[tuple[dict, str]]:
-  """(record, line) pairs; a line a kill cut short is not a record."""
+  """(record, line) pairs. A line a kill cut short is not a record, nor is
+  any other line that is not one (bytes that are not UTF-8, JSON of other
+  types, an edit by hand): none is read, and a resume drops them."""
   path = workdir / FILENAME
   if not path.exists():
     return []
   pairs = []
-  for text in path.read_text().splitlines():
+  for raw in path.read_bytes().splitlines():
     try:
-      pairs.append((json.loads(text), text))
-    except ValueError:
-      pass
+      text = raw.decode()
+      record = json.loads(text)
+    except ValueError:  # UnicodeDecodeError is one.
+      continue
+    if (isinstance(record, dict) and isinstance(record.get('split'), str) and
+        type(record.get('step')) is int):
+      pairs.append((record, text))
   return pairs
 
 
@@ -50,10 +58,11 @@ def final_test(records: list[dict]) -> dict | None:
 
 def keep_until(workdir: pathlib.Path, step: int):
   """Drops the records after ``step``, and the final test: what a killed run
-  logged after the checkpoint its resume starts from."""
+  logged after the checkpoint its resume starts from. Atomic: a kill during
+  the rewrite leaves the history before the checkpoint."""
   path = workdir / FILENAME
   if path.exists():
-    path.write_text(''.join(
+    atomic.write(path, ''.join(
         text + '\n' for record, text in _lines(workdir)
         if record['step'] <= step and record['split'] != FINAL_TEST))
 

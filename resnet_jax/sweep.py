@@ -9,10 +9,13 @@ Each (config, seed) trains with ``python -m resnet_jax.main`` in
 ``ROOT/<config name>/seed<N>``, one after another. A run whose metrics
 already hold its final test result is skipped; an interrupted one resumes from
 its checkpoints. ``--set=FIELD=VALUE`` overrides a config field in every run.
+SIGTERM or SIGINT to the sweep goes to the run in progress, which saves its
+step and stops; the sweep then exits with the run's status (143, 130).
 Tables and figures come from the workdirs: ``python -m resnet_jax.report``.
 """
 
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -20,6 +23,7 @@ from absl import flags
 
 from resnet_jax import cli
 from resnet_jax import metrics
+from resnet_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list('configs', None, 'Config files to run.')
@@ -37,6 +41,19 @@ def workdir_of(root: pathlib.Path, config: str, seed: int) -> pathlib.Path:
 def finished(workdir: pathlib.Path) -> bool:
   """Whether the run's metrics hold its final test result."""
   return metrics.final_test(metrics.read(workdir)) is not None
+
+
+def run_to_the_end(command: list[str]) -> int:
+  """Runs a training command; a stop signal to the sweep is passed on to it
+  (which saves and stops), and the sweep waits for it: no run is orphaned."""
+  child = subprocess.Popen(command)
+  forward = lambda signum, frame: child.send_signal(signum)
+  previous = {s: signal.signal(s, forward) for s in train.STOP_SIGNALS}
+  try:
+    return child.wait()
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def main(argv):
@@ -63,7 +80,12 @@ def main(argv):
     command = [sys.executable, '-m', 'resnet_jax.main', f'--config={config}',
                f'--workdir={workdir}', f'--config.seed={seed}',
                *(f'--config.{override}' for override in FLAGS.set)]
-    code = subprocess.run(command, check=False).returncode
+    code = run_to_the_end(command)
+    if code in (128 + s for s in train.STOP_SIGNALS):
+      print('stopped: run the same sweep again to resume', file=sys.stderr)
+      sys.exit(code)
+    if code == 2:  # The run's own error line said what is wrong.
+      sys.exit(code)
     if code:
       cli.fail(f'the run in {workdir} failed (exit status {code}); run the same '
            'sweep again to resume it')

@@ -13,10 +13,12 @@ flax, optax and orbax alone.
 """
 
 from collections.abc import Iterator
+import contextlib
 import dataclasses
 import functools
 import math
 import pathlib
+import signal
 import time
 from typing import Any, NamedTuple
 
@@ -24,6 +26,7 @@ from absl import logging
 from flax.training import train_state
 import jax
 from jax.sharding import NamedSharding
+from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +47,59 @@ class TrainingError(RuntimeError):
 # error line on the command line.
 USER_ERRORS = (models.ModelError, data.DataError, devices_lib.MeshError,
                workdir_lib.WorkdirError, TrainingError)
+
+
+# What preemptible VMs, SLURM and Colab send before they end a job (SIGTERM),
+# and Ctrl-C (SIGINT): a run stops after the step in flight, with a
+# checkpoint. The command then exits with 128 + the signal's number (143,
+# 130), the status a shell gives a process the signal ended.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Stopped(Exception):
+  """A run stopped by a signal, its state saved at ``step``."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f'{signal.Signals(signum).name} at step {step}, its '
+                     'checkpoint saved; the same command resumes the run')
+    self.signum, self.step = signum, step
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Records STOP_SIGNALS in the list it yields instead of dying of them.
+
+  The training loop looks after each dispatch (``stop_signal``): it stops at
+  the step the dispatch in flight ends on. A second signal
+  while the run saves only adds to the list: the save is not cut short.
+  A signal the process was started ignoring (``nohup``, ``cmd &``) stays
+  ignored.
+  """
+  received = []
+  previous = {}
+  for signum in STOP_SIGNALS:
+    if signal.getsignal(signum) is not signal.SIG_IGN:
+      previous[signum] = signal.signal(
+          signum, lambda signum, frame: received.append(signum))
+  try:
+    yield received
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
+def stop_signal(received: list[int]) -> int:
+  """The signal to stop at this step for (0: none), the same on every host.
+
+  Each host's signal handler sees only its own signals (a scheduler may
+  signal one host, or each at another moment): the hosts agree after every
+  dispatch (the highest number any of them received), so all save the same
+  step. That costs a scalar all-gather per dispatch, on several hosts only.
+  """
+  signum = received[0] if received else 0
+  if jax.process_count() > 1:
+    signum = int(np.max(multihost_utils.process_allgather(np.int32(signum))))
+  return signum
 
 
 class TrainState(train_state.TrainState):
@@ -79,10 +135,15 @@ def check_config(config):
         f'a warm-up needs warmup_steps >= 0 and a positive '
         f'warmup_learning_rate, got {config.warmup_steps!r} steps at '
         f'{config.warmup_learning_rate!r}')
-  boundaries = list(config.lr_boundaries)
-  if boundaries != sorted(set(boundaries)) or any(b <= 0 for b in boundaries):
+  boundaries = config.lr_boundaries
+  if not (isinstance(boundaries, (tuple, list)) and
+          all(isinstance(b, (int, float)) and not isinstance(b, bool)
+              for b in boundaries) and
+          list(boundaries) == sorted(set(boundaries)) and
+          all(b > 0 for b in boundaries)):
     raise TrainingError(f'lr_boundaries must be positive and increasing, got '
-                        f'{tuple(boundaries)}')
+                        f'{boundaries!r} (numbers of steps or epochs, e.g. '
+                        '(32000, 48000))')
   if config.lr_schedule not in LR_SCHEDULES:
     raise TrainingError(f'lr_schedule must be piecewise or plateau, got '
                         f'{config.lr_schedule!r}')
@@ -429,7 +490,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
 
   A finished run is not trained or tested again: its final test is
   returned. ``start_over`` and ``allow_config_changes`` are
-  ``workdir.resume``'s and ``workdir.check_changes``'s.
+  ``workdir.resume``'s and ``workdir.check_changes``'s. Raises Stopped
+  after SIGTERM or SIGINT, with the step reached saved.
   """
   from clu import periodic_actions  # pylint: disable=g-import-not-at-top
   from resnet_jax import writers  # pylint: disable=g-import-not-at-top
@@ -443,7 +505,7 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
     print(f'warning: lr_boundaries {", ".join(map(str, late))} are not '
           f'before the end of training ({config.train_length} '
           f'{config.schedule_unit}): no learning-rate drop there', flush=True)
-  with workdir_lib.lock(workdir):
+  with workdir_lib.lock(workdir), stop_requests() as received:
     if has_run:
       workdir_lib.check_changes(config, workdir, allow_config_changes)
     else:  # Only once the config has proved loadable.
@@ -497,7 +559,8 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
       step += steps.steps_per_dispatch
       report(step)
       is_last = step == total_steps
-      if step % config.log_every_steps == 0 or is_last:
+      stop = stop_signal(received)
+      if step % config.log_every_steps == 0 or is_last or stop:
         summary = {k: float(np.mean(v)) for k, v in
                    jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
                                                *train_metrics)).items()}
@@ -523,11 +586,15 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
                                      config.lr_patience, config.lr_factor)
         elif is_last:
           tested = result
-      if step % config.checkpoint_every_steps == 0 or is_last:
+      if step % config.checkpoint_every_steps == 0 or is_last or stop:
         if not bool(all_finite(state.params)):
           raise TrainingError(f'parameters are not finite at step {step}; '
                               f'stopped. {workdir_lib.kept(manager)}')
         workdir_lib.save(manager, state, checkpoint_metrics)
+      if stop:
+        manager.wait_until_finished()
+        writer.flush()
+        raise Stopped(stop, step)
     manager.wait_until_finished()
 
     result = tested or evaluate(steps, state, inputs.eval(metrics.TEST))

@@ -24,6 +24,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from resnet_jax import atomic
+from resnet_jax import cli
 from resnet_jax import metrics
 from resnet_jax import models
 
@@ -55,11 +57,16 @@ def _saved(workdir: pathlib.Path) -> dict:
   """config.json, with the values runs before a new field were made with."""
   path = workdir / 'config.json'
   try:
-    return NEW_FIELD_DEFAULTS | json.loads(path.read_text())
+    saved = json.loads(path.read_text())
   except OSError as e:
     raise WorkdirError(f'{workdir} holds no run (no config.json)') from e
   except ValueError as e:
     raise WorkdirError(f'{path} is unreadable: {e}') from e
+  if not isinstance(saved, dict):
+    raise WorkdirError(f'{path} holds no config (JSON {type(saved).__name__}, '
+                       'not an object of fields); put the run\'s config.json '
+                       'back')
+  return NEW_FIELD_DEFAULTS | saved
 
 
 def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
@@ -97,6 +104,10 @@ def check_writable(workdir: pathlib.Path):
   if not existing.is_dir():
     raise WorkdirError(f'--workdir {workdir}: {existing} is a file, not a '
                         'directory')
+  checkpoints = path / 'checkpoints'
+  if checkpoints.exists() and not checkpoints.is_dir():
+    raise WorkdirError(f'{checkpoints} is a file, not the directory of the '
+                       'run\'s checkpoints; move it out of the workdir')
   if not os.access(existing, os.W_OK | os.X_OK):
     raise WorkdirError(f'--workdir {workdir}: {existing} is not writable')
 
@@ -113,19 +124,21 @@ def lock(workdir: pathlib.Path):
     yield
     return
   workdir.mkdir(parents=True, exist_ok=True)
-  with open(workdir / 'run.lock', 'a+') as f:
+  # Unbuffered: nothing is left to write when it closes (on a full disk,
+  # that write would fail again, without the file's name).
+  with open(workdir / 'run.lock', 'a+b', buffering=0) as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
-      holder = f.read().strip() or 'another process'
+      holder = f.read().decode().strip() or 'another process'
       raise WorkdirError(
           f'{workdir} is in use by another run ({holder}); wait for it to '
           'end or use another --workdir') from None
-    f.seek(0)
-    f.truncate()
-    f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-    f.flush()
+    with atomic.naming(workdir / 'run.lock'):
+      f.seek(0)
+      f.truncate()
+      f.write(f'pid {os.getpid()} on {socket.gethostname()}\n'.encode())
     yield
 
 
@@ -133,7 +146,9 @@ def check_changes(config, workdir: pathlib.Path, allow: bool):
   """Refuses a resume whose training fields differ from config.json's.
 
   With ``allow``, config.json takes the new values and the change is
-  appended to ``config_changes.jsonl`` (time, field: [old, new]).
+  appended to ``config_changes.jsonl`` (time, field: [old, new]). The
+  append is a rewrite of the whole (small) file, atomically: a kill leaves
+  no torn line for the next change to be glued to.
   """
   saved = _saved(workdir)
   current = json.loads(config.to_json())
@@ -154,8 +169,10 @@ def check_changes(config, workdir: pathlib.Path, allow: bool):
   print(f'note: resuming with changed settings ({listed}); recorded in '
         f'{workdir / "config_changes.jsonl"}', flush=True)
   if jax.process_index() == 0:
-    with (workdir / 'config_changes.jsonl').open('a') as f:
-      f.write(json.dumps({'time': time.time(), 'changes': changes}) + '\n')
+    path = workdir / 'config_changes.jsonl'
+    earlier = path.read_text() if path.exists() else ''
+    atomic.write(path, earlier + json.dumps(
+        {'time': time.time(), 'changes': changes}) + '\n')
   record_config(config, workdir)
 
 
@@ -163,8 +180,8 @@ def record_config(config, workdir: pathlib.Path):
   """Writes config.json: for a new run, or after allowed config changes."""
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(
-        config.to_json(indent=2, sort_keys=True) + '\n')
+    atomic.write(workdir / 'config.json',
+                 config.to_json(indent=2, sort_keys=True) + '\n')
 
 
 def checkpoint_manager(workdir: pathlib.Path, keep: int, read_only=False):
@@ -204,17 +221,35 @@ def checksum(state) -> str:
 
 def save(manager, state, ranking: dict[str, float] | None):
   """Saves a checkpoint with its checksum; ``ranking`` is what the policy
-  ranks it by ({'validation_error': ...}, or None)."""
-  manager.save(int(state.step), args=ocp.args.StandardSave(state),
-               metrics=ranking,
-               custom_metadata={'state_sha256': checksum(state)})
+  ranks it by ({'validation_error': ...}, or None).
+
+  On a full disk the half-written checkpoint is removed (its space is the
+  user's to free, and orbax would only remove it at the next save of that
+  step) and the earlier ones are kept.
+  """
+  step = int(state.step)
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state), metrics=ranking,
+                 custom_metadata={'state_sha256': checksum(state)})
+  except Exception as e:  # pylint: disable=broad-except
+    if not atomic.is_full(e):
+      raise
+    directory = pathlib.Path(manager.directory)
+    for partial in directory.glob(f'{step}.orbax-checkpoint-tmp*'):
+      shutil.rmtree(partial, ignore_errors=True)
+    raise WorkdirError(f'checkpoint {step}: {atomic.full_disk(directory)}'
+                       ) from e
 
 
 def restore(manager, abstract_state, step: int):
   """A checkpoint, checked against the checksum saved with it."""
   state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   saved = manager.metadata(step).custom_metadata or {}
-  if 'state_sha256' in saved and checksum(state) != saved['state_sha256']:
+  if 'state_sha256' not in saved:  # Lost, or a checkpoint made without one.
+    print(f'warning: checkpoint {step} has no checksum (its '
+          '_CHECKPOINT_METADATA is missing or empty); restored unchecked',
+          flush=True)
+  elif checksum(state) != saved['state_sha256']:
     raise WorkdirError('its arrays do not match the checksum saved with them')
   return state
 
@@ -233,12 +268,12 @@ def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
       return restore(manager, abstract_state, step)
     except Exception as e:  # pylint: disable=broad-except
       aside = workdir / 'corrupt_checkpoints' / str(step)
-      logging.warning('Checkpoint %d is unreadable (%s: %s); moved to %s, '
-                      'falling back to the previous one.', step,
-                      type(e).__name__, str(e).splitlines()[0], aside)
-      print(f'warning: checkpoint {step} is unreadable '
-            f'({str(e).splitlines()[0]}); falling back to the previous one '
-            f'(moved to {aside})', flush=True)
+      reason = cli.first_line(e).removeprefix('WorkdirError: ')
+      logging.warning('Checkpoint %d is unreadable (%s); moved to %s, '
+                      'falling back to the previous one.', step, reason,
+                      aside)
+      print(f'warning: checkpoint {step} is unreadable ({reason}); falling '
+            f'back to the previous one (moved to {aside})', flush=True)
       if jax.process_index() == 0:
         aside.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))
@@ -304,8 +339,14 @@ def load(workdir: pathlib.Path, abstract_state, step: int = -1):
     raise WorkdirError(f'checkpoint {step} in {workdir} is corrupt: {e}'
                        ) from e
   except Exception as e:  # pylint: disable=broad-except
+    if not (workdir / 'checkpoints' / str(step)).exists():
+      raise WorkdirError(
+          f'checkpoint {step} in {workdir} was deleted while it was read (a '
+          'training run keeps only its latest checkpoints and the best); '
+          'evaluate again, or choose a kept one with '
+          '--config.eval_checkpoint_step') from e
     raise WorkdirError(f'checkpoint {step} in {workdir} is unreadable: '
-                       f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
+                       f'{cli.first_line(e)}') from e
 
 
 def initial_weights(state, source: pathlib.Path, shapes_of, sharding):

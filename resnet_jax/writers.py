@@ -13,6 +13,7 @@ data.import_tensorflow()  # Off the accelerators before clu imports it.
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from clu import metric_writers
 
+from resnet_jax import atomic
 from resnet_jax import metrics
 
 
@@ -28,7 +29,7 @@ class JsonlWriter(metric_writers.MetricWriter):
       split, _, metric = name.partition('/')
       if metric:  # Progress scalars (steps_per_sec, uptime) are the log's.
         splits.setdefault(split, {})[metric] = value
-    with self.path.open('a') as f:
+    with atomic.naming(self.path), self.path.open('a') as f:
       for split, values in splits.items():
         f.write(metrics.line(step, split, values))
 

@@ -239,3 +239,34 @@ def test_fine_tuning_starts_from_the_converted_weights(tmp_path, capsys):
       for a, b in zip(jax.tree.leaves(params[0][name]),
                       jax.tree.leaves(params[1][name])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_existing_file_or_run_is_not_overwritten(tmp_path):
+  from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
+  torch.save(torch_baseline.CifarResNet(8).state_dict(), tmp_path / 'r8.pth')
+  original = (tmp_path / 'r8.pth').read_bytes()
+  config = resnet20.get_config()
+  config.depth = 8
+  convert.to_jax(config, tmp_path / 'r8.pth', tmp_path / 'run', [0.5] * 3,
+                 [0.25] * 3)
+  # Back to the file the weights came from (the user's download).
+  result = run_convert('--to=torch', f'--workdir={tmp_path / "run"}',
+                       f'--torch={tmp_path / "r8.pth"}')
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert [l for l in result.stderr.splitlines() if l.startswith('error: ')
+          ] == [f'error: {tmp_path / "r8.pth"} exists; --overwrite replaces '
+                'it']
+  assert (tmp_path / 'r8.pth').read_bytes() == original
+  result = run_convert('--to=torch', f'--workdir={tmp_path / "run"}',
+                       f'--torch={tmp_path / "r8.pth"}', '--overwrite')
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'num_batches_tracked' in ''.join(
+      torch.load(tmp_path / 'r8.pth', weights_only=True))
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []
+  # A workdir with a run's checkpoints but no config.json (lost): a step-0
+  # checkpoint would not be kept beside them, and eval would test theirs.
+  (tmp_path / 'trained' / 'checkpoints' / '125').mkdir(parents=True)
+  with pytest.raises(convert.ConvertError, match='already holds a run'):
+    convert.to_jax(config, tmp_path / 'r8.pth', tmp_path / 'trained',
+                   [0.5] * 3, [0.25] * 3)
+  assert [p.name for p in (tmp_path / 'trained').iterdir()] == ['checkpoints']

@@ -1,0 +1,92 @@
+"""A full disk: one error line naming the path and the space left, nothing
+written before lost, and the same command goes on once there is room.
+
+The disk fills by injection (no mount needed): the run is ``resnet_jax.main``
+in a process where one write fails with ENOSPC, as it fails on a full disk.
+"""
+
+import errno
+import subprocess
+import sys
+
+import pytest
+
+from resnet_jax import metrics
+from resnet_jax import workdir as workdir_lib
+from test_end_to_end import command
+from test_end_to_end import env
+from test_end_to_end import error_line
+from test_end_to_end import ok
+from test_end_to_end import ROOT
+from test_end_to_end import run
+
+FULL = f'OSError({errno.ENOSPC}, "No space left on device")'
+HOOKS = {
+    # A late-allocating filesystem: the data are buffered, the flush fails.
+    'config.json': f"""
+import os
+def fsync(fd):
+  raise {FULL}
+os.fsync = fsync
+""",
+    # The append of step 15's records.
+    'metrics.jsonl': f"""
+from resnet_jax import metrics
+line = metrics.line
+def full_at_15(step, *args):
+  if step == 15:
+    raise {FULL}
+  return line(step, *args)
+metrics.line = full_at_15
+""",
+    # What orbax raises when TensorStore finds the disk full, after it has
+    # begun the checkpoint's temporary directory.
+    'checkpoints': """
+import pathlib
+import orbax.checkpoint as ocp
+save = ocp.CheckpointManager.save
+def full_at_20(self, step, *args, **kwargs):
+  if step == 20:
+    partial = pathlib.Path(self.directory) / '20.orbax-checkpoint-tmp'
+    (partial / 'default.orbax-checkpoint-tmp').mkdir(parents=True)
+    raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.conv_init" '
+                     'in OCDBT database: Failed to write 7023 bytes to file '
+                     "16: No space left on device [os_error_code='28']")
+  return save(self, step, *args, **kwargs)
+ocp.CheckpointManager.save = full_at_20
+""",
+}
+MAIN = """
+import runpy, sys
+sys.argv = ['resnet_jax.main', *sys.argv[1:]]
+runpy.run_module('resnet_jax.main', run_name='__main__')
+"""
+
+
+@pytest.mark.parametrize('path', HOOKS)
+def test_a_full_disk_is_one_line_and_the_same_command_goes_on(path,
+                                                              tmp_path):
+  full = subprocess.run(
+      [sys.executable, '-c', HOOKS[path] + MAIN, *command(tmp_path)[3:]],
+      cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=600)
+  message = error_line(full)
+  assert message.startswith('error: ' + (
+      'checkpoint 20: ' if path == 'checkpoints' else '') +
+      f'no space left on the device of {tmp_path / path} (')
+  assert 'MiB free); what was written before is intact' in message
+  names = {p.name for p in tmp_path.iterdir()}
+  assert not [n for n in names if n.startswith('.')]  # No temporary file.
+  if path == 'config.json':
+    assert 'config.json' not in names  # Not an empty one.
+  else:
+    assert workdir_lib.checkpoint_steps(tmp_path) == {10}
+    assert not list((tmp_path / 'checkpoints').glob('*tmp*'))
+  if path == 'metrics.jsonl':
+    assert max(r['step'] for r in metrics.read(tmp_path)) == 10
+  # The disk has room again.
+  result = ok(run(tmp_path))
+  if path != 'config.json':
+    assert 'Resuming from checkpoint at step 10.' in result.stdout
+  assert workdir_lib.checkpoint_steps(tmp_path) == {10, 20}
+  assert [r['step'] for r in metrics.read(tmp_path)
+          if r['split'] == 'train'] == [5, 10, 15, 20]

@@ -1,0 +1,179 @@
+"""Malformed input (config values and files, workdir contents, PyTorch files)
+is one ``error:`` line and exit status 2, saying what is wrong and what to
+do; nothing already written changes."""
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from resnet_jax import train
+from resnet_jax import workdir as workdir_lib
+from test_end_to_end import env
+from test_end_to_end import error_line
+from test_end_to_end import ok
+from test_end_to_end import ROOT
+from test_end_to_end import run
+
+
+@pytest.mark.parametrize('value', ['foo', "(10,'x')"])
+def test_bad_lr_boundaries(value, tmp_path):
+  message = error_line(run(tmp_path / 'run', f'--config.lr_boundaries={value}'))
+  assert 'lr_boundaries must be positive and increasing, got ' in message
+  assert 'numbers of steps or epochs' in message
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_config_file_without_get_config(tmp_path):
+  (tmp_path / 'notes.py').write_text('depth = 20\n')
+  message = error_line(subprocess.run(
+      [sys.executable, '-m', 'resnet_jax.main', f'--config={tmp_path}/notes.py',
+       '--mode=summary'], cwd=ROOT, capture_output=True, text=True,
+      timeout=300))
+  assert message == ('error: the config file defines no get_config() (a '
+                     'function returning the ConfigDict, as in '
+                     'configs/default.py)')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('runs') / 'smoke'
+  ok(run(workdir, '--config.train_length=10'))
+  return workdir
+
+
+@pytest.mark.parametrize('content', ['[1, 2]', 'null'])
+def test_a_config_json_that_is_not_an_object(content, trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  (workdir / 'config.json').write_text(content)
+  for mode in ('train', 'eval'):
+    message = error_line(run(workdir, '--config.train_length=10', mode=mode))
+    assert f'{workdir / "config.json"} holds no config (JSON ' in message
+  assert (workdir / 'config.json').read_text() == content
+
+
+def test_a_config_json_field_of_the_wrong_type(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  saved = json.loads((workdir / 'config.json').read_text())
+  (workdir / 'config.json').write_text(json.dumps(saved | {
+      'eval_batch_size': 'sixty-four'}))
+  message = error_line(run(workdir, mode='eval'))
+  assert "has eval_batch_size='sixty-four', not a int" in message
+
+
+def test_checkpoints_that_are_a_file(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  shutil.rmtree(workdir / 'checkpoints')
+  (workdir / 'checkpoints').write_text('not a directory')
+  metrics = (workdir / 'metrics.jsonl').read_text()
+  for flags in ((), ('--start_over',)):
+    message = error_line(run(workdir, '--config.train_length=10', *flags))
+    assert 'checkpoints is a file, not the directory of the run' in message
+  # --start_over moved nothing aside.
+  assert (workdir / 'metrics.jsonl').read_text() == metrics
+  assert not list(workdir.glob('metrics.replaced-*'))
+
+
+def run_convert(*flags):
+  return subprocess.run([sys.executable, '-m', 'resnet_jax.convert', *flags],
+                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize('name, content, expected', [
+    ('empty.pth', b'', 'is empty (0 bytes): not a PyTorch checkpoint'),
+    ('garbage.pth', b'garbage\n', 'holds more than tensors, or is no '
+     'PyTorch file: only a state_dict is read'),
+    ('folder', None, 'is a directory, not a state_dict file'),
+])
+def test_a_pytorch_file_that_is_none(name, content, expected, tmp_path):
+  path = tmp_path / name
+  if content is None:
+    path.mkdir()
+  else:
+    path.write_bytes(content)
+  message = error_line(run_convert('--config=configs/resnet20.py',
+                                   f'--torch={path}',
+                                   f'--workdir={tmp_path / "run"}'))
+  assert expected in message
+  assert 'weights_only' not in message  # Not torch's unsafe advice.
+  assert not (tmp_path / 'run').exists()
+
+
+def test_metrics_lines_that_are_not_records(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  good = (workdir / 'metrics.jsonl').read_bytes()
+  bad = [b'\xff\xfe{"step": 3}', b'[1, 2]', b'{"step": "3", "split": "train"}',
+         b'{"step": 3, "split": null}', b'{"step": true, "split": "train"}']
+  (workdir / 'metrics.jsonl').write_bytes(b'\n'.join(bad) + b'\n' + good)
+  result = ok(run(workdir, '--config.train_length=20'))  # Resumes from 10.
+  assert 'Traceback' not in result.stderr
+  assert 'Resuming from checkpoint at step 10.' in result.stdout
+  # The resume kept the records up to its checkpoint, and only them.
+  kept = [l for l in good.splitlines() if b'final_test' not in l]
+  lines = (workdir / 'metrics.jsonl').read_bytes().splitlines()
+  assert lines[:len(kept)] == kept
+  assert not set(bad) & set(lines)
+
+
+def test_an_eval_that_races_the_deletion_of_its_checkpoint(trained, tmp_path,
+                                                           monkeypatch):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  restore = workdir_lib.restore
+
+  def deleted_meanwhile(manager, abstract_state, step):
+    # The training run's policy removes it while orbax reads it.
+    shutil.rmtree(workdir / 'checkpoints' / str(step))
+    return restore(manager, abstract_state, step)
+
+  monkeypatch.setattr(workdir_lib, 'restore', deleted_meanwhile)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = workdir_lib.abstract(
+      train.state_shapes(workdir_lib.saved_config(workdir)), device)
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match='checkpoint 10 in .* was deleted while it was read'):
+    workdir_lib.load(workdir, shapes)
+
+
+@pytest.mark.parametrize('damage', ['removed', 'zeroed'])
+def test_a_checkpoint_without_its_checksum_is_reported(damage, trained,
+                                                       tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  metadata = workdir / 'checkpoints' / '10' / '_CHECKPOINT_METADATA'
+  if damage == 'removed':
+    metadata.unlink()
+  else:
+    metadata.write_bytes(b'')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = workdir_lib.abstract(
+      train.state_shapes(workdir_lib.saved_config(workdir)), device)
+  capsys.readouterr()
+  workdir_lib.load(workdir, shapes)
+  assert capsys.readouterr().out == (
+      'warning: checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is '
+      'missing or empty); restored unchecked\n')
+
+
+def test_a_sweep_whose_run_is_refused_says_it_once(tmp_path):
+  workdir = tmp_path / 'smoke' / 'seed0'
+  workdir.mkdir(parents=True)
+  with open(workdir / 'run.lock', 'a+') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Another run trains.
+    lock.write('pid 1 on elsewhere\n')
+    lock.flush()
+    result = subprocess.run(
+        [sys.executable, '-m', 'resnet_jax.sweep', f'--root={tmp_path}',
+         '--configs=configs/smoke.py'], cwd=ROOT, env=env(2),
+        capture_output=True, text=True, timeout=300)
+  assert 'in use by another run (pid 1 on elsewhere)' in error_line(result)

@@ -1,0 +1,127 @@
+"""SIGTERM and SIGINT: a run saves the step it reached, stops, and resumes
+exactly. Real ``python -m resnet_jax.main`` (and sweep) processes."""
+
+import fcntl
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from resnet_jax import workdir as workdir_lib
+from test_end_to_end import command
+from test_end_to_end import env
+from test_end_to_end import free_port
+from test_end_to_end import ok
+from test_end_to_end import params
+from test_end_to_end import records
+from test_end_to_end import ROOT
+from test_end_to_end import run
+
+# Checkpoints only far past where the signal comes: what is saved at the
+# stop is the stop's own.
+FLAGS = ('--config.log_every_steps=5', '--config.eval_every_steps=20',
+         '--config.checkpoint_every_steps=1000')
+
+
+def wait_for_training(process, workdir):
+  """Until the run has logged its first training steps."""
+  deadline = time.time() + 300
+  while not ((workdir / 'metrics.jsonl').exists() and
+             records(workdir, 'train')):
+    assert process.poll() is None and time.time() < deadline
+    time.sleep(0.05)
+
+
+def stop_line(path):
+  err = path.read_text()
+  lines = [l for l in err.splitlines() if l.startswith('stopped: ')]
+  assert len(lines) == 1 and 'Traceback' not in err, err[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum,
+                                                             tmp_path):
+  stopped = tmp_path / 'stopped'
+  with open(tmp_path / 'stderr', 'w') as stderr:
+    process = subprocess.Popen(
+        command(stopped, *FLAGS, '--config.train_length=100000'), cwd=ROOT,
+        env=env(2), stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_for_training(process, stopped)
+    process.send_signal(signum)
+    assert process.wait(timeout=300) == 128 + signum
+  line = stop_line(tmp_path / 'stderr')
+  step = int(re.search(r'at step (\d+), its checkpoint saved; the same '
+                       'command resumes the run', line).group(1))
+  assert line.startswith(f'stopped: {signal.Signals(signum).name} at step')
+  assert workdir_lib.checkpoint_steps(stopped) == {step}
+  assert records(stopped, 'train')[-1]['step'] == step  # Its metrics too.
+
+  end = f'--config.train_length={step + 5}'
+  resumed = ok(run(stopped, *FLAGS, end))
+  assert f'Resuming from checkpoint at step {step}.' in resumed.stdout
+  ok(run(tmp_path / 'straight', *FLAGS, end))
+  for x, y in zip(jax.tree.leaves(params(tmp_path / 'straight', step + 5)),
+                  jax.tree.leaves(params(stopped, step + 5))):
+    np.testing.assert_array_equal(x, y)
+  # Every step's training metrics are in one record: none lost, none twice.
+  steps = [r['step'] for r in records(stopped, 'train')]
+  assert steps == sorted(set(steps))
+  assert set(steps) == set(range(5, step + 6, 5)) | {step, step + 5}
+
+
+def test_a_signal_to_one_host_stops_every_host_at_the_same_step(tmp_path):
+  port = free_port()
+  workdir = tmp_path / 'run'
+  logs = [tmp_path / f'stderr{i}' for i in range(2)]
+  processes = []
+  for i, log in enumerate(logs):
+    with open(log, 'w') as stderr:
+      processes.append(subprocess.Popen(
+          command(workdir, *FLAGS, '--config.train_length=100000',
+                  '--distributed', f'--coordinator_address=127.0.0.1:{port}',
+                  '--num_processes=2', f'--process_id={i}'),
+          cwd=ROOT, env=env(1), stdout=subprocess.DEVNULL, stderr=stderr))
+  try:
+    wait_for_training(processes[0], workdir)
+    processes[1].send_signal(signal.SIGTERM)  # Not to process 0.
+    assert [p.wait(timeout=300) for p in processes] == [143, 143]
+  finally:
+    for p in processes:
+      p.kill()
+  lines = [stop_line(log) for log in logs]
+  assert lines[0] == lines[1]  # The same step.
+  step = int(re.search(r'at step (\d+),', lines[0]).group(1))
+  assert workdir_lib.checkpoint_steps(workdir) == {step}
+
+
+def test_the_sweep_passes_a_signal_on_and_waits(tmp_path):
+  with open(tmp_path / 'stderr', 'w') as stderr:
+    sweep = subprocess.Popen(
+        [sys.executable, '-m', 'resnet_jax.sweep', f'--root={tmp_path}',
+         '--configs=configs/smoke.py', '--set=train_length=100000',
+         *(f'--set={f.removeprefix("--config.")}' for f in FLAGS)],
+        cwd=ROOT, env=env(2), stdout=subprocess.DEVNULL, stderr=stderr)
+    workdir = tmp_path / 'smoke' / 'seed0'
+    wait_for_training(sweep, workdir)
+    sweep.send_signal(signal.SIGTERM)
+    assert sweep.wait(timeout=300) == 143
+  with open(workdir / 'run.lock', 'a+') as lock:
+    try:  # The run has ended: nothing holds its lock.
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      orphan = int(lock.read().split()[1])
+      subprocess.run(['kill', '-9', str(orphan)], check=False)
+      pytest.fail(f'the sweep left its run (pid {orphan}) running')
+  err = (tmp_path / 'stderr').read_text()
+  assert 'Traceback' not in err, err[-3000:]
+  assert [l for l in err.splitlines() if l.startswith('stopped: ')][1] == (
+      'stopped: run the same sweep again to resume')
+  assert len(workdir_lib.checkpoint_steps(workdir)) == 1
+
