@@ -30,6 +30,21 @@ With ``--plain`` each ResNet row is followed by its plain twin's,
 and the ResNet row gets the residual tax: its seconds per step over the
 plain net's. Every row is also one JSON line, for scripts.
 
+Each row is the median of ``--repeats`` timings (3 by default), taken in
+turn with its PyTorch baseline and plain twin, repeat after repeat, so a
+slow spell of a shared machine falls on all of them; the spread (the range
+over the median) is printed, and the ratios are of the medians.
+``--steps_per_dispatch=1,16`` times train rows of K steps per jitted call
+(``config.steps_per_dispatch``). ``--seeds=1,5`` adds, for 5 seeds, train
+rows of 5 copies of the training step (``train.train_step`` on each seed's
+own state and batch) in each placement: ``vmap`` on one device (XLA batches
+the seeds' convolutions into grouped ones), ``shard_map`` over a ``seeds``
+axis of the devices (no cross-device reduction; vmapped on each device when
+there are more seeds than devices), and ``data``: one seed after another,
+each data-parallel as training runs today. They print images/s in all and
+per seed: whether the paper's runs (Table 6: 5 per depth) pay to train side
+by side.
+
   python -m resnet_jax.benchmark --config=configs/imagenet_resnet18.py \
       --input_pipeline
 
