@@ -216,12 +216,12 @@ def test_accelerator_benchmark_without_tensorflow_clu_or_torch(tmp_path):
       'resnet_jax.accelerator_benchmark',
       ('tensorflow', 'tensorflow_datasets', 'clu', 'torch'),
       f'--out={tmp_path}', '--depths=8', '--batch_sizes=8',
-      '--dtypes=float32', '--steps_per_dispatch=2', '--seeds=1,2',
-      '--repeats=2', '--min_seconds=0')
+      '--dtypes=float32', '--steps_per_dispatch=2', '--seeds=2',
+      '--repeats=2', '--min_seconds=0')  # (1 seed: test_benchmark_rows.)
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads((tmp_path / 'benchmark.json').read_text())['rows']
   assert [(r['seeds'], r['placement']) for r in rows] == [
-      (1, 'data'), (2, 'vmap'), (2, 'shard_map'), (2, 'data')]
+      (2, 'vmap'), (2, 'shard_map'), (2, 'data')]
   for row in rows:
     assert row['model'] == 'ResNet-8' and row['steps_per_dispatch'] == 2
     assert len(row['images_per_s_repeats']) == 2
@@ -231,11 +231,11 @@ def test_accelerator_benchmark_without_tensorflow_clu_or_torch(tmp_path):
         row['images_per_s'] / row['seeds'])
     assert 'pytorch_images_per_s' not in row  # No torch: no PyTorch rows.
   # 2 seeds on 2 devices: one each.
-  assert [r['devices'] for r in rows] == [2, 1, 2, 2]
+  assert [r['devices'] for r in rows] == [1, 2, 2]
   table = (tmp_path / 'benchmark.md').read_text()
   assert re.findall(r'^\| ResNet-8 \| float32 \| 2 \| (\d) \| (\w+) \|',
-                    table, re.M) == [('1', 'data'), ('2', 'vmap'),
-                                     ('2', 'shard_map'), ('2', 'data')]
+                    table, re.M) == [('2', 'vmap'), ('2', 'shard_map'),
+                                     ('2', 'data')]
 
 
 @pytest.mark.parametrize('placement', ['vmap', 'shard_map'])
