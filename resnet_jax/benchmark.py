@@ -30,6 +30,21 @@ With ``--plain`` each ResNet row is followed by its plain twin's,
 and the ResNet row gets the residual tax: its seconds per step over the
 plain net's. Every row is also one JSON line, for scripts.
 
+Each row is the median of ``--repeats`` timings (3 by default), taken in
+turn with its PyTorch baseline and plain twin, repeat after repeat, so a
+slow spell of a shared machine falls on all of them; the spread (the range
+over the median) is printed, and the ratios are of the medians.
+``--steps_per_dispatch=1,16`` times train rows of K steps per jitted call
+(``config.steps_per_dispatch``). ``--seeds=1,5`` adds, for 5 seeds, train
+rows of 5 copies of the training step (``train.train_step`` on each seed's
+own state and batch) in each placement: ``vmap`` on one device (XLA batches
+the seeds' convolutions into grouped ones), ``shard_map`` over a ``seeds``
+axis of the devices (no cross-device reduction; vmapped on each device when
+there are more seeds than devices), and ``data``: one seed after another,
+each data-parallel as training runs today. They print images/s in all and
+per seed: whether the paper's runs (Table 6: 5 per depth) pay to train side
+by side.
+
   python -m resnet_jax.benchmark --config=configs/imagenet_resnet18.py \
       --input_pipeline
 
@@ -43,13 +58,18 @@ resizing to the middle training scale, and the whole training augmentation
 scale, crop, flip, colour). It needs TensorFlow; nothing else here does.
 """
 
+import functools
 import json
 import os
 import resource
 import time
+from typing import Any
 
 from absl import flags
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
@@ -60,6 +80,8 @@ from resnet_jax import models
 from resnet_jax import train
 
 FLAGS = flags.FLAGS
+MODES = ('train', 'eval', 'data')
+PLACEMENTS = ('vmap', 'shard_map', 'data')
 config_flags.DEFINE_config_file(
     'config', None, 'The config whose CIFAR net and training step are timed '
     '(e.g. configs/default.py); each row sets its depth, batch size, dtype, '
@@ -79,7 +101,20 @@ flags.DEFINE_bool('scan_blocks', None, 'Run the repeated blocks of each stage '
 flags.DEFINE_bool('plain', False, 'Also time the plain twin of every net '
                   '(the residual tax: ResNet / plain).')
 flags.DEFINE_float('min_seconds', 5.0, 'Time each row for at least this '
-                   'long (and at least 3 calls).')
+                   'long (and at least 3 calls) in each repeat.')
+flags.DEFINE_integer('repeats', 3, 'Time each row this many times, its '
+                     'PyTorch baseline and plain twin in between (a row is '
+                     'their median; the spread is printed).')
+flags.DEFINE_list('steps_per_dispatch', ['1'], 'Training steps per jitted '
+                  'call (config.steps_per_dispatch), for the train rows.')
+flags.DEFINE_list('seeds', ['1'], 'Seeds trained side by side: for each '
+                  'count above 1, train rows of S copies of the step in one '
+                  'program in each of --placements.')
+flags.DEFINE_list('placements', list(PLACEMENTS), '--seeds above 1: vmap: '
+                  'vmapped on one device; shard_map: over a seeds axis of '
+                  'the devices (as many as divide S), vmapped on each; data: '
+                  'one seed after another, each data-parallel (as training '
+                  'runs today).')
 flags.DEFINE_enum('torch', 'auto', ['auto', 'off'],
                   'auto: run the PyTorch baseline when torch is installed.')
 flags.DEFINE_integer('torch_max_depth', 110, 'Run the PyTorch baseline up to '
@@ -96,7 +131,6 @@ flags.DEFINE_list('input_threads', ['1', '2'], '--input_pipeline: tf.data '
 flags.DEFINE_integer('input_images', 64, '--input_pipeline: distinct '
                      'synthetic JPEGs, encoded once, read over and over.')
 
-MODES = ('train', 'eval', 'data')
 
 
 class BenchmarkError(ValueError):
@@ -126,7 +160,8 @@ def seconds_per_call(fn, min_seconds: float, block=lambda _: None,
 
 def benchmark_config(base, depth: int, batch_size: int, dtype: str,
                      remat: bool, residual: bool = True,
-                     scan_blocks: bool | None = None):
+                     scan_blocks: bool | None = None,
+                     steps_per_dispatch: int = 1):
   """The --config for this row, on synthetic data of CIFAR's shapes."""
   config = base.copy_and_resolve_references()
   config.depth = depth
@@ -139,6 +174,12 @@ def benchmark_config(base, depth: int, batch_size: int, dtype: str,
   config.data_source = 'synthetic'
   config.synthetic_train_size = max(batch_size, 512)
   config.validation_size = 0
+  # Nothing is logged, evaluated or saved; the intervals only need to be
+  # multiples of the steps per dispatch.
+  config.steps_per_dispatch = steps_per_dispatch
+  config.schedule_unit = 'steps'
+  config.train_length = config.log_every_steps = steps_per_dispatch
+  config.eval_every_steps = config.checkpoint_every_steps = steps_per_dispatch
   return config
 
 
@@ -150,8 +191,29 @@ def peak_memory_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
-def measure(config, mode: str, min_seconds: float) -> dict:
-  """Times one row; returns images/s, compile seconds and memory."""
+def compile_figures(fn, *args) -> tuple[Any, dict]:
+  """``fn`` compiled for ``args``; its compile seconds and XLA memory."""
+  start = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  xla_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes -
+               memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  return compiled, {'compile_s': compile_s, 'xla_memory_mb': xla_bytes / 2**20}
+
+
+def carried(compiled, state, *args):
+  """A call of a training step that donates its state: carried over."""
+  def call():
+    nonlocal state
+    state, metrics = compiled(state, *args)
+    return metrics
+  return call
+
+
+def prepare(config, mode: str) -> tuple[Any, int, dict]:
+  """Compiles one row's step: a call that runs it, images per call, figures
+  (compile seconds, XLA's memory, setup seconds)."""
   start = time.perf_counter()
   inputs, steps, state, _ = train.setup(config)  # Compiles the initialisation.
   setup_s = time.perf_counter() - start
@@ -172,26 +234,86 @@ def measure(config, mode: str, min_seconds: float) -> dict:
       return data.normalize(x, state.mean, state.std), y
     fn = jax.jit(draw, out_shardings=steps.batch)
     args = (images, labels, jax.random.key(0), state.step)
-
-  start = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  xla_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes -
-               memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-
+  compiled, figures = compile_figures(fn, *args)
   if mode == 'train':
-    def call():  # The state is donated: carry it from step to step.
-      nonlocal state
-      state, metrics = compiled(state, images, labels)
-      return metrics
+    return (carried(compiled, *args), batch * config.steps_per_dispatch,
+            figures | {'setup_s': setup_s})
+  return lambda: compiled(*args), batch, figures | {'setup_s': setup_s}
+
+
+def seed_steps(inputs, schedule, steps_per_dispatch: int):
+  """One seed's training steps, to be batched over seeds: ``inputs.draw``
+  then ``train.train_step``, as in the training loop's step, without its
+  sharding constraints (each seed's batch stays where its state is)."""
+  def steps(state, images, labels):
+    def step(state, _):
+      x, y = inputs.draw(images, labels, jax.random.wrap_key_data(state.rng),
+                         state.step)
+      return train.train_step(state, x, y, schedule)
+    return jax.lax.scan(step, state, None, length=steps_per_dispatch)
+  return steps
+
+
+def seed_states(config, state, seeds: int):
+  """The fresh states of seeds config.seed, config.seed + 1, ..., stacked
+  along a leading axis: each the state ``train.setup`` makes for it."""
+  info = data.dataset_info(config.dataset)
+  model = models.from_config(config, info.num_classes)
+  stacked = jax.jit(jax.vmap(functools.partial(
+      train.create_train_state, model, state.tx,
+      image_size=info.image_size)))(config.seed + jnp.arange(seeds))
+  # The treedef of ``state`` (its model and optimiser), so the steps built
+  # for it take these.
+  return jax.tree.unflatten(jax.tree.structure(state),
+                            jax.tree.leaves(stacked))
+
+
+def seeds_mesh(placement: str, seeds: int) -> jax.sharding.Mesh:
+  """The devices S seeds share: one for vmap, else as many as divide S."""
+  count = 1 if placement == 'vmap' else max(
+      d for d in range(1, min(seeds, jax.device_count()) + 1) if seeds % d == 0)
+  return jax.make_mesh((count,), ('seeds',), devices=jax.devices()[:count],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def batched_seeds(config, placement: str, seeds: int):
+  """S seeds' training steps in one program (vmap, shard_map), their
+  stacked states and the training set, on ``seeds_mesh``."""
+  mesh = seeds_mesh(placement, seeds)
+  inputs, _, state, _ = train.setup(config, mesh.devices[:1].tolist())
+  _, boundaries = train.schedule_in_steps(config, inputs.train_size)
+  fn = jax.vmap(seed_steps(inputs, train.learning_rate_schedule(
+      config, boundaries), config.steps_per_dispatch), in_axes=(0, None, None))
+  if placement == 'shard_map':  # No cross-device reduction: seeds apart.
+    fn = jax.shard_map(fn, mesh=mesh, in_specs=(P('seeds'), P(), P()),
+                       out_specs=P('seeds'))
+  replicated = NamedSharding(mesh, P())
+  return (jax.jit(fn, donate_argnums=0),
+          jax.device_put(seed_states(config, state, seeds),
+                         NamedSharding(mesh, P('seeds'))),
+          *(jax.device_put(a, replicated) for a in next(inputs.train(0))))
+
+
+def prepare_seeds(config, placement: str, seeds: int):
+  """As ``prepare`` for S seeds' training steps in ``placement``."""
+  start = time.perf_counter()
+  if placement == 'data':  # One after another, each data-parallel.
+    inputs, steps, state, _ = train.setup(config)
+    stacked = seed_states(config, state, seeds)
+    states = [jax.device_put(jax.tree.map(lambda x, i=i: x[i], stacked),
+                             steps.replicated) for i in range(seeds)]
+    args = next(inputs.train(0))
+    setup_s = time.perf_counter() - start
+    compiled, figures = compile_figures(steps.train, states[0], *args)
+    calls = [carried(compiled, s, *args) for s in states]
+    call = lambda: [c() for c in calls]
   else:
-    call = lambda: compiled(*args)
-  seconds, _ = seconds_per_call(call, min_seconds, jax.block_until_ready)
-  return {'images_per_s': batch / seconds, 'compile_s': compile_s,
-          'setup_s': setup_s,
-          'xla_memory_mb': xla_bytes / 2**20,
-          'peak_memory_mb': peak_memory_mb()}
+    fn, stacked, *args = batched_seeds(config, placement, seeds)
+    setup_s = time.perf_counter() - start
+    compiled, figures = compile_figures(fn, stacked, *args)
+    call = carried(compiled, stacked, *args)
+  return (call, seeds * config.batch_size * config.steps_per_dispatch,
+          figures | {'setup_s': setup_s})
 
 
 def torch_baseline():
@@ -205,26 +327,45 @@ def torch_baseline():
   return baseline
 
 
-def measure_torch(baseline, depth, batch, dtype, mode, min_seconds) -> dict:
-  """The faster of eager and (if asked and it works) compiled PyTorch."""
-  results = {}
+def prepare_torch(baseline, depth, batch, dtype, mode) -> dict:
+  """Eager and (if asked and it works) compiled PyTorch steps, warmed up;
+  their warm-up seconds."""
+  steps = {}
   for compiled in (False, True) if FLAGS.torch_compile else (False,):
     try:
       step = baseline.make_step(depth, batch, dtype, mode, compiled)
-      seconds, warmup = seconds_per_call(step, min_seconds)
+      start = time.perf_counter()
+      for _ in range(2):
+        step()
     except Exception as e:  # pylint: disable=broad-except
       if not compiled:
         raise
       print(f'torch.compile failed ({type(e).__name__}); eager baseline only',
             flush=True)
       continue
-    results[compiled] = {'images_per_s': batch / seconds, 'warmup_s': warmup}
-  best = max(results, key=lambda c: results[c]['images_per_s'])
-  return {'pytorch_images_per_s': results[best]['images_per_s'],
-          'pytorch_eager_images_per_s': results[False]['images_per_s'],
-          'pytorch_compiled_images_per_s':
-              results.get(True, {}).get('images_per_s'),
-          'pytorch_warmup_s': results[best]['warmup_s'],
+    steps[compiled] = step, time.perf_counter() - start
+  return steps
+
+
+def median_and_spread(images_per_s: list[float], prefix: str = '') -> dict:
+  """The repeats' median images/s, their range and relative spread."""
+  median = float(np.median(images_per_s))
+  return {f'{prefix}images_per_s': median,
+          f'{prefix}images_per_s_min': min(images_per_s),
+          f'{prefix}images_per_s_max': max(images_per_s),
+          f'{prefix}spread': (max(images_per_s) - min(images_per_s)) / median,
+          f'{prefix}images_per_s_repeats': images_per_s}
+
+
+def torch_figures(baseline, steps, images_per_s) -> dict:
+  """The row's PyTorch columns: the faster (by median) of eager and
+  compiled."""
+  medians = {c: float(np.median(v)) for c, v in images_per_s.items()}
+  best = max(medians, key=medians.get)
+  return {**median_and_spread(images_per_s[best], 'pytorch_'),
+          'pytorch_eager_images_per_s': medians[False],
+          'pytorch_compiled_images_per_s': medians.get(True),
+          'pytorch_warmup_s': steps[best][1],
           'pytorch_torch_compile': best,
           'pytorch_version': baseline.torch.__version__,
           'pytorch_threads': baseline.torch.get_num_threads()}
@@ -334,42 +475,56 @@ def input_pipeline_rows(config) -> list[dict]:
   return rows
 
 
+def integers(name: str, values, least: int = 1) -> list[int]:
+  """A list flag's integers; raises BenchmarkError unless all >= least."""
+  try:
+    values = [int(v) for v in values]
+  except ValueError as e:
+    raise BenchmarkError(f'--{name} takes integers: {e}')
+  if any(v < least for v in values):
+    raise BenchmarkError(f'--{name} must be at least {least}')
+  return values
+
+
 def parse_flags():
   """The rows' settings from the flags; raises BenchmarkError if invalid."""
-  try:
-    depths = [int(d) for d in FLAGS.depths]
-    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
-  except ValueError as e:
-    raise BenchmarkError(f'--depths and --batch_sizes take integers: {e}')
+  depths = integers('depths', FLAGS.depths, 8)
+  batch_sizes = integers('batch_sizes', FLAGS.batch_sizes)
   for depth in depths:
-    if depth < 8 or (depth - 2) % 6:
+    if (depth - 2) % 6:
       raise BenchmarkError(f'depth {depth} is not 6n+2 (20, 32, 44, 56, 110, '
                            f'1202)')
   for name, values, allowed in (('dtypes', FLAGS.dtypes,
                                  ('float32', 'bfloat16')),
-                                ('modes', FLAGS.modes, MODES)):
+                                ('modes', FLAGS.modes, MODES),
+                                ('placements', FLAGS.placements, PLACEMENTS)):
     for value in values:
       if value not in allowed:
         raise BenchmarkError(f'--{name}: {value!r} is not one of '
                              f'{", ".join(allowed)}')
-  if any(b <= 0 for b in batch_sizes):
-    raise BenchmarkError('--batch_sizes must be positive')
+  if FLAGS.repeats < 1:
+    raise BenchmarkError('--repeats must be at least 1')
   if FLAGS.config.model != 'cifar':
     raise BenchmarkError(f'--config is a {FLAGS.config.model} net; the '
                          'benchmark times the CIFAR nets (depth 6n+2)')
-  return depths, batch_sizes
+  return (depths, batch_sizes,
+          integers('steps_per_dispatch', FLAGS.steps_per_dispatch),
+          integers('seeds', FLAGS.seeds))
 
 
-HEADER = (f'{"model":<11}{"batch":>6} {"dtype":<9}{"mode":<6}{"images/s":>10}'
-          f'{"x depth":>9}{"compile s":>10}{"XLA MB":>9}{"peak MB":>9}'
-          f'{"PyTorch":>10}{"ratio":>7}{"tax":>6}')
+HEADER = (f'{"model":<11}{"batch":>6} {"dtype":<9}{"mode":<6}{"K":>3}'
+          f'{"seeds":>6} {"placement":<10}{"images/s":>10}{"spread":>7}'
+          f'{"per seed":>9}{"x depth":>9}{"compile s":>10}{"XLA MB":>9}'
+          f'{"peak MB":>9}{"PyTorch":>10}{"ratio":>7}{"tax":>6}')
 
 
 def table_row(row: dict) -> str:
   torch_ips = row.get('pytorch_images_per_s')
   tax = row.get('residual_tax')
   return (f'{row["model"]:<11}{row["batch"]:>6} {row["dtype"]:<9}'
-          f'{row["mode"]:<6}{row["images_per_s"]:>10.0f}'
+          f'{row["mode"]:<6}{row["steps_per_dispatch"]:>3}{row["seeds"]:>6} '
+          f'{row["placement"]:<10}{row["images_per_s"]:>10.0f}'
+          f'{row["spread"]:>6.0%} {row["images_per_s_per_seed"]:>9.0f}'
           f'{row["images_per_s_x_depth"]:>9.0f}'
           f'{row["compile_s"]:>10.1f}{row["xla_memory_mb"]:>9.0f}'
           f'{row["peak_memory_mb"]:>9.0f}'
@@ -378,13 +533,98 @@ def table_row(row: dict) -> str:
           + (f'{tax:>6.2f}' if tax else f'{"-":>6}'))
 
 
+def time_group(timed: list, torch_steps: dict, batch: int,
+               repeats: int) -> tuple:
+  """Images/s of each of ``timed`` (call, images per call) and of each
+  PyTorch step (one ``batch``), in ``repeats`` interleaved repeats: one after the other,
+  repeat after repeat, so a slow spell of a shared machine falls on all."""
+  jax_ips, torch_ips = [[] for _ in timed], {c: [] for c in torch_steps}
+  for repeat in range(repeats):
+    warmup = 2 if repeat == 0 else 0  # PyTorch's warmed up in prepare_torch.
+    for (call, images), ips in zip(timed, jax_ips):
+      seconds, _ = seconds_per_call(call, FLAGS.min_seconds,
+                                    jax.block_until_ready, warmup=warmup)
+      ips.append(images / seconds)
+      if ips is jax_ips[0]:  # PyTorch right after the row it is beside.
+        for compiled, (step, _) in torch_steps.items():
+          seconds, _ = seconds_per_call(step, FLAGS.min_seconds, warmup=0)
+          torch_ips[compiled].append(batch / seconds)
+  return jax_ips, torch_ips
+
+
+def row_groups(depths, batch_sizes, per_dispatch, seed_counts):
+  """Rows timed together: (depth, batch, dtype, mode, steps per dispatch),
+  [(residual, seeds, placement)]; a ResNet's first, its plain twin next."""
+  for depth in depths:
+    for batch in batch_sizes:
+      for dtype in FLAGS.dtypes:
+        for mode in FLAGS.modes:
+          for k in per_dispatch if mode == 'train' else [1]:
+            for seeds in seed_counts if mode == 'train' else [1]:
+              if seeds == 1:
+                rows = [(True, 1, 'data')] + ([(False, 1, 'data')]
+                                              if FLAGS.plain else [])
+              else:
+                rows = [(True, seeds, p) for p in FLAGS.placements]
+              yield (depth, batch, dtype, mode, k), rows
+
+
+def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
+  """Every row: prepared, timed in interleaved repeats, printed as JSON."""
+  rows = []
+  for (depth, batch, dtype, mode, k), group in row_groups(
+      depths, batch_sizes, per_dispatch, seed_counts):
+    remat = (depth >= REMAT_DEPTH if FLAGS.remat == 'auto' else
+             FLAGS.remat == 'true')
+    timed, group_rows = [], []
+    for residual, seeds, placement in group:
+      config = benchmark_config(FLAGS.config, depth, batch, dtype, remat,
+                                residual, FLAGS.scan_blocks, k)
+      if seeds == 1:
+        call, images, figures = prepare(config, mode)
+        used = jax.device_count()
+      else:
+        call, images, figures = prepare_seeds(config, placement, seeds)
+        used = (jax.device_count() if placement == 'data' else
+                seeds_mesh(placement, seeds).size)
+      timed.append((call, images))
+      group_rows.append({
+          'model': models.display_name(config), 'batch': batch,
+          'dtype': dtype, 'mode': mode, 'steps_per_dispatch': k,
+          'seeds': seeds, 'placement': placement, 'remat': remat,
+          'scan_blocks': config.scan_blocks, 'devices': used,
+          'backend': jax.default_backend(), 'repeats': FLAGS.repeats,
+          **figures})
+    torch_steps = (prepare_torch(baseline, depth, batch, dtype, mode)
+                   if baseline and mode != 'data' and group[0][1] == 1 and
+                   depth <= FLAGS.torch_max_depth else {})
+    jax_ips, torch_ips = time_group(timed, torch_steps, batch, FLAGS.repeats)
+    for row, ips in zip(group_rows, jax_ips):
+      row |= median_and_spread(ips)
+      row['images_per_s_per_seed'] = row['images_per_s'] / row['seeds']
+      row['images_per_s_x_depth'] = row['images_per_s'] * depth
+      row['peak_memory_mb'] = peak_memory_mb()
+    if torch_steps:
+      group_rows[0] |= torch_figures(baseline, torch_steps, torch_ips)
+      group_rows[0]['ratio'] = (group_rows[0]['images_per_s'] /
+                                group_rows[0]['pytorch_images_per_s'])
+    if FLAGS.plain and group[0][1] == 1:  # The ResNet's seconds per step over
+      # its twin's.
+      group_rows[0]['residual_tax'] = (group_rows[1]['images_per_s'] /
+                                       group_rows[0]['images_per_s'])
+    for row in group_rows:
+      print(json.dumps(row), flush=True)
+    rows += group_rows
+  return rows
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if FLAGS.input_pipeline:
     input_pipeline_rows(FLAGS.config)
     return
-  depths, batch_sizes = parse_flags()
+  depths, batch_sizes, per_dispatch, seed_counts = parse_flags()
   devices.use_cpu_cores(batch_sizes)  # As the training command does.
   for batch in batch_sizes:
     devices.make_mesh({'batch size': batch})
@@ -393,40 +633,12 @@ def main(argv):
         f'{jax.device_count()} x {jax.devices()[0].device_kind} '
         f'({jax.default_backend()}), PyTorch baseline: '
         f'{"yes" if baseline else "no"}', flush=True)
-  rows = []
-  for depth in depths:
-    for batch in batch_sizes:
-      for dtype in FLAGS.dtypes:
-        for mode in FLAGS.modes:
-          pair = []
-          remat = (depth >= REMAT_DEPTH if FLAGS.remat == 'auto' else
-                   FLAGS.remat == 'true')
-          for residual in (True, False) if FLAGS.plain else (True,):
-            config = benchmark_config(FLAGS.config, depth, batch, dtype,
-                                      remat, residual,
-                                      FLAGS.scan_blocks)
-            row = {'model': models.display_name(config), 'batch': batch,
-                   'dtype': dtype, 'mode': mode, 'remat': remat,
-                   'scan_blocks': config.scan_blocks,
-                   'devices': jax.device_count(),
-                   'backend': jax.default_backend(),
-                   **measure(config, mode, FLAGS.min_seconds)}
-            row['images_per_s_x_depth'] = row['images_per_s'] * depth
-            if (residual and baseline and mode != 'data' and
-                depth <= FLAGS.torch_max_depth):
-              row |= measure_torch(baseline, depth, batch, dtype, mode,
-                                   FLAGS.min_seconds)
-              row['ratio'] = row['images_per_s'] / row['pytorch_images_per_s']
-            pair.append(row)
-          if len(pair) == 2:  # Seconds per step of the ResNet over its twin.
-            pair[0]['residual_tax'] = (pair[1]['images_per_s'] /
-                                       pair[0]['images_per_s'])
-          for row in pair:
-            print(json.dumps(row), flush=True)
-          rows += pair
+  rows = benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts,
+                        baseline)
   print('\n' + HEADER)
   for row in rows:
     print(table_row(row))
+  return rows
 
 
 if __name__ == '__main__':

@@ -50,7 +50,8 @@ def test_benchmark_rows():
 @pytest.mark.parametrize('flag, message', [
     ('--depths=21', 'not 6n+2'), ('--dtypes=float16', 'float16'),
     ('--modes=infer', 'infer'), ('--batch_sizes=3', 'does not divide'),
-    ('--input_pipeline', 'ImageNet --config')])
+    ('--input_pipeline', 'ImageNet --config'), ('--repeats=0', 'repeats'),
+    ('--seeds=2,0', 'seeds'), ('--placements=pmap', 'pmap')])
 def test_benchmark_bad_flags(flag, message):
   result = benchmark(flag, '--torch=off')
   assert result.returncode == 2
@@ -160,27 +161,35 @@ def test_pytorch_baseline_is_the_same_network():
 
 BLOCK_IMPORTS = """
 import importlib.abc, runpy, sys
+module, blocked = sys.argv[1], sys.argv[2].split(',')
 class Block(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'clu'):
+    if name.split('.')[0] in blocked:
       raise ImportError(f'{name} is blocked')
 sys.meta_path.insert(0, Block())
-sys.argv = ['benchmark'] + sys.argv[1:]
-runpy.run_module('resnet_jax.benchmark', run_name='__main__')
+sys.argv = [module] + sys.argv[3:]
+runpy.run_module(module, run_name='__main__')
 """
+
+
+def run_blocked(module, blocked, *flags):
+  """``python -m module`` on 2 CPU devices, with ``blocked`` unimportable."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return subprocess.run(
+      [sys.executable, '-c', BLOCK_IMPORTS, module, ','.join(blocked),
+       *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=600)
 
 
 def test_benchmark_runs_without_tensorflow_tfds_or_clu():
   # An accelerator machine may have only jax, flax, optax, orbax and
   # ml_collections: the models, the train step and the benchmark need no more.
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  result = subprocess.run(
-      [sys.executable, '-c', BLOCK_IMPORTS, '--config=configs/default.py',
-       '--depths=14', '--batch_sizes=8',
-       '--dtypes=float32', '--modes=train', '--min_seconds=0', '--torch=off',
-       '--plain'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  result = run_blocked(
+      'resnet_jax.benchmark', ('tensorflow', 'tensorflow_datasets', 'clu'),
+      '--config=configs/default.py', '--depths=14', '--batch_sizes=8',
+      '--dtypes=float32', '--modes=train', '--min_seconds=0', '--torch=off',
+      '--plain')
   assert result.returncode == 0, result.stderr[-3000:]
   rows = [json.loads(l) for l in result.stdout.splitlines()
           if l.startswith('{')]
@@ -198,3 +207,70 @@ def test_tensorflow_is_imported_in_one_place():
       path.name for path in (ROOT / 'resnet_jax').glob('*.py')
       if re.search(r'^\s*(import|from) tensorflow', path.read_text(), re.M))
   assert importers == ['data.py']
+
+
+def test_accelerator_benchmark_without_tensorflow_clu_or_torch(tmp_path):
+  # The prepared command of BENCHMARKS.md, at a tiny setting: every row it
+  # writes, in both files, with the JAX stack alone.
+  result = run_blocked(
+      'resnet_jax.accelerator_benchmark',
+      ('tensorflow', 'tensorflow_datasets', 'clu', 'torch'),
+      f'--out={tmp_path}', '--depths=8', '--batch_sizes=8',
+      '--dtypes=float32', '--steps_per_dispatch=2', '--seeds=2',
+      '--repeats=2', '--min_seconds=0')  # (1 seed: test_benchmark_rows.)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((tmp_path / 'benchmark.json').read_text())['rows']
+  assert [(r['seeds'], r['placement']) for r in rows] == [
+      (2, 'vmap'), (2, 'shard_map'), (2, 'data')]
+  for row in rows:
+    assert row['model'] == 'ResNet-8' and row['steps_per_dispatch'] == 2
+    assert len(row['images_per_s_repeats']) == 2
+    assert (row['images_per_s_min'] <= row['images_per_s'] <=
+            row['images_per_s_max'])
+    assert row['images_per_s_per_seed'] == pytest.approx(
+        row['images_per_s'] / row['seeds'])
+    assert 'pytorch_images_per_s' not in row  # No torch: no PyTorch rows.
+  # 2 seeds on 2 devices: one each.
+  assert [r['devices'] for r in rows] == [1, 2, 2]
+  table = (tmp_path / 'benchmark.md').read_text()
+  assert re.findall(r'^\| ResNet-8 \| float32 \| 2 \| (\d) \| (\w+) \|',
+                    table, re.M) == [('2', 'vmap'), ('2', 'shard_map'),
+                                     ('2', 'data')]
+
+
+@pytest.mark.parametrize('placement', ['vmap', 'shard_map'])
+def test_each_seed_side_by_side_is_its_step_alone(placement):
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  from resnet_jax import benchmark  # pylint: disable=g-import-not-at-top
+  from resnet_jax import train  # pylint: disable=g-import-not-at-top
+  seeds = 2  # shard_map: one per device, on 2 of the 8 simulated.
+  # One seed per device is that seed's own program: bitwise equal (measured).
+  rtol = 1e-5 if placement == 'vmap' else 0
+  for per_dispatch in (1, 2):
+    config = benchmark.benchmark_config(smoke.get_config(), 8, 8, 'float32',
+                                        remat=False,
+                                        steps_per_dispatch=per_dispatch)
+    fn, stacked, images, labels = benchmark.batched_seeds(config, placement,
+                                                          seeds)
+    assert len(stacked.params['head']['bias'].sharding.device_set) == (
+        1 if placement == 'vmap' else 2)
+    together, metrics = fn(stacked, images, labels)
+    for i in range(seeds):
+      alone_config = config.copy_and_resolve_references()
+      alone_config.seed = config.seed + i
+      inputs, steps, state, _ = train.setup(alone_config, jax.devices()[:1])
+      alone, alone_metrics = steps.train(state, *next(inputs.train(0)))
+      seed = jax.tree.map(lambda x, i=i: x[i], together)
+      # Batched, the seeds' convolutions become grouped ones: sums in another
+      # order, a few float32 ulps apart (2e-6 of a leaf's scale measured
+      # after one step) where a wrong batch, seed or step differs in every
+      # digit. Each step's loss is a smooth function of the weights and stays
+      # that close; the weights after the second step need not: a ReLU whose
+      # input is within an ulp of 0 passes its whole gradient or none (1% of
+      # a momentum buffer's scale measured), so they are compared after one.
+      assert_trees_close(seed.rng, alone.rng, rtol=0)  # The same batches.
+      assert_trees_close(metrics['loss'][i], alone_metrics['loss'], rtol)
+      if per_dispatch == 1 or not rtol:
+        assert_trees_close(
+            *((s.step, s.params, s.batch_stats, s.opt_state)
+              for s in (seed, alone)), rtol)
