@@ -90,8 +90,6 @@ def use_run_settings(config, workdir: pathlib.Path):
     saved = workdir_lib.saved_config(workdir)
   except workdir_lib.WorkdirError:
     return  # No run, or an unreadable one: evaluation reports it.
-  if not isinstance(saved, dict):
-    return  # Evaluation reports it.
   overrides = config_flags.get_override_values(FLAGS['config'])
   for key, value in saved.items():
     if key in config and key not in overrides and key not in workdir_lib.MODEL_FIELDS:
