@@ -89,4 +89,5 @@ def main(argv):
 if __name__ == '__main__':
   # The preset first: flags given on the command line come after and win.
   sys.argv[1:1] = PRESET
+  benchmark.define_flags()
   cli.run(main, (benchmark.BenchmarkError, *train.USER_ERRORS))

@@ -82,55 +82,59 @@ from resnet_jax import train
 FLAGS = flags.FLAGS
 MODES = ('train', 'eval', 'data')
 PLACEMENTS = ('vmap', 'shard_map', 'data')
-config_flags.DEFINE_config_file(
-    'config', None, 'The config whose CIFAR net and training step are timed '
-    '(e.g. configs/default.py); each row sets its depth, batch size, dtype, '
-    'remat and synthetic data. With --input_pipeline: an ImageNet config.',
-    lock_config=True)
-flags.mark_flags_as_required(['config'])
 REMAT_DEPTH = 1202  # ResNet-1202's activations exceed memory without remat.
-flags.DEFINE_list('depths', ['20', '56', '110'], 'CIFAR depths (6n+2).')
-flags.DEFINE_list('batch_sizes', ['128', '256'], 'Global batch sizes.')
-flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Computation dtypes.')
-flags.DEFINE_list('modes', ['train', 'eval', 'data'], 'What to time.')
-flags.DEFINE_enum('remat', 'auto', ['auto', 'true', 'false'],
-                  'Rematerialise each block (config.remat); auto: for '
-                  f'depths from {REMAT_DEPTH} on, as configs/resnet1202.py.')
-flags.DEFINE_bool('scan_blocks', None, 'Run the repeated blocks of each stage '
-                  'as one loop (config.scan_blocks); default: the config\'s.')
-flags.DEFINE_bool('plain', False, 'Also time the plain twin of every net '
-                  '(the residual tax: ResNet / plain).')
-flags.DEFINE_float('min_seconds', 5.0, 'Time each row for at least this '
-                   'long (and at least 3 calls) in each repeat.')
-flags.DEFINE_integer('repeats', 3, 'Time each row this many times, its '
-                     'PyTorch baseline and plain twin in between (a row is '
-                     'their median; the spread is printed).')
-flags.DEFINE_list('steps_per_dispatch', ['1'], 'Training steps per jitted '
-                  'call (config.steps_per_dispatch), for the train rows.')
-flags.DEFINE_list('seeds', ['1'], 'Seeds trained side by side: for each '
-                  'count above 1, train rows of S copies of the step in one '
-                  'program in each of --placements.')
-flags.DEFINE_list('placements', list(PLACEMENTS), '--seeds above 1: vmap: '
-                  'vmapped on one device; shard_map: over a seeds axis of '
-                  'the devices (as many as divide S), vmapped on each; data: '
-                  'one seed after another, each data-parallel (as training '
-                  'runs today).')
-flags.DEFINE_enum('torch', 'auto', ['auto', 'off'],
-                  'auto: run the PyTorch baseline when torch is installed.')
-flags.DEFINE_integer('torch_max_depth', 110, 'Run the PyTorch baseline up to '
-                     'this depth (it keeps every activation: ResNet-1202 '
-                     'needs ~23 GiB at batch 128).')
-flags.DEFINE_bool('torch_compile', True, 'Also time the PyTorch baseline '
-                  'under torch.compile; the faster of the two is the '
-                  'baseline.')
-flags.DEFINE_bool('input_pipeline', False, 'Instead of the nets, time the '
-                  'ImageNet training input pipeline of --config (an ImageNet '
-                  'config) on synthetic JPEGs. Needs TensorFlow.')
-flags.DEFINE_list('input_threads', ['1', '2'], '--input_pipeline: tf.data '
-                  'threads (a private thread pool, one op thread each).')
-flags.DEFINE_integer('input_images', 64, '--input_pipeline: distinct '
-                     'synthetic JPEGs, encoded once, read over and over.')
 
+
+def define_flags():
+  """The command line's flags (defined when run, so that importing this
+  module beside resnet_jax.main defines no flag twice)."""
+  config_flags.DEFINE_config_file(
+      'config', None, 'The config whose CIFAR net and training step are timed '
+      '(e.g. configs/default.py); each row sets its depth, batch size, dtype, '
+      'remat and synthetic data. With --input_pipeline: an ImageNet config.',
+      lock_config=True)
+  flags.mark_flags_as_required(['config'])
+  flags.DEFINE_list('depths', ['20', '56', '110'], 'CIFAR depths (6n+2).')
+  flags.DEFINE_list('batch_sizes', ['128', '256'], 'Global batch sizes.')
+  flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Computation dtypes.')
+  flags.DEFINE_list('modes', ['train', 'eval', 'data'], 'What to time.')
+  flags.DEFINE_enum('remat', 'auto', ['auto', 'true', 'false'],
+                    'Rematerialise each block (config.remat); auto: for '
+                    f'depths from {REMAT_DEPTH} on, as configs/resnet1202.py.')
+  flags.DEFINE_bool('scan_blocks', None, 'Run the repeated blocks of each stage '
+                    'as one loop (config.scan_blocks); default: the config\'s.')
+  flags.DEFINE_bool('plain', False, 'Also time the plain twin of every net '
+                    '(the residual tax: ResNet / plain).')
+  flags.DEFINE_float('min_seconds', 5.0, 'Time each row for at least this '
+                     'long (and at least 3 calls) in each repeat.')
+  flags.DEFINE_integer('repeats', 3, 'Time each row this many times, its '
+                       'PyTorch baseline and plain twin in between (a row is '
+                       'their median; the spread is printed).')
+  flags.DEFINE_list('steps_per_dispatch', ['1'], 'Training steps per jitted '
+                    'call (config.steps_per_dispatch), for the train rows.')
+  flags.DEFINE_list('seeds', ['1'], 'Seeds trained side by side: for each '
+                    'count above 1, train rows of S copies of the step in one '
+                    'program in each of --placements.')
+  flags.DEFINE_list('placements', list(PLACEMENTS), '--seeds above 1: vmap: '
+                    'vmapped on one device; shard_map: over a seeds axis of '
+                    'the devices (as many as divide S), vmapped on each; data: '
+                    'one seed after another, each data-parallel (as training '
+                    'runs today).')
+  flags.DEFINE_enum('torch', 'auto', ['auto', 'off'],
+                    'auto: run the PyTorch baseline when torch is installed.')
+  flags.DEFINE_integer('torch_max_depth', 110, 'Run the PyTorch baseline up to '
+                       'this depth (it keeps every activation: ResNet-1202 '
+                       'needs ~23 GiB at batch 128).')
+  flags.DEFINE_bool('torch_compile', True, 'Also time the PyTorch baseline '
+                    'under torch.compile; the faster of the two is the '
+                    'baseline.')
+  flags.DEFINE_bool('input_pipeline', False, 'Instead of the nets, time the '
+                    'ImageNet training input pipeline of --config (an ImageNet '
+                    'config) on synthetic JPEGs. Needs TensorFlow.')
+  flags.DEFINE_list('input_threads', ['1', '2'], '--input_pipeline: tf.data '
+                    'threads (a private thread pool, one op thread each).')
+  flags.DEFINE_integer('input_images', 64, '--input_pipeline: distinct '
+                       'synthetic JPEGs, encoded once, read over and over.')
 
 
 class BenchmarkError(ValueError):
@@ -642,4 +646,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   cli.run(main, (BenchmarkError, *train.USER_ERRORS))
