@@ -24,14 +24,20 @@ from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 
 
+def check_run(config, workdir) -> pathlib.Path:
+  """The workdir, if it holds a run of ``config``'s network (else raises)."""
+  workdir = pathlib.Path(workdir)
+  if not workdir_lib.check_model(config, workdir):
+    raise workdir_lib.WorkdirError(f'{workdir} holds no run (no config.json)')
+  return workdir
+
+
 def restore_checkpoint(config, workdir: str, step: int = -1):
   """A workdir's checkpoint (the latest if step < 0), on this machine's devices.
 
   Returns (inputs, steps, state) as ``train.setup`` does, the state restored.
   """
-  workdir = pathlib.Path(workdir)
-  if not workdir_lib.check_model(config, workdir):
-    raise workdir_lib.WorkdirError(f'{workdir} holds no run (no config.json)')
+  workdir = check_run(config, workdir)
   inputs, steps, state, _ = train.setup(config)
   state = workdir_lib.load(
       workdir, workdir_lib.abstract(state, steps.replicated), step)
@@ -88,9 +94,7 @@ def test_probabilities(config, workdir):
   other processes need not share.
   """
   train.check_config(config)
-  workdir = pathlib.Path(workdir)
-  if not workdir_lib.check_model(config, workdir):
-    raise workdir_lib.WorkdirError(f'{workdir} holds no run (no config.json)')
+  workdir = check_run(config, workdir)
   mesh = devices_lib.make_mesh(
       {'eval_batch_size': config.eval_batch_size // jax.process_count()},
       jax.local_devices())
