@@ -50,21 +50,34 @@ def write(path: pathlib.Path, contents: str | bytes):
 @contextlib.contextmanager
 def naming(path):
   """Names ``path`` in an OSError raised without a file name (a write's, a
-  flush's), for the message."""
+  flush's), for the message; a full disk that a library reports as another
+  exception (TensorFlow's summary writer) becomes the OSError a write would
+  raise."""
   try:
     yield
   except OSError as e:
     if e.filename is not None:
       raise
     raise OSError(e.errno, e.strerror, str(path)) from e
+  except Exception as e:  # pylint: disable=broad-except
+    code = full_code(e)
+    if code is None:
+      raise
+    raise OSError(code, os.strerror(code), str(path)) from e
+
+
+def full_code(error: BaseException) -> int | None:
+  """The errno of a full disk that ``error`` is (None: it is not one): an
+  OSError's, or the one whose words a library's error quotes (TensorStore's,
+  orbax's writer; TensorFlow's, the TensorBoard writer)."""
+  if isinstance(error, OSError):
+    return error.errno if error.errno in FULL else None
+  return next((code for code in FULL if os.strerror(code) in str(error)),
+              None)
 
 
 def is_full(error: BaseException) -> bool:
-  """Whether ``error`` is a full disk: an OSError, or TensorStore's (orbax's
-  writer) ValueError, which quotes the OS's words."""
-  if isinstance(error, OSError):
-    return error.errno in FULL
-  return any(os.strerror(code) in str(error) for code in FULL)
+  return full_code(error) is not None
 
 
 def full_disk(path) -> str:

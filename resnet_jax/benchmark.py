@@ -110,6 +110,9 @@ def define_flags():
   flags.DEFINE_integer('repeats', 3, 'Time each row this many times, its '
                        'PyTorch baseline and plain twin in between (a row is '
                        'their median; the spread is printed).')
+  flags.DEFINE_float('max_seconds', 0, 'The whole benchmark\'s time: a group '
+                     'of rows whose estimate (from the rows timed before it) '
+                     'would end past it is skipped and listed; 0: no limit.')
   flags.DEFINE_list('steps_per_dispatch', ['1'], 'Training steps per jitted '
                     'call (config.steps_per_dispatch), for the train rows.')
   flags.DEFINE_list('seeds', ['1'], 'Seeds trained side by side: for each '
@@ -573,13 +576,53 @@ def row_groups(depths, batch_sizes, per_dispatch, seed_counts):
               yield (depth, batch, dtype, mode, k), rows
 
 
+def estimated_seconds(timed: list[tuple[int, float, float]], depth: int,
+                      images: list[int]) -> float:
+  """A group's time, from the rows timed before it ((depth, seconds per
+  image, seconds to set up and compile) each): per row its set-up plus the
+  calls ``time_group`` makes (two warm-ups, then at least 3 or
+  --min_seconds per repeat) at the slowest seconds per image seen at this
+  depth (or at another, scaled by depth). 0 before any row."""
+  if not timed:
+    return 0.0
+  same = [per_image for d, per_image, _ in timed if d == depth]
+  per_image = max(same) if same else depth * max(
+      per_image / d for d, per_image, _ in timed)
+  setup = max(seconds for _, _, seconds in timed)
+  return sum(setup + max(FLAGS.repeats * FLAGS.min_seconds,
+                         (2 + 3 * FLAGS.repeats) * n * per_image)
+             for n in images)
+
+
 def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
-  """Every row: prepared, timed in interleaved repeats, printed as JSON."""
-  rows = []
+  """Every row: prepared, timed in interleaved repeats, printed as JSON.
+
+  With --max_seconds, a group whose estimate would end past it is skipped:
+  returns (rows, skipped groups, each a line)."""
+  start = time.perf_counter()
+  rows, skipped, timed_before = [], [], []
   for (depth, batch, dtype, mode, k), group in row_groups(
       depths, batch_sizes, per_dispatch, seed_counts):
     remat = (depth >= REMAT_DEPTH if FLAGS.remat == 'auto' else
              FLAGS.remat == 'true')
+    with_torch = (baseline and mode != 'data' and group[0][1] == 1 and
+                  depth <= FLAGS.torch_max_depth)
+    # PyTorch eager and compiled: two more rows of the first's size.
+    images = [batch * k * seeds for _, seeds, _ in group] + (
+        [batch * k] * 2 if with_torch else [])
+    estimate = estimated_seconds(timed_before, depth, images)
+    if FLAGS.max_seconds and (time.perf_counter() - start + estimate >
+                              FLAGS.max_seconds):
+      name = models.display_name(benchmark_config(
+          FLAGS.config, depth, batch, dtype, remat, True, FLAGS.scan_blocks,
+          k))
+      skipped.append(
+          f'{name}, batch {batch}, {dtype}, {mode}, K={k}, '
+          f'{"/".join(p for _, _, p in group)} x {group[0][1]} seeds: '
+          f'estimated {estimate:.0f} s')
+      print(f'skipped (--max_seconds={FLAGS.max_seconds:g}): {skipped[-1]}',
+            flush=True)
+      continue
     timed, group_rows = [], []
     for residual, seeds, placement in group:
       config = benchmark_config(FLAGS.config, depth, batch, dtype, remat,
@@ -600,8 +643,7 @@ def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
           'backend': jax.default_backend(), 'repeats': FLAGS.repeats,
           **figures})
     torch_steps = (prepare_torch(baseline, depth, batch, dtype, mode)
-                   if baseline and mode != 'data' and group[0][1] == 1 and
-                   depth <= FLAGS.torch_max_depth else {})
+                   if with_torch else {})
     jax_ips, torch_ips = time_group(timed, torch_steps, batch, FLAGS.repeats)
     for row, ips in zip(group_rows, jax_ips):
       row |= median_and_spread(ips)
@@ -618,8 +660,10 @@ def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
                                        group_rows[0]['images_per_s'])
     for row in group_rows:
       print(json.dumps(row), flush=True)
+      timed_before.append((depth, 1 / row['images_per_s'],
+                           row.get('setup_s', 0) + row['compile_s']))
     rows += group_rows
-  return rows
+  return rows, skipped
 
 
 def main(argv):
@@ -637,12 +681,12 @@ def main(argv):
         f'{jax.device_count()} x {jax.devices()[0].device_kind} '
         f'({jax.default_backend()}), PyTorch baseline: '
         f'{"yes" if baseline else "no"}', flush=True)
-  rows = benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts,
-                        baseline)
+  rows, skipped = benchmark_rows(depths, batch_sizes, per_dispatch,
+                                 seed_counts, baseline)
   print('\n' + HEADER)
   for row in rows:
     print(table_row(row))
-  return rows
+  return rows, skipped
 
 
 if __name__ == '__main__':

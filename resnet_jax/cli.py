@@ -7,6 +7,7 @@ keeps to what a user needs.
 
 from collections.abc import Callable
 import logging as std_logging
+import re
 import sys
 import warnings
 
@@ -22,23 +23,35 @@ def fail(message: str):
   sys.exit(2)
 
 
+# What TensorStore (orbax's reader and writer) appends to an error: its whole
+# spec and source locations, ``[tensorstore_spec='{...}']``, thousands of
+# characters that say nothing to a user.
+ANNOTATION = re.compile(r"\s*\[[\w ]+(\[\d+\])?='")
+
+
 def first_line(error: BaseException) -> str:
   """A library's exception in one line: its type and the first line of its
-  message that says something (many have none, or start with a blank)."""
+  message that says something (many have none, or start with a blank),
+  without TensorStore's annotations."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return type(error).__name__ + (f': {lines[0]}' if lines else '')
+  return type(error).__name__ + (
+      f': {ANNOTATION.split(lines[0], maxsplit=1)[0]}' if lines else '')
 
 
 def quiet(record) -> bool:
   """Drops orbax's per-save INFO lines, its note that an evaluation opened
-  the checkpoints read-only, its threads' tracebacks of an error that the
-  save raises again (and the command reports), and jax's line about each
-  platform it did not find (TPU on every CPU machine)."""
+  the checkpoints read-only, its line about each checkpoint without its
+  metadata (a deletion killed half-way, which the next save removes; the
+  restore of such a checkpoint says it has no checksum), its threads'
+  tracebacks of an error that the save raises again (and the command
+  reports), and jax's line about each platform it did not find (TPU on
+  every CPU machine)."""
   message = record.getMessage()
   if record.levelno >= std_logging.WARNING:
     return not (message.startswith('Given directory is read only') or
                 ('orbax' in record.pathname and
-                 'raised an exception' in message))
+                 ('raised an exception' in message or
+                  message.startswith('Metadata file does not exist'))))
   return not ('orbax' in record.pathname or
               message.startswith('Unable to initialize backend'))
 
@@ -46,6 +59,21 @@ def quiet(record) -> bool:
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
   del category, filename, lineno, line  # Where in the code is not news.
   return f'warning: {message}\n'
+
+
+def unraisable(hook):
+  """``sys.unraisablehook`` without TensorStore's callbacks into a closed
+  event loop: when orbax's read of a broken checkpoint fails, its other
+  reads still complete, each after orbax has closed the event loop they
+  were to report to (dozens of tracebacks, nothing lost: the read was
+  abandoned and its error already raised)."""
+
+  def without_closed_loops(unraisable_args):
+    if not (isinstance(unraisable_args.exc_value, RuntimeError) and
+            str(unraisable_args.exc_value) == 'Event loop is closed'):
+      hook(unraisable_args)
+
+  return without_closed_loops
 
 
 def parse_flags(argv):
@@ -70,6 +98,7 @@ def run(main: Callable[[list[str]], None],
         user_errors: tuple[type[Exception], ...]):
   """``app.run(main)``, with ``user_errors`` reported as one error line."""
   warnings.formatwarning = one_line_warning
+  sys.unraisablehook = unraisable(sys.unraisablehook)
 
   def guarded(argv):
     logging.get_absl_handler().python_handler.addFilter(quiet)

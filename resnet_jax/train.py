@@ -19,6 +19,7 @@ import functools
 import math
 import pathlib
 import signal
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from resnet_jax import atomic
 from resnet_jax import data
 from resnet_jax import devices as devices_lib
 from resnet_jax import metrics
@@ -77,6 +79,11 @@ def stop_requests():
   """
   received = []
   previous = {}
+  if threading.current_thread() is not threading.main_thread():
+    # Only the main thread may set handlers: a run started from another
+    # thread (a notebook's, a user's pool) dies of the signals, as before.
+    yield received
+    return
   for signum in STOP_SIGNALS:
     if signal.getsignal(signum) is not signal.SIG_IGN:
       previous[signum] = signal.signal(
@@ -505,7 +512,10 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
     print(f'warning: lr_boundaries {", ".join(map(str, late))} are not '
           f'before the end of training ({config.train_length} '
           f'{config.schedule_unit}): no learning-rate drop there', flush=True)
-  with workdir_lib.lock(workdir), stop_requests() as received:
+  # A full disk that a writer reports without the file's name (TensorBoard's
+  # events, from clu's thread) names the workdir.
+  with workdir_lib.lock(workdir), stop_requests() as received, \
+      atomic.naming(workdir):
     if has_run:
       workdir_lib.check_changes(config, workdir, allow_config_changes)
     else:  # Only once the config has proved loadable.
@@ -592,10 +602,10 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
                               f'stopped. {workdir_lib.kept(manager)}')
         workdir_lib.save(manager, state, checkpoint_metrics)
       if stop:
-        manager.wait_until_finished()
+        workdir_lib.finish(manager)
         writer.flush()
         raise Stopped(stop, step)
-    manager.wait_until_finished()
+    workdir_lib.finish(manager)
 
     result = tested or evaluate(steps, state, inputs.eval(metrics.TEST))
     write(writer, step, metrics.FINAL_TEST, result)

@@ -219,26 +219,38 @@ def checksum(state) -> str:
   return digest.hexdigest()
 
 
-def save(manager, state, ranking: dict[str, float] | None):
-  """Saves a checkpoint with its checksum; ``ranking`` is what the policy
-  ranks it by ({'validation_error': ...}, or None).
-
-  On a full disk the half-written checkpoint is removed (its space is the
-  user's to free, and orbax would only remove it at the next save of that
-  step) and the earlier ones are kept.
-  """
-  step = int(state.step)
+@contextlib.contextmanager
+def saving(manager, what: str):
+  """A full disk while saving checkpoints is one WorkdirError naming
+  ``what``; the half-written checkpoint is removed (its space is the user's
+  to free, and orbax would only remove it at the next save of that step),
+  the earlier ones are kept."""
   try:
-    manager.save(step, args=ocp.args.StandardSave(state), metrics=ranking,
-                 custom_metadata={'state_sha256': checksum(state)})
+    yield
   except Exception as e:  # pylint: disable=broad-except
     if not atomic.is_full(e):
       raise
     directory = pathlib.Path(manager.directory)
-    for partial in directory.glob(f'{step}.orbax-checkpoint-tmp*'):
+    for partial in directory.glob('*.orbax-checkpoint-tmp*'):
       shutil.rmtree(partial, ignore_errors=True)
-    raise WorkdirError(f'checkpoint {step}: {atomic.full_disk(directory)}'
-                       ) from e
+    raise WorkdirError(f'{what}: {atomic.full_disk(directory)}') from e
+
+
+def save(manager, state, ranking: dict[str, float] | None):
+  """Saves a checkpoint with its checksum; ``ranking`` is what the policy
+  ranks it by ({'validation_error': ...}, or None). On an accelerator the
+  save runs in the background: its error (a full disk) comes from the next
+  save or from ``finish``."""
+  step = int(state.step)
+  with saving(manager, f'checkpoint {step}'):
+    manager.save(step, args=ocp.args.StandardSave(state), metrics=ranking,
+                 custom_metadata={'state_sha256': checksum(state)})
+
+
+def finish(manager):
+  """Waits for a background save to end, its error raised as ``save``'s."""
+  with saving(manager, 'saving a checkpoint'):
+    manager.wait_until_finished()
 
 
 def restore(manager, abstract_state, step: int):

@@ -67,6 +67,11 @@ def create(workdir: pathlib.Path, main_process: bool
   """The log on every process; TensorBoard and metrics.jsonl on process 0."""
   if not main_process:
     return metric_writers.create_default_writer(just_logging=True)
+  # Both at once, in the training loop's thread: metrics.jsonl because a
+  # resume trims it to its checkpoint, TensorBoard's events so that a full
+  # disk is raised where the run can stop and say so (from clu's background
+  # thread it came one call late, wrapped in another error). A few scalars
+  # every log_every_steps steps: nothing to hide behind a thread.
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir),  # In the background.
-      JsonlWriter(workdir)])  # At once: a resume trims it to its checkpoint.
+      metric_writers.create_default_writer(workdir, asynchronous=False),
+      JsonlWriter(workdir)])

@@ -212,14 +212,21 @@ def test_tensorflow_is_imported_in_one_place():
 def test_accelerator_benchmark_without_tensorflow_clu_or_torch(tmp_path):
   # The prepared command of BENCHMARKS.md, at a tiny setting: every row it
   # writes, in both files, with the JAX stack alone.
+  # Within the time it is given: the first group has no estimate and runs,
+  # the second (K=4) is estimated from it, past 1 ms, and skipped.
   result = run_blocked(
       'resnet_jax.accelerator_benchmark',
       ('tensorflow', 'tensorflow_datasets', 'clu', 'torch'),
       f'--out={tmp_path}', '--depths=8', '--batch_sizes=8',
-      '--dtypes=float32', '--steps_per_dispatch=2', '--seeds=2',
-      '--repeats=2', '--min_seconds=0')  # (1 seed: test_benchmark_rows.)
+      '--dtypes=float32', '--steps_per_dispatch=2,4', '--seeds=2',
+      '--repeats=2', '--min_seconds=0', '--max_seconds=0.001')
+  # (1 seed: test_benchmark_rows.)
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = json.loads((tmp_path / 'benchmark.json').read_text())['rows']
+  written = json.loads((tmp_path / 'benchmark.json').read_text())
+  rows = written['rows']
+  (skipped,) = written['skipped']
+  assert skipped.startswith('ResNet-8, batch 8, float32, train, K=4, '
+                            'vmap/shard_map/data x 2 seeds: estimated ')
   assert [(r['seeds'], r['placement']) for r in rows] == [
       (2, 'vmap'), (2, 'shard_map'), (2, 'data')]
   for row in rows:
@@ -236,6 +243,8 @@ def test_accelerator_benchmark_without_tensorflow_clu_or_torch(tmp_path):
   assert re.findall(r'^\| ResNet-8 \| float32 \| 2 \| (\d) \| (\w+) \|',
                     table, re.M) == [('2', 'vmap'), ('2', 'shard_map'),
                                      ('2', 'data')]
+  assert table.endswith('Skipped to end within --max_seconds=0.001:\n\n'
+                        f'- {skipped}\n')
 
 
 @pytest.mark.parametrize('placement', ['vmap', 'shard_map'])

@@ -55,6 +55,20 @@ def full_at_20(self, step, *args, **kwargs):
   return save(self, step, *args, **kwargs)
 ocp.CheckpointManager.save = full_at_20
 """,
+    # TensorBoard's events: what TensorFlow's summary writer raises when it
+    # cannot flush the step-15 scalars.
+    'events': """
+import tensorflow as tf
+from clu.metric_writers.tf import summary_writer
+write = summary_writer.SummaryWriter.write_scalars
+def full_at_15(self, step, scalars):
+  if step == 15:
+    raise tf.errors.ResourceExhaustedError(
+        None, None, 'events.out.tfevents.1; No space left on device\\n\\t'
+        'Failed to flush 3 events to events.out.tfevents.1')
+  return write(self, step, scalars)
+summary_writer.SummaryWriter.write_scalars = full_at_15
+""",
 }
 MAIN = """
 import runpy, sys
@@ -72,7 +86,8 @@ def test_a_full_disk_is_one_line_and_the_same_command_goes_on(path,
   message = error_line(full)
   assert message.startswith('error: ' + (
       'checkpoint 20: ' if path == 'checkpoints' else '') +
-      f'no space left on the device of {tmp_path / path} (')
+      'no space left on the device of ' +
+      f'{tmp_path if path == "events" else tmp_path / path} (')
   assert 'MiB free); what was written before is intact' in message
   names = {p.name for p in tmp_path.iterdir()}
   assert not [n for n in names if n.startswith('.')]  # No temporary file.
@@ -81,7 +96,7 @@ def test_a_full_disk_is_one_line_and_the_same_command_goes_on(path,
   else:
     assert workdir_lib.checkpoint_steps(tmp_path) == {10}
     assert not list((tmp_path / 'checkpoints').glob('*tmp*'))
-  if path == 'metrics.jsonl':
+  if path in ('metrics.jsonl', 'events'):
     assert max(r['step'] for r in metrics.read(tmp_path)) == 10
   # The disk has room again.
   result = ok(run(tmp_path))
@@ -90,3 +105,23 @@ def test_a_full_disk_is_one_line_and_the_same_command_goes_on(path,
   assert workdir_lib.checkpoint_steps(tmp_path) == {10, 20}
   assert [r['step'] for r in metrics.read(tmp_path)
           if r['split'] == 'train'] == [5, 10, 15, 20]
+
+
+def test_a_background_save_that_finds_the_disk_full(tmp_path):
+  # On an accelerator orbax saves in the background: its error comes from
+  # the wait at the end (or the next save), after the step's save returned.
+  class Manager:
+    directory = tmp_path / 'checkpoints'
+
+    def wait_until_finished(self):
+      raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.head" in '
+                       'OCDBT database: No space left on device')
+
+  partial = Manager.directory / '20.orbax-checkpoint-tmp-1' / 'default'
+  partial.mkdir(parents=True)
+  (Manager.directory / '10').mkdir()
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match='^saving a checkpoint: no space left on the device '
+                     f'of {Manager.directory} '):
+    workdir_lib.finish(Manager())
+  assert [p.name for p in Manager.directory.iterdir()] == ['10']

@@ -68,10 +68,11 @@ def records(workdir, split):
 
 # ResNet-14: two blocks per stage, so blocks 2..n run scanned, and their
 # stacked parameters, statistics and momenta go through the checkpoints.
-LONG = ('--config.depth=14', '--config.train_length=120',
-        '--config.lr_boundaries=(60, 100)',
-        '--config.checkpoint_every_steps=40', '--config.eval_every_steps=40',
-        '--config.log_every_steps=20')
+# Killed after the first checkpoint, it resumes across both rate drops.
+LONG = ('--config.depth=14', '--config.train_length=60',
+        '--config.lr_boundaries=(30, 50)',
+        '--config.checkpoint_every_steps=20', '--config.eval_every_steps=20',
+        '--config.log_every_steps=10')
 
 
 @pytest.fixture(scope='module')
@@ -98,38 +99,38 @@ def kill_after_checkpoint(workdir, step, *flags):
 def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
   ok(run(tmp_path / 'straight', *LONG))
   killed = tmp_path / 'killed'
-  kill_after_checkpoint(killed, 40, *LONG)
-  assert not (killed / 'checkpoints' / '120').exists()  # Killed mid-run.
+  kill_after_checkpoint(killed, 20, *LONG)
+  assert not (killed / 'checkpoints' / '60').exists()  # Killed mid-run.
   resumed = ok(run(killed, *LONG))
   assert 'Resuming from checkpoint at step' in resumed.stdout
-  a, b = params(tmp_path / 'straight', 120), params(killed, 120)
+  a, b = params(tmp_path / 'straight', 60), params(killed, 60)
   assert 'stage1_blocks' in a  # Scanned.
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   # The metrics file reads as one run: no step is logged twice.
   steps = [r['step'] for r in records(killed, 'train')]
-  assert steps == sorted(set(steps)) == [20, 40, 60, 80, 100, 120]
+  assert steps == sorted(set(steps)) == [10, 20, 30, 40, 50, 60]
 
 
 def test_plateau_decisions_resume_exactly_after_sigkill(tmp_path):
   # §3.4's "divided by 10 when the error plateaus", decided on the
   # validation error every 2 steps with patience 1.
   flags = ('--config.lr_schedule=plateau', '--config.lr_patience=1',
-           '--config.train_length=40', '--config.eval_every_steps=2',
-           '--config.log_every_steps=2', '--config.checkpoint_every_steps=20')
+           '--config.train_length=20', '--config.eval_every_steps=2',
+           '--config.log_every_steps=2', '--config.checkpoint_every_steps=10')
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   ok(run(straight, *flags))
   rates = [(r['step'], r['learning_rate']) for r in records(straight, 'train')]
   # The rate dropped before the first checkpoint, so that checkpoint holds
   # decisions: a resume that forgot them would go on at another rate.
-  assert any(rate < 0.1 for step, rate in rates if step <= 20), rates
-  kill_after_checkpoint(killed, 20, *flags)
-  assert not (killed / 'checkpoints' / '40').exists()
+  assert any(rate < 0.1 for step, rate in rates if step <= 10), rates
+  kill_after_checkpoint(killed, 10, *flags)
+  assert not (killed / 'checkpoints' / '20').exists()
   assert 'Resuming from checkpoint' in ok(run(killed, *flags)).stdout
   assert [(r['step'], r['learning_rate'])
           for r in records(killed, 'train')] == rates
-  for x, y in zip(jax.tree.leaves(params(straight, 40)),
-                  jax.tree.leaves(params(killed, 40))):
+  for x, y in zip(jax.tree.leaves(params(straight, 20)),
+                  jax.tree.leaves(params(killed, 20))):
     np.testing.assert_array_equal(x, y)
 
 

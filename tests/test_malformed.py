@@ -165,6 +165,35 @@ def test_a_checkpoint_without_its_checksum_is_reported(damage, trained,
       'missing or empty); restored unchecked\n')
 
 
+def test_a_half_deleted_checkpoint_is_ignored_and_removed(trained, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  # What a kill during the policy's deletion of an old checkpoint leaves.
+  half = workdir / 'checkpoints' / '5'
+  shutil.copytree(workdir / 'checkpoints' / '10', half)
+  (half / '_CHECKPOINT_METADATA').unlink()
+  shutil.rmtree(half / 'default' / 'ocdbt.process_0')
+  for result in (ok(run(workdir, mode='eval')),
+                 ok(run(workdir, '--config.train_length=30'))):
+    said = result.stderr + result.stdout
+    assert 'etadata' not in said and '\nwarning:' not in said, said
+  assert workdir_lib.checkpoint_steps(workdir) == {10, 20, 30}
+
+
+def test_an_unreadable_checkpoint_is_one_short_line(trained, tmp_path):
+  # TensorStore's error quotes its whole spec (thousands of characters), and
+  # its abandoned reads call back into orbax's closed event loop.
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  (workdir / 'checkpoints' / '10' / 'default' / 'manifest.ocdbt').write_bytes(
+      b'')
+  message = error_line(run(workdir, mode='eval'))
+  assert message.startswith(f'error: checkpoint 10 in {workdir} is '
+                            'unreadable: ValueError: DATA_LOSS: ')
+  assert message.endswith('Encoded length (0) is less than minimum length '
+                          '(16)')
+
+
 def test_a_sweep_whose_run_is_refused_says_it_once(tmp_path):
   workdir = tmp_path / 'smoke' / 'seed0'
   workdir.mkdir(parents=True)

@@ -125,3 +125,22 @@ def test_the_sweep_passes_a_signal_on_and_waits(tmp_path):
       'stopped: run the same sweep again to resume')
   assert len(workdir_lib.checkpoint_steps(workdir)) == 1
 
+
+
+def test_a_run_started_from_another_thread_keeps_the_signals_default():
+  # Only the main thread may set signal handlers (a notebook's worker
+  # thread, a user's pool): there nothing is set, and nothing fails.
+  import threading  # pylint: disable=g-import-not-at-top
+  from resnet_jax import train  # pylint: disable=g-import-not-at-top
+  handlers = {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
+  seen = []
+
+  def start():
+    with train.stop_requests() as received:
+      seen.append((received, {s: signal.getsignal(s)
+                              for s in train.STOP_SIGNALS}))
+
+  thread = threading.Thread(target=start)
+  thread.start()
+  thread.join()
+  assert seen == [([], handlers)]
