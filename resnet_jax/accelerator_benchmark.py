@@ -30,12 +30,17 @@ import jax
 
 from resnet_jax import benchmark
 from resnet_jax import cli
-from resnet_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('out', None, 'The directory for benchmark.json and '
-                    'benchmark.md (made if missing).')
-flags.mark_flags_as_required(['out'])
+
+
+def define_flags():
+  """The command line's flags (defined when run, so that importing this
+  module beside another command's defines no flag twice)."""
+  flags.DEFINE_string('out', None, 'The directory for benchmark.json and '
+                      'benchmark.md (made if missing).')
+  flags.mark_flags_as_required(['out'])
+
 
 CONFIG = pathlib.Path(__file__).parent.parent / 'configs' / 'default.py'
 PRESET = [f'--config={CONFIG}', '--depths=20,56,110', '--batch_sizes=128',
@@ -93,7 +98,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   # The preset first: flags given on the command line come after and win.
   sys.argv[1:1] = PRESET
   benchmark.define_flags()
-  cli.run(main, (benchmark.BenchmarkError, *train.USER_ERRORS))
+  cli.run(main)

@@ -87,7 +87,7 @@ REMAT_DEPTH = 1202  # ResNet-1202's activations exceed memory without remat.
 
 def define_flags():
   """The command line's flags (defined when run, so that importing this
-  module beside resnet_jax.main defines no flag twice)."""
+  module beside another command's defines no flag twice)."""
   config_flags.DEFINE_config_file(
       'config', None, 'The config whose CIFAR net and training step are timed '
       '(e.g. configs/default.py); each row sets its depth, batch size, dtype, '
@@ -140,7 +140,7 @@ def define_flags():
                        'synthetic JPEGs, encoded once, read over and over.')
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(cli.UserError):
   """Flags that do not describe a benchmark."""
 
 
@@ -691,4 +691,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, (BenchmarkError, *train.USER_ERRORS))
+  cli.run(main)

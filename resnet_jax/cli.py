@@ -18,6 +18,11 @@ from absl import logging
 from resnet_jax import atomic
 
 
+class UserError(ValueError):
+  """What a user's config, flags, data or workdir make a command raise: one
+  ``error:`` line and exit status 2 (each module's errors derive from it)."""
+
+
 def fail(message: str):
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
@@ -94,9 +99,9 @@ def parse_flags(argv):
     fail(f'cannot load the config file: {type(e).__name__}: {e}')
 
 
-def run(main: Callable[[list[str]], None],
-        user_errors: tuple[type[Exception], ...]):
-  """``app.run(main)``, with ``user_errors`` reported as one error line."""
+def run(main: Callable[[list[str]], None]):
+  """``app.run(main)``, with a UserError or a full disk reported as one
+  error line."""
   warnings.formatwarning = one_line_warning
   sys.unraisablehook = unraisable(sys.unraisablehook)
 
@@ -104,7 +109,7 @@ def run(main: Callable[[list[str]], None],
     logging.get_absl_handler().python_handler.addFilter(quiet)
     try:
       main(argv)
-    except user_errors as e:
+    except UserError as e:
       fail(str(e))
     except OSError as e:
       if not atomic.is_full(e):

@@ -58,7 +58,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """The command line's flags (defined when run, so that importing this
-  module beside resnet_jax.main defines no flag twice)."""
+  module beside another command's defines no flag twice)."""
   config_flags.DEFINE_config_file(
       'config', None, 'The config the PyTorch weights are of (--to=jax).',
       lock_config=True)
@@ -88,7 +88,7 @@ BN_FIELDS = (('params', 'scale', 'weight'), ('params', 'bias', 'bias'),
              ('batch_stats', 'var', 'running_var'))
 
 
-class ConvertError(ValueError):
+class ConvertError(cli.UserError):
   """A PyTorch checkpoint that does not fit the config, or a bad target."""
 
 
@@ -312,4 +312,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  cli.run(main, (ConvertError, *train.USER_ERRORS))
+  cli.run(main)

@@ -13,6 +13,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax import cli
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
@@ -29,7 +31,7 @@ DATASETS = {
 }
 
 
-class DataError(ValueError):
+class DataError(cli.UserError):
   """A dataset that is unknown, missing or malformed."""
 
 

@@ -11,8 +11,10 @@ import os
 import jax
 import numpy as np
 
+from resnet_jax import cli
 
-class MeshError(ValueError):
+
+class MeshError(cli.UserError):
   """Batch sizes that do not split over the devices."""
 
 

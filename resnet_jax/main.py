@@ -34,26 +34,32 @@ from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'summary'],
-                  'train: train and evaluate, resuming from the workdir; '
-                  'eval: test error of a checkpoint in the workdir; summary: '
-                  'the layer table, parameter count and multiply-adds.')
-flags.DEFINE_bool('start_over', False,
-                  'Train again from step 0 in a workdir whose checkpoints are '
-                  'all lost; its metrics.jsonl is moved aside.')
-flags.DEFINE_bool('allow_config_changes', False,
-                  'Resume a run with training settings other than its '
-                  'config.json (recorded in config_changes.jsonl).')
-flags.DEFINE_bool('distributed', False,
-                  'Call jax.distributed.initialize() (multi-host runs).')
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0, with --distributed.')
-flags.DEFINE_integer('num_processes', None, 'With --distributed.')
-flags.DEFINE_integer('process_id', None, 'With --distributed.')
-config_flags.DEFINE_config_file(
-    'config', None, 'A config file from configs/.', lock_config=True)
-flags.mark_flags_as_required(['config'])
+
+
+def define_flags():
+  """The command line's flags (defined when run, so that importing this
+  module beside another command's defines no flag twice)."""
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'summary'],
+                    'train: train and evaluate, resuming from the workdir; '
+                    'eval: test error of a checkpoint in the workdir; summary: '
+                    'the layer table, parameter count and multiply-adds.')
+  flags.DEFINE_bool('start_over', False,
+                    'Train again from step 0 in a workdir whose checkpoints '
+                    'are all lost; its metrics.jsonl is moved aside.')
+  flags.DEFINE_bool('allow_config_changes', False,
+                    'Resume a run with training settings other than its '
+                    'config.json (recorded in config_changes.jsonl).')
+  flags.DEFINE_bool('distributed', False,
+                    'Call jax.distributed.initialize() (multi-host runs).')
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, with --distributed.')
+  flags.DEFINE_integer('num_processes', None, 'With --distributed.')
+  flags.DEFINE_integer('process_id', None, 'With --distributed.')
+  config_flags.DEFINE_config_file(
+      'config', None, 'A config file from configs/.', lock_config=True)
+  flags.mark_flags_as_required(['config'])
+
 
 def summary(config) -> str:
   """The layer table of a config's network, its parameters and multiply-adds."""
@@ -153,4 +159,5 @@ def initialize_distributed():
 
 
 if __name__ == '__main__':
-  cli.run(main, train.USER_ERRORS)
+  define_flags()
+  cli.run(main)

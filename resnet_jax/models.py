@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import canonical_conv
+from resnet_jax import cli
 
 SHORTCUTS = ('A', 'B', 'C')
 BOTTLENECK_STRIDES = ('1x1', '3x3')
@@ -69,7 +70,7 @@ SCANNED_NAME = re.compile(r'stage(\d+)_blocks')
 BLOCK_NAME = re.compile(r'stage(\d+)_block(\d+)')
 
 
-class ModelError(ValueError):
+class ModelError(cli.UserError):
   """A model configuration that does not describe a network of the paper."""
 
 

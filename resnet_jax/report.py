@@ -57,23 +57,29 @@ from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('root', None, 'table: the sweep root.')
-flags.DEFINE_list('workdirs', [], 'Run workdirs (fig6, fig7, filters, curve, '
-                  'ensemble).')
-flags.DEFINE_string('out', 'report', 'Directory for figures, tables, CSV.')
-flags.DEFINE_enum('selection', 'final', ['final', 'validation'],
-                  'table: final test error, or that of the best checkpoint '
-                  'by validation error.')
-flags.DEFINE_integer('image', 0, 'filters, deconv: index of the test image.')
-flags.DEFINE_integer('channels', 9, 'deconv: strongest channels per layer.')
-flags.DEFINE_enum('keep', 'map', layers.DECONV_KEEP,
-                  "deconv: project each channel's whole map, or only its "
-                  'strongest activation (Zeiler & Fergus).')
-flags.DEFINE_list('test_scales', [], 'ensemble: shorter sides to test whole '
-                  'images at (§3.4), for every run; default: each run\'s own '
-                  'test_scales.')
-flags.DEFINE_integer('eval_batch_size', 0, 'ensemble: test batch size of '
-                     'every run; 0: each run\'s own.')
+
+
+def define_flags():
+  """The command line's flags (defined when run, so that importing this
+  module beside another command's defines no flag twice)."""
+  flags.DEFINE_string('root', None, 'table: the sweep root.')
+  flags.DEFINE_list('workdirs', [], 'Run workdirs (fig6, fig7, filters, curve, '
+                    'ensemble).')
+  flags.DEFINE_string('out', 'report', 'Directory for figures, tables, CSV.')
+  flags.DEFINE_enum('selection', 'final', ['final', 'validation'],
+                    'table: final test error, or that of the best checkpoint '
+                    'by validation error.')
+  flags.DEFINE_integer('image', 0, 'filters, deconv: index of the test image.')
+  flags.DEFINE_integer('channels', 9, 'deconv: strongest channels per layer.')
+  flags.DEFINE_enum('keep', 'map', layers.DECONV_KEEP,
+                    "deconv: project each channel's whole map, or only its "
+                    'strongest activation (Zeiler & Fergus).')
+  flags.DEFINE_list('test_scales', [], 'ensemble: shorter sides to test '
+                    'whole images at (§3.4), for every run; default: each '
+                    'run\'s own test_scales.')
+  flags.DEFINE_integer('eval_batch_size', 0, 'ensemble: test batch size of '
+                       'every run; 0: each run\'s own.')
+
 
 COMMANDS = ('table', 'fig6', 'fig7', 'filters', 'deconv', 'curve', 'ensemble')
 
@@ -82,7 +88,7 @@ COMMANDS = ('table', 'fig6', 'fig7', 'filters', 'deconv', 'curve', 'ensemble')
 PAPER_TABLE6 = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43, 1202: 7.93}
 
 
-class ReportError(ValueError):
+class ReportError(cli.UserError):
   """Workdirs or flags a table or figure cannot be made from."""
 
 
@@ -518,4 +524,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main, (ReportError, *train.USER_ERRORS))
+  define_flags()
+  cli.run(main)

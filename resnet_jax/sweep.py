@@ -26,12 +26,17 @@ from resnet_jax import metrics
 from resnet_jax import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('configs', None, 'Config files to run.')
-flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed) of each config.')
-flags.DEFINE_string('root', None, 'Directory that holds one workdir per run.')
-flags.DEFINE_multi_string('set', [], 'FIELD=VALUE: a config override for '
-                          'every run (repeatable).')
-flags.mark_flags_as_required(['configs', 'root'])
+
+
+def define_flags():
+  """The command line's flags (defined when run, so that importing this
+  module beside another command's defines no flag twice)."""
+  flags.DEFINE_list('configs', None, 'Config files to run.')
+  flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed) of each config.')
+  flags.DEFINE_string('root', None, 'Directory that holds one workdir per run.')
+  flags.DEFINE_multi_string('set', [], 'FIELD=VALUE: a config override for '
+                            'every run (repeatable).')
+  flags.mark_flags_as_required(['configs', 'root'])
 
 
 def workdir_of(root: pathlib.Path, config: str, seed: int) -> pathlib.Path:
@@ -92,4 +97,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main, ())
+  define_flags()
+  cli.run(main)

@@ -21,6 +21,7 @@ import pathlib
 import signal
 import threading
 import time
+import warnings
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 
 from resnet_jax import atomic
+from resnet_jax import cli
 from resnet_jax import data
 from resnet_jax import devices as devices_lib
 from resnet_jax import metrics
@@ -41,14 +43,8 @@ from resnet_jax import models
 from resnet_jax import workdir as workdir_lib
 
 
-class TrainingError(RuntimeError):
+class TrainingError(cli.UserError):
   """A run that cannot go on: bad settings, a diverged loss."""
-
-
-# What a user's config, data or workdir can make a run raise: each is one
-# error line on the command line.
-USER_ERRORS = (models.ModelError, data.DataError, devices_lib.MeshError,
-               workdir_lib.WorkdirError, TrainingError)
 
 
 # What preemptible VMs, SLURM and Colab send before they end a job (SIGTERM),
@@ -509,9 +505,9 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
   inputs, steps, state, total_steps = setup(config)
   late = [b for b in config.lr_boundaries if b >= config.train_length]
   if late and config.lr_schedule == 'piecewise':
-    print(f'warning: lr_boundaries {", ".join(map(str, late))} are not '
-          f'before the end of training ({config.train_length} '
-          f'{config.schedule_unit}): no learning-rate drop there', flush=True)
+    warnings.warn(f'lr_boundaries {", ".join(map(str, late))} are not '
+                  f'before the end of training ({config.train_length} '
+                  f'{config.schedule_unit}): no learning-rate drop there')
   # A full disk that a writer reports without the file's name (TensorBoard's
   # events, from clu's thread) names the workdir.
   with workdir_lib.lock(workdir), stop_requests() as received, \

@@ -16,6 +16,7 @@ import pathlib
 import shutil
 import socket
 import time
+import warnings
 
 from absl import logging
 import jax
@@ -49,7 +50,7 @@ RESUMABLE_FIELDS = ('train_length', 'log_every_steps', 'eval_every_steps',
                     'steps_per_dispatch')
 
 
-class WorkdirError(ValueError):
+class WorkdirError(cli.UserError):
   """A workdir a run cannot use: another model's, in use, unwritable, lost."""
 
 
@@ -258,9 +259,9 @@ def restore(manager, abstract_state, step: int):
   state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   saved = manager.metadata(step).custom_metadata or {}
   if 'state_sha256' not in saved:  # Lost, or a checkpoint made without one.
-    print(f'warning: checkpoint {step} has no checksum (its '
-          '_CHECKPOINT_METADATA is missing or empty); restored unchecked',
-          flush=True)
+    warnings.warn(f'checkpoint {step} has no checksum (its '
+                  '_CHECKPOINT_METADATA is missing or empty); restored '
+                  'unchecked')
   elif checksum(state) != saved['state_sha256']:
     raise WorkdirError('its arrays do not match the checksum saved with them')
   return state
@@ -281,11 +282,8 @@ def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
     except Exception as e:  # pylint: disable=broad-except
       aside = workdir / 'corrupt_checkpoints' / str(step)
       reason = cli.first_line(e).removeprefix('WorkdirError: ')
-      logging.warning('Checkpoint %d is unreadable (%s); moved to %s, '
-                      'falling back to the previous one.', step, reason,
-                      aside)
-      print(f'warning: checkpoint {step} is unreadable ({reason}); falling '
-            f'back to the previous one (moved to {aside})', flush=True)
+      warnings.warn(f'checkpoint {step} is unreadable ({reason}); falling '
+                    f'back to the previous one (moved to {aside})')
       if jax.process_index() == 0:
         aside.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))

@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -13,21 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from commands import env
+from commands import python
+from commands import ROOT
 from numerics import assert_close
 from numerics import assert_trees_close
 
 from resnet_jax import models
 
-ROOT = pathlib.Path(__file__).parent.parent
-
 
 def benchmark(*flags, devices=2, config='configs/default.py'):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  return subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.benchmark',
-       f'--config={config}', *flags], cwd=ROOT,
-      env=env, capture_output=True, text=True, timeout=600)
+  return python('resnet_jax.benchmark', f'--config={config}', *flags,
+                devices=devices)
 
 
 def test_benchmark_rows():
@@ -84,15 +80,15 @@ def test_one_cpu_device_per_core_unless_chosen():
   probe = ('from resnet_jax import devices; import jax, os; '
            'devices.use_cpu_cores([128, 1000]); '
            'print(jax.device_count(), len(os.sched_getaffinity(0)))')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env,
+  cpu = dict(os.environ, JAX_PLATFORMS='cpu')
+  cpu.pop('XLA_FLAGS', None)
+  out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=cpu,
                        capture_output=True, text=True, check=True).stdout
   devices, cores = map(int, out.split())
   assert devices == max(d for d in range(1, cores + 1)
                         if 128 % d == 0 and 1000 % d == 0)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'
-  out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=env,
+  cpu['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'
+  out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=cpu,
                        capture_output=True, text=True, check=True).stdout
   assert out.split()[0] == '3'
 
@@ -174,11 +170,9 @@ runpy.run_module(module, run_name='__main__')
 
 def run_blocked(module, blocked, *flags):
   """``python -m module`` on 2 CPU devices, with ``blocked`` unimportable."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
   return subprocess.run(
       [sys.executable, '-c', BLOCK_IMPORTS, module, ','.join(blocked),
-       *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+       *flags], cwd=ROOT, env=env(), capture_output=True, text=True,
       timeout=600)
 
 

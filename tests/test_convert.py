@@ -6,10 +6,7 @@ with, so otherwise ``torchvision_resnet`` below builds them as torchvision
 does (the same module names, shapes and strides: "v1.5" bottlenecks).
 """
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -18,6 +15,7 @@ import pytest
 from configs import imagenet_resnet18
 from configs import imagenet_resnet50
 from configs import resnet20
+from commands import python
 from numerics import assert_close
 from resnet_jax import convert
 from resnet_jax import models
@@ -184,19 +182,12 @@ def test_common_cifar_layout_with_data_parallel_prefix(tmp_path):
   assert set(back) == {k.removeprefix('module.') for k in renamed}
 
 
-def run_convert(*flags):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.convert', *flags],
-                        cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
-
-
 def test_a_checkpoint_that_does_not_fit_is_one_error_line(tmp_path):
   from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
   torch.save(torch_baseline.CifarResNet(20).state_dict(), tmp_path / 'r20.pth')
-  result = run_convert('--config=configs/resnet32.py',
-                       f'--torch={tmp_path / "r20.pth"}',
-                       f'--workdir={tmp_path / "run"}')
+  result = python('resnet_jax.convert', '--config=configs/resnet32.py',
+                  f'--torch={tmp_path / "r20.pth"}',
+                  f'--workdir={tmp_path / "run"}')
   assert result.returncode == 2, result.stderr[-2000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   # ResNet-20's fourth block starts stage 2 (32 filters); ResNet-32's is
@@ -250,15 +241,17 @@ def test_an_existing_file_or_run_is_not_overwritten(tmp_path):
   convert.to_jax(config, tmp_path / 'r8.pth', tmp_path / 'run', [0.5] * 3,
                  [0.25] * 3)
   # Back to the file the weights came from (the user's download).
-  result = run_convert('--to=torch', f'--workdir={tmp_path / "run"}',
-                       f'--torch={tmp_path / "r8.pth"}')
+  result = python('resnet_jax.convert', '--to=torch',
+                  f'--workdir={tmp_path / "run"}',
+                  f'--torch={tmp_path / "r8.pth"}')
   assert result.returncode == 2, result.stderr[-2000:]
   assert [l for l in result.stderr.splitlines() if l.startswith('error: ')
           ] == [f'error: {tmp_path / "r8.pth"} exists; --overwrite replaces '
                 'it']
   assert (tmp_path / 'r8.pth').read_bytes() == original
-  result = run_convert('--to=torch', f'--workdir={tmp_path / "run"}',
-                       f'--torch={tmp_path / "r8.pth"}', '--overwrite')
+  result = python('resnet_jax.convert', '--to=torch',
+                  f'--workdir={tmp_path / "run"}',
+                  f'--torch={tmp_path / "r8.pth"}', '--overwrite')
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'num_batches_tracked' in ''.join(
       torch.load(tmp_path / 'r8.pth', weights_only=True))

@@ -13,12 +13,12 @@ import pytest
 
 from resnet_jax import metrics
 from resnet_jax import workdir as workdir_lib
-from test_end_to_end import command
-from test_end_to_end import env
-from test_end_to_end import error_line
-from test_end_to_end import ok
-from test_end_to_end import ROOT
-from test_end_to_end import run
+from commands import command
+from commands import env
+from commands import error_line
+from commands import ok
+from commands import ROOT
+from commands import run
 
 FULL = f'OSError({errno.ENOSPC}, "No space left on device")'
 HOOKS = {

@@ -3,10 +3,6 @@
 import collections
 import functools
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import imagenet_resnet18
+from commands import python
 from numerics import assert_close
 from resnet_jax import data
 from resnet_jax import evaluate
@@ -22,7 +19,6 @@ from resnet_jax import models
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 
-ROOT = pathlib.Path(__file__).parent.parent
 TRAIN = 40  # Images in the tiny training split: image i has label i.
 VALIDATION = 10  # In its validation split: image i has label 500 + i.
 HELD_OUT = 8  # The config's validation_size.
@@ -338,14 +334,11 @@ def test_multiscale_score_is_the_mean_over_scales_and_flips(mock_imagenet,
 
   # The same through the command line.
   top1 = 100 * np.mean(probs.argmax(1) != labels)
-  result = subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.main',
-       '--config=configs/imagenet_resnet18.py', f'--workdir={workdir}',
-       '--mode=eval', '--config.model=cifar', '--config.depth=8',
-       '--config.shortcut=A', '--config.test_scales=(32,48)'],
-      cwd=ROOT, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ,
-               XLA_FLAGS='--xla_force_host_platform_device_count=2'))
+  result = python(
+      'resnet_jax.main', '--config=configs/imagenet_resnet18.py',
+      f'--workdir={workdir}', '--mode=eval', '--config.model=cifar',
+      '--config.depth=8', '--config.shortcut=A',
+      '--config.test_scales=(32,48)')
   assert result.returncode == 0, result.stderr[-3000:]
   assert (f'ResNet-8 at step 0: test error {top1:.2f}% (top-1)' in
           result.stdout), result.stdout

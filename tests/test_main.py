@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from commands import python
 from resnet_jax import main
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -34,11 +35,6 @@ PARAMETERS = {
     'preact_resnet110': 1_730_522, 'preact_resnet164': 1_703_258,
     'preact_resnet1001': 10_327_706, 'imagenet_preact_resnet200': 64_666_152,
 }
-
-
-def run(*args):
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.main', *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def summary_numbers(text):
@@ -75,7 +71,8 @@ def test_readme_table_is_the_summary_output(summaries):
 
 
 def test_summary_command():
-  result = run('--config=configs/resnet56.py', '--mode=summary')
+  result = python('resnet_jax.main', '--config=configs/resnet56.py',
+                  '--mode=summary')
   assert result.returncode == 0, result.stderr
   assert 'Parameters: 853,018 ' in result.stdout
   assert 'Multiply-adds per image: 125,485,696 ' in result.stdout
@@ -102,8 +99,8 @@ from resnet_jax import cli
 def main(argv):
   jax.devices()  # Looks for a TPU first, and logs that there is none.
   warnings.warn('a re-encoded copy of the data')
-  raise ValueError('the data are gone')
-cli.run(main, (ValueError,))
+  raise cli.UserError('the data are gone')
+cli.run(main)
 """
 
 
@@ -127,7 +124,8 @@ def test_every_command_says_errors_and_warnings_in_one_line():
     (['--mode=sumary'], 'value should be one of'),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(args, message):
-  result = run('--config=configs/resnet56.py', '--mode=summary', *args)
+  result = python('resnet_jax.main', '--config=configs/resnet56.py',
+                  '--mode=summary', *args)
   assert result.returncode == 2
   errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   assert len(errors) == 1 and message in errors[0], result.stderr

@@ -4,7 +4,6 @@ do; nothing already written changes."""
 
 import fcntl
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,13 +11,14 @@ import sys
 import jax
 import pytest
 
+from commands import env
+from commands import error_line
+from commands import ok
+from commands import python
+from commands import ROOT
+from commands import run
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
-from test_end_to_end import env
-from test_end_to_end import error_line
-from test_end_to_end import ok
-from test_end_to_end import ROOT
-from test_end_to_end import run
 
 
 @pytest.mark.parametrize('value', ['foo', "(10,'x')"])
@@ -82,12 +82,6 @@ def test_checkpoints_that_are_a_file(trained, tmp_path):
   assert not list(workdir.glob('metrics.replaced-*'))
 
 
-def run_convert(*flags):
-  return subprocess.run([sys.executable, '-m', 'resnet_jax.convert', *flags],
-                        cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                        capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize('name, content, expected', [
     ('empty.pth', b'', 'is empty (0 bytes): not a PyTorch checkpoint'),
     ('garbage.pth', b'garbage\n', 'holds more than tensors, or is no '
@@ -100,9 +94,10 @@ def test_a_pytorch_file_that_is_none(name, content, expected, tmp_path):
     path.mkdir()
   else:
     path.write_bytes(content)
-  message = error_line(run_convert('--config=configs/resnet20.py',
-                                   f'--torch={path}',
-                                   f'--workdir={tmp_path / "run"}'))
+  message = error_line(python('resnet_jax.convert',
+                              '--config=configs/resnet20.py',
+                              f'--torch={path}',
+                              f'--workdir={tmp_path / "run"}'))
   assert expected in message
   assert 'weights_only' not in message  # Not torch's unsafe advice.
   assert not (tmp_path / 'run').exists()
@@ -147,7 +142,7 @@ def test_an_eval_that_races_the_deletion_of_its_checkpoint(trained, tmp_path,
 
 @pytest.mark.parametrize('damage', ['removed', 'zeroed'])
 def test_a_checkpoint_without_its_checksum_is_reported(damage, trained,
-                                                       tmp_path, capsys):
+                                                       tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
   metadata = workdir / 'checkpoints' / '10' / '_CHECKPOINT_METADATA'
@@ -158,11 +153,11 @@ def test_a_checkpoint_without_its_checksum_is_reported(damage, trained,
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shapes = workdir_lib.abstract(
       train.state_shapes(workdir_lib.saved_config(workdir)), device)
-  capsys.readouterr()
-  workdir_lib.load(workdir, shapes)
-  assert capsys.readouterr().out == (
-      'warning: checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is '
-      'missing or empty); restored unchecked\n')
+  with pytest.warns(UserWarning) as said:
+    workdir_lib.load(workdir, shapes)
+  assert [str(w.message) for w in said] == [
+      'checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is missing or '
+      'empty); restored unchecked']
 
 
 def test_a_half_deleted_checkpoint_is_ignored_and_removed(trained, tmp_path):

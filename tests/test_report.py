@@ -2,8 +2,6 @@
 
 import csv
 import json
-import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -14,6 +12,11 @@ import nbformat
 import numpy as np
 import pytest
 
+from commands import error_line
+from commands import ok
+from commands import python
+from commands import records
+from commands import ROOT
 from numerics import assert_close
 from resnet_jax import cifar
 from resnet_jax import evaluate
@@ -22,36 +25,9 @@ from resnet_jax import report
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 
-ROOT = pathlib.Path(__file__).parent.parent
-ENV = dict(os.environ, JAX_PLATFORMS='cpu',
-           XLA_FLAGS='--xla_force_host_platform_device_count=2')
-
-
-def python(*args):
-  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=600)
-
-
-def ok(result):
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
-
-
-def error_line(result):
-  assert result.returncode == 2, result.stderr[-3000:]
-  lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
-  assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
-  return lines[0]
-
-
 def read_csv(path):
   with open(path, newline='') as f:
     return list(csv.DictReader(f))
-
-
-def records(workdir):
-  return [json.loads(l) for l in
-          (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
 
 
 @pytest.fixture(scope='module')
@@ -65,7 +41,7 @@ def sweep(tmp_path_factory):
   path = root / 'smoke' / 'seed1' / 'metrics.jsonl'
   path.write_text(''.join(l + '\n' for l in path.read_text().splitlines()
                           if json.loads(l)['split'] != 'final_test'))
-  out = ok(python(*flags))
+  out = ok(python(*flags)).stdout
   assert 'smoke/seed0: finished, skipped' in out
   assert 'smoke/seed1: training' in out
   assert records(path.parent)[-1]['split'] == 'final_test'
@@ -119,7 +95,7 @@ def test_table_best_mean_std_beside_the_paper(tmp_path):
 def test_table_by_validation_uses_the_best_validation_checkpoint(sweep,
                                                                  tmp_path):
   out = ok(python('resnet_jax.report', 'table', f'--root={sweep}',
-                  '--selection=validation', f'--out={tmp_path}'))
+                  '--selection=validation', f'--out={tmp_path}')).stdout
   assert 'lowest validation error' in out
   row = read_csv(tmp_path / 'table.csv')[0]
   steps = []
@@ -215,7 +191,8 @@ def test_ensemble_averages_the_members_softmax(sweep, tmp_path):
   runs = [copy_run(sweep / 'smoke' / f'seed{seed}', tmp_path / f'seed{seed}',
                    eval_checkpoint_step=10) for seed in (0, 1)]
   out = ok(python('resnet_jax.report', 'ensemble',
-                  f'--workdirs={runs[0]},{runs[1]}', f'--out={tmp_path}'))
+                  f'--workdirs={runs[0]},{runs[1]}',
+                  f'--out={tmp_path}')).stdout
   rows = read_csv(tmp_path / 'ensemble.csv')
   assert (tmp_path / 'ensemble.md').read_text() == out
   assert [r['model'] for r in rows] == ['ResNet-8', 'ResNet-8',

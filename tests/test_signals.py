@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from resnet_jax import workdir as workdir_lib
-from test_end_to_end import command
-from test_end_to_end import env
-from test_end_to_end import free_port
-from test_end_to_end import ok
-from test_end_to_end import params
-from test_end_to_end import records
-from test_end_to_end import ROOT
-from test_end_to_end import run
+from commands import command
+from commands import env
+from commands import free_port
+from commands import ok
+from commands import params
+from commands import records
+from commands import ROOT
+from commands import run
 
 # Checkpoints only far past where the signal comes: what is saved at the
 # stop is the stop's own.

@@ -1,0 +1,78 @@
+"""The command lines as the tests run them: real ``python -m`` processes on
+simulated CPU devices, and what a test reads of them (one error line, the
+metrics records, a checkpoint's parameters)."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import orbax.checkpoint as ocp
+
+ROOT = pathlib.Path(__file__).parent.parent
+
+
+def env(devices=2):
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def python(module, *flags, devices=2):
+  """``python -m module flags`` in the repository, on ``devices`` CPU
+  devices."""
+  return subprocess.run([sys.executable, '-m', module, *flags], cwd=ROOT,
+                        env=env(devices), capture_output=True, text=True,
+                        timeout=600)
+
+
+def command(workdir, *flags, mode='train'):
+  """The main job on the smoke config (for Popen: signals, kills)."""
+  return [sys.executable, '-m', 'resnet_jax.main', '--config=configs/smoke.py',
+          f'--workdir={workdir}', f'--mode={mode}', *flags]
+
+
+def run(workdir, *flags, mode='train', devices=2):
+  return subprocess.run(command(workdir, *flags, mode=mode), cwd=ROOT,
+                        env=env(devices), capture_output=True, text=True,
+                        timeout=600)
+
+
+def ok(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def error_line(result):
+  """The one ``error:`` line of a command that failed as a user's mistake
+  (exit status 2, no traceback)."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+  assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr
+  return lines[0]
+
+
+def records(workdir, split=None):
+  """metrics.jsonl's records (of one split)."""
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [r for r in map(json.loads, lines) if split in (None, r['split'])]
+
+
+def params(workdir, step):
+  """A checkpoint's parameters, on this process's first device."""
+  path = (pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) /
+          'default')
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      checkpointer.metadata(path).item_metadata)
+  return checkpointer.restore(path, target)['params']
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
