@@ -155,9 +155,8 @@ def test_a_checkpoint_without_its_checksum_is_reported(damage, trained,
       train.state_shapes(workdir_lib.saved_config(workdir)), device)
   with pytest.warns(UserWarning) as said:
     workdir_lib.load(workdir, shapes)
-  assert [str(w.message) for w in said] == [
-      'checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is missing or '
-      'empty); restored unchecked']
+  assert ('checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is missing '
+          'or empty); restored unchecked') in [str(w.message) for w in said]
 
 
 def test_a_half_deleted_checkpoint_is_ignored_and_removed(trained, tmp_path):
