@@ -29,6 +29,7 @@ max pool), He normal initialisation (fan-in, gain 2), BatchNorm with epsilon
 
 from collections.abc import Callable, Sequence
 import functools
+import inspect
 import re
 
 import flax.linen as nn
@@ -123,21 +124,30 @@ class GroupBatchNorm(nn.Module):
     return y.reshape(x.shape).astype(self.dtype)
 
 
+def shortcut(x, out_features: int, strides: int, option: str, conv,
+             norm=None):
+  """The shortcut of §3.3 from ``x`` to a block's output shape: option A
+  subsamples and zero-pads the new channels (no parameters), B projects
+  (1x1 conv, then ``norm`` unless None) where the dimensions grow, C
+  projects everywhere; elsewhere the identity."""
+  grows = strides != 1 or x.shape[-1] != out_features
+  if option == 'C' or (option == 'B' and grows):
+    x = conv(out_features, 1, strides, name='proj_conv')(x)
+    return norm(name='proj_bn')(x) if norm else x
+  if grows:
+    x = x[:, ::strides, ::strides, :]
+    extra = out_features - x.shape[-1]
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+  return x
+
+
 class Block(nn.Module):
-  """A basic (two 3x3 convs, Fig. 2) or bottleneck (1x1-3x3-1x1, Fig. 5) block.
+  """A basic (two 3x3 convs, Fig. 2) or bottleneck (1x1-3x3-1x1, Fig. 5) block:
+  relu(F(x) + shortcut(x)), BN after each conv; the plain net's block is
+  relu(F(x)).
 
   Every BN output that follows a 3x3 conv is sown into the ``intermediates``
   collection as ``response``: the layer responses of Fig. 7 (§4.2).
-
-  With ``preactivation`` it is the full pre-activation unit of *Identity
-  Mappings in Deep Residual Networks* (He et al., 2016, Fig. 4e): BN and ReLU
-  come before each conv, and nothing follows the addition. As in the
-  authors' code, the first unit of the net (``first``) takes the input
-  already activated after conv1, and a unit where dimensions grow
-  pre-activates once for both paths (its shortcut starts from the activated
-  input); the other units' shortcuts are the raw input. A 3x3 conv with no
-  BN after it in the unit sows its own output as the response.
-
   ``act`` is every ReLU of the block (``ResNet.act``).
   """
   width: int
@@ -149,39 +159,23 @@ class Block(nn.Module):
   zero_init_residual: bool
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
-  preactivation: bool = False
-  first: bool = False
   act: Callable[[jax.Array], jax.Array] = nn.relu
+
+  @property
+  def out_features(self) -> int:
+    return self.width * (BOTTLENECK_EXPANSION if self.bottleneck else 1)
 
   @nn.compact
   def __call__(self, x):
-    out_features = self.width * (BOTTLENECK_EXPANSION if self.bottleneck else 1)
-    grows = self.strides != 1 or x.shape[-1] != out_features
-    if not self.preactivation:
-      y = self._branch(x, out_features)
-    elif self.first:  # Activated after conv1, before the split.
-      y = self._branch(x, out_features)
-    elif grows:  # One pre-activation for both paths.
-      x = self.act(self.norm(name='bn0')(x))
-      y = self._branch(x, out_features)
-    else:
-      y = self._branch(self.act(self.norm(name='bn0')(x)), out_features)
+    y = self.residual_function(x)
     if not self.residual:
-      return y if self.preactivation else self.act(y)
-    if self.shortcut == 'C' or (self.shortcut == 'B' and grows):
-      x = self.conv(out_features, 1, self.strides, name='proj_conv')(x)
-      if not self.preactivation:
-        x = self.norm(name='proj_bn')(x)
-    elif grows:  # Option A: subsample, then zero-pad the new channels.
-      x = x[:, ::self.strides, ::self.strides, :]
-      extra = out_features - x.shape[-1]
-      x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    return x + y if self.preactivation else self.act(x + y)
+      return self.act(y)
+    return self.act(y + shortcut(x, self.out_features, self.strides,
+                                 self.shortcut, self.conv, self.norm))
 
-  def _branch(self, x, out_features):
-    """The residual function: convs with BN (and ReLU) after (original) or
-    between them (pre-activation; the unit's first BN-ReLU is the caller's)."""
-    pre = self.preactivation
+  def residual_function(self, x, last_norm: bool = True):
+    """F(x): the convs, a BN after each (after the last only with
+    ``last_norm``), a ReLU between them."""
     last_scale_init = (nn.initializers.zeros if self.zero_init_residual
                        else nn.initializers.ones)
     if self.bottleneck:
@@ -193,18 +187,49 @@ class Block(nn.Module):
       y = self.norm(name='bn2')(y)
       self.sow('intermediates', 'response', y)
       y = self.act(y)
-      y = self.conv(out_features, 1, 1, name='conv3')(y)
-      return y if pre else self.norm(scale_init=last_scale_init,
-                                     name='bn3')(y)
+      y = self.conv(self.out_features, 1, 1, name='conv3')(y)
+      return self.norm(scale_init=last_scale_init,
+                       name='bn3')(y) if last_norm else y
     y = self.conv(self.width, 3, self.strides, name='conv1')(x)
     y = self.norm(name='bn1')(y)
     self.sow('intermediates', 'response', y)
     y = self.act(y)
-    y = self.conv(out_features, 3, 1, name='conv2')(y)
-    if not pre:
+    y = self.conv(self.out_features, 3, 1, name='conv2')(y)
+    if last_norm:
       y = self.norm(scale_init=last_scale_init, name='bn2')(y)
     self.sow('intermediates', 'response', y)
     return y
+
+
+class PreActBlock(Block):
+  """The full pre-activation unit of *Identity Mappings in Deep Residual
+  Networks* (He et al., 2016, Fig. 4e): BN and ReLU come before each conv,
+  and nothing follows the addition: F(x) + shortcut(x).
+
+  As in the authors' code, the first unit of the net (``first``) takes the
+  input already activated after conv1, and a unit where dimensions grow
+  pre-activates once for both paths (its shortcut starts from the activated
+  input); the other units' shortcuts are the raw input. A 3x3 conv with no
+  BN after it in the unit sows its own output as the response. Projection
+  shortcuts have no BN.
+  """
+  first: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    grows = self.strides != 1 or x.shape[-1] != self.out_features
+    if self.first:  # Activated after conv1, before the split.
+      y = self.residual_function(x, last_norm=False)
+    elif grows:  # One pre-activation for both paths.
+      x = self.act(self.norm(name='bn0')(x))
+      y = self.residual_function(x, last_norm=False)
+    else:
+      y = self.residual_function(self.act(self.norm(name='bn0')(x)),
+                                 last_norm=False)
+    if not self.residual:
+      return y
+    return y + shortcut(x, self.out_features, self.strides, self.shortcut,
+                        self.conv)
 
 
 class ResNet(nn.Module):
@@ -235,8 +260,9 @@ class ResNet(nn.Module):
       over their stacked parameters, so that tracing and compiling do not
       grow with depth. The same network: ``unroll_blocks`` and
       ``stack_blocks`` convert between the two forms of its variables.
-    preactivation: full pre-activation units (``Block``; Identity Mappings,
-      2016), and a BN and ReLU after the last addition, before the pooling.
+    preactivation: full pre-activation units (``PreActBlock``; Identity
+      Mappings, 2016), and a BN and ReLU after the last addition, before the
+      pooling.
     bn_group_size: in training, BatchNorm statistics per group of this many
       images (``GroupBatchNorm``, §4.2's two GPUs); 0: of the whole batch.
     act: the ReLU, wherever the network applies one. The report's deconvnet
@@ -279,16 +305,20 @@ class ResNet(nn.Module):
       self.sow('intermediates', 'response', x)
       x = self.act(x)
       self.sow('intermediates', 'conv1', x)
-    block_class = nn.remat(Block) if self.remat else Block
+    block_class = PreActBlock if self.preactivation else Block
+    if self.remat:
+      block_class = nn.remat(block_class)
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       block = functools.partial(
           block_class, width=width, bottleneck=self.bottleneck,
           residual=self.residual, shortcut=self.shortcut,
           bottleneck_stride=self.bottleneck_stride,
           zero_init_residual=self.zero_init_residual, conv=conv, norm=norm,
-          preactivation=self.preactivation, act=self.act)
-      x = block(strides=2 if i > 0 else 1, first=i == 0,
-                name=f'stage{i + 1}_block1')(x)
+          act=self.act)
+      # The net's first pre-activation unit takes conv1's activated output.
+      first = {'first': i == 0} if self.preactivation else {}
+      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1',
+                **first)(x)
       if self.scan_blocks and size > 1:
         # Blocks 2..n of a stage have the same shapes: one loop body, its
         # parameters and BN statistics stacked along a leading axis.
@@ -311,16 +341,19 @@ class ResNet(nn.Module):
 
 def create_model(*, model: str, depth: int, num_classes: int,
                  residual: bool = True, shortcut: str = 'A',
-                 stem: str | None = None, bottleneck_stride: str = '1x1',
+                 stem: str = '', bottleneck_stride: str = '1x1',
                  zero_init_residual: bool = False,
                  dtype: str = 'float32', remat: bool = False,
                  scan_blocks: bool = False, preactivation: bool = False,
                  block: str = '', bn_group_size: int = 0) -> ResNet:
   """Builds a paper network by family and depth; raises ModelError otherwise.
 
-  ``block`` is '' for the family's own ('basic' on CIFAR; Table 1's on
-  ImageNet); 'bottleneck' makes the CIFAR nets of *Identity Mappings*, depth
-  9n+2 with 64/128/256 outputs (ResNet-164, ResNet-1001).
+  ``stem`` and ``block`` are '' for the family's own (the 3x3 stem of §4.2
+  on CIFAR, Table 1's 7x7 on ImageNet; 'basic' blocks on CIFAR, Table 1's
+  on ImageNet); 'bottleneck' makes the CIFAR nets of *Identity Mappings*,
+  depth 9n+2 with 64/128/256 outputs (ResNet-164, ResNet-1001). Every
+  argument but ``num_classes`` is the config field of the same name
+  (``from_config``).
   """
   if shortcut not in SHORTCUTS:
     raise ModelError(f'shortcut must be one of {", ".join(SHORTCUTS)} (§3.3), '
@@ -339,7 +372,7 @@ def create_model(*, model: str, depth: int, num_classes: int,
           f'CIFAR nets have depth 6n+2 with n >= 1 (20, 32, 44, 56, 110, '
           f'1202), or 9n+2 with bottleneck blocks (164, 1001), got {depth}'
           f'{" with bottleneck blocks" if layers == 9 else ""}')
-    if stem not in (None, '3x3'):
+    if stem not in ('', '3x3'):
       raise ModelError(f'the CIFAR nets of §4.2 have a 3x3 stem, got {stem!r}')
     n = (depth - 2) // layers
     stage_sizes, widths, stem = (n,) * 3, CIFAR_WIDTHS, '3x3'
@@ -348,7 +381,7 @@ def create_model(*, model: str, depth: int, num_classes: int,
     if depth not in IMAGENET_STAGES:
       raise ModelError(f'ImageNet nets (Table 1) have depth '
                        f'{", ".join(map(str, IMAGENET_STAGES))}, got {depth}')
-    if stem not in (None, *STEMS):
+    if stem not in ('', *STEMS):
       raise ModelError(f'stem must be "7x7" or "3x3", got {stem!r}')
     stage_sizes, bottleneck = IMAGENET_STAGES[depth]
     if block and (block == 'bottleneck') != bottleneck:
@@ -413,14 +446,18 @@ def unroll_blocks(variables):
 
 def from_config(config, num_classes: int) -> ResNet:
   """The network a config names (fields as in configs/default.py)."""
-  return create_model(
-      model=config.model, depth=config.depth, num_classes=num_classes,
-      residual=config.residual, shortcut=config.shortcut,
-      stem=config.stem or None, bottleneck_stride=config.bottleneck_stride,
-      zero_init_residual=config.zero_init_residual, dtype=config.dtype,
-      remat=config.remat, scan_blocks=config.scan_blocks,
-      preactivation=config.preactivation, block=config.block,
-      bn_group_size=config.bn_group_size)
+  return create_model(num_classes=num_classes,
+                      **{field: config[field] for field in CONFIG_FIELDS})
+
+
+# The config fields that make the network: create_model's arguments. Those
+# of ARCHITECTURE make its parameters (the rest: their initialisation,
+# arithmetic, memory and form, and BatchNorm's batches in training).
+CONFIG_FIELDS = tuple(name for name in
+                      inspect.signature(create_model).parameters
+                      if name != 'num_classes')
+ARCHITECTURE = ('model', 'depth', 'residual', 'shortcut', 'stem',
+                'bottleneck_stride', 'preactivation', 'block')
 
 
 def display_name(config) -> str:

@@ -30,9 +30,9 @@ from resnet_jax import cli
 from resnet_jax import metrics
 from resnet_jax import models
 
-# The config fields that define the network: a workdir holds one of them.
-MODEL_FIELDS = ('model', 'depth', 'residual', 'shortcut', 'stem',
-                'bottleneck_stride', 'dataset', 'preactivation', 'block')
+# The config fields that define the network and what it classifies: a
+# workdir holds one of them.
+MODEL_FIELDS = (*models.ARCHITECTURE, 'dataset')
 # What a run recorded before a field existed was built with.
 NEW_FIELD_DEFAULTS = {'scan_blocks': False, 'preactivation': False,
                       'block': '', 'lr_schedule': 'piecewise',
