@@ -1,9 +1,9 @@
 """What training needs of a dataset, whichever it is.
 
 The datasets of the paper (``DATASETS``), the ``Inputs`` a run reads them
-through (``inputs``: CIFAR from ``cifar.py``, ImageNet from ``imagenet.py``),
+through (made by ``cifar.py`` and ``imagenet.py``; ``train.inputs`` picks),
 and what both share: the input normalisation and TensorFlow, kept off the
-accelerators. TensorFlow is needed only to read TFDS datasets, to stream
+accelerators. It imports neither of them: they import it. TensorFlow is needed only to read TFDS datasets, to stream
 ImageNet and to write TensorBoard summaries; nothing else imports it.
 """
 
@@ -54,20 +54,6 @@ class Inputs:
   # split and draw(images, labels, rng, step) makes the step's augmented
   # batch inside the jitted step; None when train() yields global batches.
   draw: Callable[..., tuple] | None
-
-
-def inputs(config, mesh) -> Inputs:
-  """The inputs of config.dataset, on ``mesh``."""
-  dataset_info(config.dataset)
-  if config.pca_lighting and config.dataset != 'imagenet2012':
-    raise DataError('pca_lighting (the colour augmentation of §3.4) is for '
-                    f'ImageNet; {config.dataset} has none in the paper')
-  # pylint: disable=g-import-not-at-top
-  if config.dataset == 'imagenet2012':
-    from resnet_jax import imagenet  # Imports TensorFlow.
-    return imagenet.inputs(config, mesh)
-  from resnet_jax import cifar
-  return cifar.inputs(config, mesh)
 
 
 def normalization(images: np.ndarray, kind: str):

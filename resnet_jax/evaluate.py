@@ -73,7 +73,7 @@ def probabilities(state, images, whole: bool):
 def test_batches(config):
   """This process's test batches: (images, labels, mask[, index])."""
   if not config.test_scales:
-    return data.inputs(config, mesh=None).eval(metrics.TEST)
+    return train.dataset_inputs(config, mesh=None).eval(metrics.TEST)
   if config.dataset != 'imagenet2012':
     raise data.DataError(f'test_scales is ImageNet\'s multi-scale testing '
                          f'(§3.4); {config.dataset} is tested on its images '

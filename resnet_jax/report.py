@@ -289,7 +289,7 @@ def load_checkpoint(workdir):
   info = data.dataset_info(config.dataset)
   model = models.from_config(config, info.num_classes)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  test = data.inputs(config, mesh=None).eval(metrics.TEST)
+  test = train.dataset_inputs(config, mesh=None).eval(metrics.TEST)
 
   def batches():
     for images, _, mask in test:

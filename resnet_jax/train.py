@@ -6,7 +6,7 @@ across the devices, so BatchNorm statistics are those of the global batch.
 The optimiser is the paper's momentum SGD with weight decay, as decoupled L2
 in optax, on a piecewise-constant schedule in iterations (or epochs), or
 divided "when the error plateaus" (§3.4).
-The data come through ``data.inputs``; the workdir (config.json, metrics,
+The data come through ``dataset_inputs``; the workdir (config.json, metrics,
 checkpoints) is ``workdir.py``'s. The loop's writers (clu, TensorBoard: they
 import TensorFlow) are imported where it runs, so the steps import with jax,
 flax, optax and orbax alone.
@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from resnet_jax import atomic
+from resnet_jax import cifar
 from resnet_jax import cli
 from resnet_jax import data
 from resnet_jax import devices as devices_lib
@@ -444,6 +445,19 @@ def state_shapes(config) -> TrainState:
       create_train_state, model, tx, config.seed, info.image_size))
 
 
+def dataset_inputs(config, mesh) -> data.Inputs:
+  """The inputs of config.dataset, on ``mesh``."""
+  data.dataset_info(config.dataset)
+  if config.pca_lighting and config.dataset != 'imagenet2012':
+    raise data.DataError('pca_lighting (the colour augmentation of §3.4) is '
+                         f'for ImageNet; {config.dataset} has none in the '
+                         'paper')
+  if config.dataset == 'imagenet2012':
+    from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+    return imagenet.inputs(config, mesh)  # (It imports TensorFlow.)
+  return cifar.inputs(config, mesh)
+
+
 def setup(config, devices=None):
   """The pieces every mode shares: inputs, jitted steps, initial state.
 
@@ -457,7 +471,7 @@ def setup(config, devices=None):
   mesh = devices_lib.make_mesh({'batch_size': config.batch_size,
                                 'eval_batch_size': config.eval_batch_size},
                                devices)
-  inputs = data.inputs(config, mesh)
+  inputs = dataset_inputs(config, mesh)
   if config.batch_size > inputs.train_size:
     raise TrainingError(f'batch_size {config.batch_size} is larger than the '
                         f'training set ({inputs.train_size} images)')
@@ -533,10 +547,11 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
           mean=devices_lib.replicate(np.asarray(mean), steps.replicated),
           std=devices_lib.replicate(np.asarray(std), steps.replicated))
       if config.init_from:
+        source = pathlib.Path(config.init_from)
         state = workdir_lib.initial_weights(
-            state, pathlib.Path(config.init_from),
-            lambda c: workdir_lib.abstract(state_shapes(c), steps.replicated),
-            steps.replicated)
+            state, source, workdir_lib.load(source, workdir_lib.abstract(
+                state_shapes(workdir_lib.saved_config(source)),
+                steps.replicated)), steps.replicated)
     writer = writers.create(workdir, jax.process_index() == 0)
     writer.write_hparams({k: v for k, v in config.items()
                           if isinstance(v, (int, float, str, bool))})

@@ -359,14 +359,13 @@ def load(workdir: pathlib.Path, abstract_state, step: int = -1):
                        f'{cli.first_line(e)}') from e
 
 
-def initial_weights(state, source: pathlib.Path, shapes_of, sharding):
-  """``state`` with the parameters and BN statistics of the latest checkpoint
-  in ``source`` (``config.init_from``: fine-tuning); its optimiser, step and
-  normalisation stay fresh. A classifier of another shape (other classes)
-  keeps its initialisation; any other difference is another network.
-  ``shapes_of(config)`` gives the abstract state of a config's run.
+def initial_weights(state, source: pathlib.Path, loaded, sharding):
+  """``state`` with the parameters and BN statistics of ``loaded``, the
+  latest checkpoint in ``source`` (``config.init_from``: fine-tuning); its
+  optimiser, step and normalisation stay fresh. A classifier of another
+  shape (other classes) keeps its initialisation; any other difference is
+  another network.
   """
-  loaded = load(source, shapes_of(saved_config(source)))
   scanned = models.scanned_name(1) in state.params
   theirs = dict(jax.tree_util.tree_leaves_with_path(models.unroll_blocks(
       {'params': loaded.params, 'batch_stats': loaded.batch_stats})))

@@ -154,7 +154,7 @@ def test_bad_values_are_refused(field, value, message):
   config = imagenet_resnet18.get_config()
   config[field] = value
   with pytest.raises(data.DataError, match=message):
-    data.inputs(config, mesh=None)
+    train.dataset_inputs(config, mesh=None)
 
 
 def test_colour_augmentation_is_for_imagenet():
@@ -162,7 +162,7 @@ def test_colour_augmentation_is_for_imagenet():
   config = default.get_config()
   config.pca_lighting = 0.1
   with pytest.raises(data.DataError, match='for ImageNet'):
-    data.inputs(config, mesh=None)
+    train.dataset_inputs(config, mesh=None)
 
 
 @pytest.mark.parametrize('ten_crop, shape', [(False, (224, 224, 3)),
