@@ -11,10 +11,10 @@ data-parallel one after another). It writes ``DIR/benchmark.json`` (every
 row, as the benchmark's JSON lines) and ``DIR/benchmark.md`` (a Markdown
 table for BENCHMARKS.md). It needs only jax, flax, optax, orbax,
 ml_collections, absl and numpy; the PyTorch rows run when torch is installed
-and JAX is on the CPU. It ends within 5 minutes anywhere: a group of rows
-whose estimate (from the rows timed before it) would end past 240 s
-(``--max_seconds``) is skipped and listed in both files; on a CPU most of
-the 5-seed and K=16 rows are. Every benchmark flag may be given after the
+and JAX is on the CPU. It is built to end within 5 minutes anywhere: a
+group of rows whose estimate (from the rows timed before it) would end past
+240 s (``--max_seconds``) is skipped and listed in both files; on a CPU
+most of the 5-seed and K=16 rows are. Every benchmark flag may be given after the
 preset ones and overrides them (e.g. ``--min_seconds`` and ``--repeats``
 shorten each row; ``--depths`` and ``--batch_sizes`` pick others;
 ``--max_seconds=0`` times every row).

@@ -576,22 +576,32 @@ def row_groups(depths, batch_sizes, per_dispatch, seed_counts):
               yield (depth, batch, dtype, mode, k), rows
 
 
-def estimated_seconds(timed: list[tuple[int, float, float]], depth: int,
-                      images: list[int]) -> float:
-  """A group's time, from the rows timed before it ((depth, seconds per
-  image, seconds to set up and compile) each): per row its set-up plus the
-  calls ``time_group`` makes (two warm-ups, then at least 3 or
-  --min_seconds per repeat) at the slowest seconds per image seen at this
-  depth (or at another, scaled by depth). 0 before any row."""
+def estimated_seconds(timed: list[tuple], depth: int,
+                      rows: list[tuple[tuple[str, int], int]]) -> float:
+  """A group's time, from the rows timed before it: (depth, kind, seconds
+  per image, seconds to set up and compile) each, a kind being (placement,
+  seeds). ``rows`` are (kind, images per call). Per row: its set-up plus
+  the calls ``time_group`` makes (two warm-ups, then at least 3 or
+  --min_seconds per repeat) at the slowest seconds per image seen for its
+  kind at this depth (or at another, scaled by depth). A kind not timed
+  yet is taken to run its seeds one after another at the slowest rate seen
+  (side by side they can be slower still: vmapped on a CPU). 0 before any
+  row."""
   if not timed:
     return 0.0
-  same = [per_image for d, per_image, _ in timed if d == depth]
-  per_image = max(same) if same else depth * max(
-      per_image / d for d, per_image, _ in timed)
-  setup = max(seconds for _, _, seconds in timed)
-  return sum(setup + max(FLAGS.repeats * FLAGS.min_seconds,
-                         (2 + 3 * FLAGS.repeats) * n * per_image)
-             for n in images)
+
+  def per_image(kinds) -> float | None:
+    same = [seconds for d, k, seconds, _ in timed if d == depth and k in kinds]
+    other = [seconds / d for d, k, seconds, _ in timed if k in kinds]
+    return max(same) if same else depth * max(other) if other else None
+
+  setup = max(seconds for *_, seconds in timed)
+  total = 0.0
+  for kind, images in rows:
+    rate = per_image({kind}) or per_image({k for _, k, _, _ in timed}) * kind[1]
+    total += setup + max(FLAGS.repeats * FLAGS.min_seconds,
+                         (2 + 3 * FLAGS.repeats) * images * rate)
+  return total
 
 
 def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
@@ -605,12 +615,13 @@ def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
       depths, batch_sizes, per_dispatch, seed_counts):
     remat = (depth >= REMAT_DEPTH if FLAGS.remat == 'auto' else
              FLAGS.remat == 'true')
-    with_torch = (baseline and mode != 'data' and group[0][1] == 1 and
-                  depth <= FLAGS.torch_max_depth)
-    # PyTorch eager and compiled: two more rows of the first's size.
-    images = [batch * k * seeds for _, seeds, _ in group] + (
-        [batch * k] * 2 if with_torch else [])
-    estimate = estimated_seconds(timed_before, depth, images)
+    with_torch = bool(baseline and mode != 'data' and group[0][1] == 1 and
+                      depth <= FLAGS.torch_max_depth)
+    # PyTorch eager and compiled: two more rows like the first.
+    sizes = [((placement, seeds), batch * k * seeds)
+             for _, seeds, placement in group]
+    estimate = estimated_seconds(timed_before, depth,
+                                 sizes + sizes[:1] * 2 * with_torch)
     if FLAGS.max_seconds and (time.perf_counter() - start + estimate >
                               FLAGS.max_seconds):
       name = models.display_name(benchmark_config(
@@ -660,7 +671,8 @@ def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
                                        group_rows[0]['images_per_s'])
     for row in group_rows:
       print(json.dumps(row), flush=True)
-      timed_before.append((depth, 1 / row['images_per_s'],
+      timed_before.append((depth, (row['placement'], row['seeds']),
+                           1 / row['images_per_s'],
                            row.get('setup_s', 0) + row['compile_s']))
     rows += group_rows
   return rows, skipped
