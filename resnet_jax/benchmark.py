@@ -498,9 +498,7 @@ def parse_flags():
   depths = integers('depths', FLAGS.depths, 8)
   batch_sizes = integers('batch_sizes', FLAGS.batch_sizes)
   for depth in depths:
-    if (depth - 2) % 6:
-      raise BenchmarkError(f'depth {depth} is not 6n+2 (20, 32, 44, 56, 110, '
-                           f'1202)')
+    models.cifar_blocks_per_stage(depth)
   for name, values, allowed in (('dtypes', FLAGS.dtypes,
                                  ('float32', 'bfloat16')),
                                 ('modes', FLAGS.modes, MODES),

@@ -38,7 +38,6 @@ import functools
 import io
 import operator
 import pathlib
-import re
 
 from absl import flags
 import jax
@@ -49,6 +48,7 @@ import numpy as np
 from resnet_jax import atomic
 from resnet_jax import cli
 from resnet_jax import data
+from resnet_jax import evaluate
 from resnet_jax import models
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
@@ -94,15 +94,13 @@ class ConvertError(cli.UserError):
 
 def module_names(layout: str, variables) -> dict[str, str]:
   """resnet_jax module name (unrolled) -> the layout's module name."""
-  blocks = sorted((k for k in variables['params'] if k.startswith('stage')),
-                  key=lambda k: tuple(map(int, re.findall(r'\d+', k))))
   stem = {'baseline': ('conv', 'bn')}.get(layout, ('conv1', 'bn1'))
   names = {'conv_init': stem[0], 'bn_init': stem[1],
            'head': {'torchvision': 'fc', 'cifar': 'linear'}.get(layout,
                                                                  'head')}
   projection = {'torchvision': 'downsample', 'cifar': 'shortcut'}.get(layout)
-  for index, block in enumerate(blocks):
-    stage, number = map(int, re.findall(r'\d+', block))
+  for index, (block, stage, number) in enumerate(
+      models.blocks_in_order(variables['params'])):
     prefix = (f'blocks.{index}' if layout == 'baseline'
               else f'layer{stage}.{number - 1}')
     for layer in variables['params'][block]:
@@ -260,9 +258,7 @@ def to_torch(workdir: pathlib.Path, torch_path: pathlib.Path,
   config = workdir_lib.saved_config(workdir)
   layout = layout or ('torchvision' if config.model == 'imagenet'
                       else 'cifar')
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  state = workdir_lib.load(
-      workdir, workdir_lib.abstract(train.state_shapes(config), device))
+  state = evaluate.first_device_checkpoint(config, workdir)
   variables = models.unroll_blocks(jax.device_get(
       {'params': state.params, 'batch_stats': state.batch_stats}))
   state_dict = {}

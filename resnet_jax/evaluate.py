@@ -29,6 +29,7 @@ def check_run(config, workdir) -> pathlib.Path:
   workdir = pathlib.Path(workdir)
   if not workdir_lib.check_model(config, workdir):
     raise workdir_lib.WorkdirError(f'{workdir} holds no run (no config.json)')
+  workdir_lib.use_stored_form(config, workdir)
   return workdir
 
 
@@ -42,6 +43,15 @@ def restore_checkpoint(config, workdir: str, step: int = -1):
   state = workdir_lib.load(
       workdir, workdir_lib.abstract(state, steps.replicated), step)
   return inputs, steps, state
+
+
+def first_device_checkpoint(config, workdir):
+  """A run's latest checkpoint on this machine's first device: its weights
+  to read (the report's figures, the converter)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return workdir_lib.load(
+      pathlib.Path(workdir),
+      workdir_lib.abstract(train.state_shapes(config), device))
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:

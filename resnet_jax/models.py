@@ -339,6 +339,18 @@ class ResNet(nn.Module):
     return jnp.asarray(x, jnp.float32)
 
 
+def cifar_blocks_per_stage(depth: int, bottleneck: bool = False) -> int:
+  """n of a CIFAR net of depth 6n+2 (§4.2), or 9n+2 with bottleneck blocks
+  (Identity Mappings); raises ModelError for any other depth."""
+  layers = 9 if bottleneck else 6
+  if depth < layers + 2 or (depth - 2) % layers:
+    raise ModelError(
+        f'CIFAR nets have depth 6n+2 with n >= 1 (20, 32, 44, 56, 110, '
+        f'1202), or 9n+2 with bottleneck blocks (164, 1001), got {depth}'
+        f'{" with bottleneck blocks" if bottleneck else ""}')
+  return (depth - 2) // layers
+
+
 def create_model(*, model: str, depth: int, num_classes: int,
                  residual: bool = True, shortcut: str = 'A',
                  stem: str = '', bottleneck_stride: str = '1x1',
@@ -366,17 +378,11 @@ def create_model(*, model: str, depth: int, num_classes: int,
   if block not in ('', 'basic', 'bottleneck'):
     raise ModelError(f'block must be "basic" or "bottleneck", got {block!r}')
   if model == 'cifar':
-    layers = 9 if block == 'bottleneck' else 6
-    if depth < layers + 2 or (depth - 2) % layers:
-      raise ModelError(
-          f'CIFAR nets have depth 6n+2 with n >= 1 (20, 32, 44, 56, 110, '
-          f'1202), or 9n+2 with bottleneck blocks (164, 1001), got {depth}'
-          f'{" with bottleneck blocks" if layers == 9 else ""}')
     if stem not in ('', '3x3'):
       raise ModelError(f'the CIFAR nets of §4.2 have a 3x3 stem, got {stem!r}')
-    n = (depth - 2) // layers
-    stage_sizes, widths, stem = (n,) * 3, CIFAR_WIDTHS, '3x3'
     bottleneck = block == 'bottleneck'
+    n = cifar_blocks_per_stage(depth, bottleneck)
+    stage_sizes, widths, stem = (n,) * 3, CIFAR_WIDTHS, '3x3'
   elif model == 'imagenet':
     if depth not in IMAGENET_STAGES:
       raise ModelError(f'ImageNet nets (Table 1) have depth '
@@ -404,6 +410,13 @@ def create_model(*, model: str, depth: int, num_classes: int,
 def param_count(params) -> int:
   """Number of trainable parameters (BN running statistics are not)."""
   return sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def blocks_in_order(params) -> list[tuple[str, int, int]]:
+  """(name, stage, number) of each block of the unrolled form
+  (``stageS_blockB``), in the network's order."""
+  return sorted(((name, int(m[1]), int(m[2])) for name in params
+                 if (m := BLOCK_NAME.fullmatch(name))), key=lambda b: b[1:])
 
 
 def stack_blocks(variables):

@@ -282,10 +282,7 @@ def load_checkpoint(workdir):
   on this machine's first device; the batches are (images as stored, the
   network's normalised input) pairs."""
   config, _ = load_run(workdir)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  state = workdir_lib.load(
-      pathlib.Path(workdir),
-      workdir_lib.abstract(train.state_shapes(config), device))
+  state = evaluate.first_device_checkpoint(config, workdir)
   info = data.dataset_info(config.dataset)
   model = models.from_config(config, info.num_classes)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}

@@ -42,7 +42,7 @@ class CifarResNet(nn.Module):
 
   def __init__(self, depth: int, residual: bool = True, num_classes: int = 10):
     super().__init__()
-    n = (depth - 2) // 6
+    n = models.cifar_blocks_per_stage(depth)
     widths = models.CIFAR_WIDTHS
     self.conv = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
     self.bn = nn.BatchNorm2d(widths[0])
@@ -67,9 +67,8 @@ def load_flax_variables(net: CifarResNet, variables):
   params, stats = variables['params'], variables['batch_stats']
   pairs = [(net.conv, net.bn, params['conv_init'], params['bn_init'],
             stats['bn_init'])]
-  blocks = sorted((k for k in params if k.startswith('stage')),
-                  key=lambda k: tuple(int(s) for s in k[5:].split('_block')))
-  for torch_block, name in zip(net.blocks, blocks, strict=True):
+  blocks = models.blocks_in_order(params)
+  for torch_block, (name, _, _) in zip(net.blocks, blocks, strict=True):
     for i in (1, 2):
       pairs.append((getattr(torch_block, f'conv{i}'),
                     getattr(torch_block, f'bn{i}'), params[name][f'conv{i}'],

@@ -76,10 +76,7 @@ def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
 
 
 def check_model(config, workdir: pathlib.Path) -> bool:
-  """Whether the workdir holds a run; raises if it is of another model.
-
-  Sets ``config.scan_blocks`` to the form the run's checkpoints hold.
-  """
+  """Whether the workdir holds a run; raises if it is of another model."""
   if not (workdir / 'config.json').exists():
     return False
   saved = _saved(workdir)
@@ -88,14 +85,18 @@ def check_model(config, workdir: pathlib.Path) -> bool:
   if different:
     raise WorkdirError(f'{workdir} holds a run of another model ('
                        f'{"; ".join(different)})')
-  # How the blocks are stored is the run's own (runs from before the field
-  # existed are unrolled): resume and evaluate in that form.
-  scan_blocks = saved['scan_blocks']
+  return True
+
+
+def use_stored_form(config, workdir: pathlib.Path):
+  """Sets ``config.scan_blocks`` to the form the run's checkpoints hold
+  (its own; runs from before the field existed are unrolled): a run resumes
+  and is evaluated in that form."""
+  scan_blocks = _saved(workdir)['scan_blocks']
   if config.scan_blocks != scan_blocks:
     print(f'note: {workdir} holds {"scanned" if scan_blocks else "unrolled"} '
           f'blocks; using scan_blocks={scan_blocks}', flush=True)
     config.scan_blocks = scan_blocks
-  return True
 
 
 def check_writable(workdir: pathlib.Path):

@@ -44,7 +44,7 @@ def test_benchmark_rows():
 
 
 @pytest.mark.parametrize('flag, message', [
-    ('--depths=21', 'not 6n+2'), ('--dtypes=float16', 'float16'),
+    ('--depths=21', 'depth 6n+2'), ('--dtypes=float16', 'float16'),
     ('--modes=infer', 'infer'), ('--batch_sizes=3', 'does not divide'),
     ('--input_pipeline', 'ImageNet --config'), ('--repeats=0', 'repeats'),
     ('--seeds=2,0', 'seeds'), ('--placements=pmap', 'pmap')])
