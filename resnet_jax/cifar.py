@@ -20,8 +20,6 @@ import warnings
 import zlib
 
 import jax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
@@ -300,7 +298,7 @@ def inputs(config, mesh) -> data.Inputs:
 
   def train_inputs(first_step):
     del first_step  # Batches derive from the state's rng and step.
-    replicated = NamedSharding(mesh, P())
+    replicated = devices.replicated(mesh)
     return itertools.repeat((devices.replicate(cifar.train.images, replicated),
                              devices.replicate(cifar.train.labels,
                                                replicated)))

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 import os
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from resnet_jax import cli
@@ -16,6 +18,16 @@ from resnet_jax import cli
 
 class MeshError(cli.UserError):
   """Batch sizes that do not split over the devices."""
+
+
+def replicated(mesh) -> NamedSharding:
+  """Every device of ``mesh`` holds the whole array (the state)."""
+  return NamedSharding(mesh, P())
+
+
+def split(mesh) -> NamedSharding:
+  """The first axis split over ``mesh`` (a global batch)."""
+  return NamedSharding(mesh, P('data'))
 
 
 def global_array(local: np.ndarray, sharding) -> jax.Array:

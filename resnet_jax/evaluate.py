@@ -12,8 +12,6 @@ import pathlib
 
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 
@@ -110,7 +108,7 @@ def test_probabilities(config, workdir):
       jax.local_devices())
   state = workdir_lib.load(
       workdir, workdir_lib.abstract(train.state_shapes(config),
-                                    NamedSharding(mesh, P())),
+                                    devices_lib.replicated(mesh)),
       config.eval_checkpoint_step)
   sums, views, labels = {}, {}, {}
   position = 0
@@ -119,7 +117,7 @@ def test_probabilities(config, workdir):
     index = index[0] if index else position + np.arange(len(mask))
     position += len(mask)
     probs = np.asarray(probabilities(
-        state, jax.device_put(images, NamedSharding(mesh, P('data'))),
+        state, jax.device_put(images, devices_lib.split(mesh)),
         whole=bool(config.test_scales)))
     for i, label, p in zip(index[mask > 0], batch_labels[mask > 0],
                            probs[mask > 0]):

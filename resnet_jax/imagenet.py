@@ -10,8 +10,6 @@ functions on JPEGs of its own. The only module that needs TensorFlow to train.
 """
 
 import jax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from resnet_jax import data
@@ -281,7 +279,7 @@ def inputs(config, mesh) -> data.Inputs:
                     f'{config.pca_lighting}')
 
   def train_inputs(first_step):
-    batch = NamedSharding(mesh, P('data'))
+    batch = devices.split(mesh)
     seed = int(np.random.SeedSequence([config.seed, first_step])
                .generate_state(1)[0])
     return ((devices.global_array(x, batch), devices.global_array(y, batch))

@@ -27,9 +27,7 @@ from typing import Any, NamedTuple
 from absl import logging
 from flax.training import train_state
 import jax
-from jax.sharding import NamedSharding
 from jax.experimental import multihost_utils
-from jax.sharding import PartitionSpec as P
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -365,11 +363,11 @@ class Steps:
 
   @property
   def replicated(self):
-    return NamedSharding(self.mesh, P())
+    return devices_lib.replicated(self.mesh)
 
   @property
   def batch(self):
-    return NamedSharding(self.mesh, P('data'))
+    return devices_lib.split(self.mesh)
 
 
 def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
@@ -383,8 +381,7 @@ def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
   on an accelerator a small net's step is launches and host round trips,
   which the loop pays once per call.
   """
-  replicated = NamedSharding(mesh, P())
-  batch = NamedSharding(mesh, P('data'))
+  replicated, batch = devices_lib.replicated(mesh), devices_lib.split(mesh)
 
   def on_device_step(state, images, labels):
     x, y = draw(images, labels, jax.random.wrap_key_data(state.rng),
