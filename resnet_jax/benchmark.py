@@ -264,11 +264,8 @@ def seed_steps(inputs, schedule, steps_per_dispatch: int):
 def seed_states(config, state, seeds: int):
   """The fresh states of seeds config.seed, config.seed + 1, ..., stacked
   along a leading axis: each the state ``train.setup`` makes for it."""
-  info = data.dataset_info(config.dataset)
-  model = models.from_config(config, info.num_classes)
   stacked = jax.jit(jax.vmap(functools.partial(
-      train.create_train_state, model, state.tx,
-      image_size=info.image_size)))(config.seed + jnp.arange(seeds))
+      train.fresh_state(config), state.tx)))(config.seed + jnp.arange(seeds))
   # The treedef of ``state`` (its model and optimiser), so the steps built
   # for it take these.
   return jax.tree.unflatten(jax.tree.structure(state),

@@ -47,7 +47,6 @@ import numpy as np
 
 from resnet_jax import atomic
 from resnet_jax import cli
-from resnet_jax import data
 from resnet_jax import evaluate
 from resnet_jax import models
 from resnet_jax import train
@@ -229,11 +228,9 @@ def to_jax(config, torch_path: pathlib.Path, workdir: pathlib.Path,
   config.normalization = 'per_channel'
   if config.scan_blocks:
     variables = models.stack_blocks(variables)
-  info = data.dataset_info(config.dataset)
-  model = models.from_config(config, info.num_classes)
   tx = train.create_optimizer(config, train.learning_rate_schedule(config, []))
-  state = jax.jit(functools.partial(train.create_train_state, model, tx,
-                                    config.seed, info.image_size))()
+  state = jax.jit(functools.partial(train.fresh_state(config), tx,
+                                    config.seed))()
   state = state.replace(
       params=variables['params'], batch_stats=variables['batch_stats'],
       mean=np.broadcast_to(np.asarray(mean, np.float32),

@@ -12,7 +12,7 @@ import TensorFlow) are imported where it runs, so the steps import with jax,
 flax, optax and orbax alone.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
 import functools
@@ -433,13 +433,21 @@ def all_finite(tree) -> jax.Array:
                             for x in jax.tree.leaves(tree)]))
 
 
+def fresh_state(config) -> Callable[..., TrainState]:
+  """``create_train_state`` of a config's network at its input size: a
+  function of the optimiser and the seed, to jit, vmap or shape."""
+  info = data.dataset_info(config.dataset)
+  return functools.partial(create_train_state,
+                           models.from_config(config, info.num_classes),
+                           image_size=info.image_size)
+
+
 def state_shapes(config) -> TrainState:
   """The shapes of a config's training state, without data or compiling."""
-  info = data.dataset_info(config.dataset)
-  model = models.from_config(config, info.num_classes)
-  tx = create_optimizer(config, learning_rate_schedule(config, []))
   return jax.eval_shape(functools.partial(
-      create_train_state, model, tx, config.seed, info.image_size))
+      fresh_state(config),
+      create_optimizer(config, learning_rate_schedule(config, [])),
+      config.seed))
 
 
 def dataset_inputs(config, mesh) -> data.Inputs:
@@ -463,8 +471,7 @@ def setup(config, devices=None):
   sets it from ``inputs.normalization()`` (a restored one brings its own).
   """
   check_config(config)
-  info = data.dataset_info(config.dataset)
-  model = models.from_config(config, info.num_classes)
+  fresh = fresh_state(config)
   mesh = devices_lib.make_mesh({'batch_size': config.batch_size,
                                 'eval_batch_size': config.eval_batch_size},
                                devices)
@@ -490,10 +497,8 @@ def setup(config, devices=None):
   schedule = learning_rate_schedule(config, boundaries)
   tx = create_optimizer(config, schedule)
   steps = make_steps(mesh, schedule, inputs.draw, per_dispatch)
-  state = jax.jit(
-      functools.partial(create_train_state, model, tx, config.seed,
-                        info.image_size),
-      out_shardings=steps.replicated)()
+  state = jax.jit(functools.partial(fresh, tx, config.seed),
+                  out_shardings=steps.replicated)()
   return inputs, steps, state, total_steps
 
 
