@@ -5,8 +5,8 @@
 Splits: ``train`` (means over the steps since the last record, the learning
 rate, steps per second), ``validation`` or ``test`` (evaluations during
 training; errors in %), ``final_test`` (the run's result: the test set after
-the last step). ``writers.JsonlWriter`` writes it (process 0 only), ``read``
-serves the sweep and the report, and a resumed run first edits it
+the last step). The training loop appends to it (``append``, on process 0),
+``read`` serves the sweep and the report, and a resumed run first edits it
 (``keep_until``, ``move_aside``) so that it reads as one uninterrupted run.
 """
 
@@ -23,6 +23,14 @@ TRAIN, VALIDATION, TEST, FINAL_TEST = 'train', 'validation', 'test', 'final_test
 def line(step: int, split: str, values) -> str:
   return json.dumps({'step': step, 'split': split,
                      **{k: float(v) for k, v in values.items()}}) + '\n'
+
+
+def append(workdir: pathlib.Path, step: int, split: str, values):
+  """Appends a record: one line, written when it comes (a resume trims the
+  file to its checkpoint)."""
+  path = workdir / FILENAME
+  with atomic.naming(path), path.open('a') as f:
+    f.write(line(step, split, values))
 
 
 def _lines(workdir: pathlib.Path) -> list[tuple[dict, str]]:

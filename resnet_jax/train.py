@@ -599,11 +599,11 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
         now = time.time()
         summary['steps_per_second'] = (step - last_step) / (now - last_time)
         last_time, last_step = now, step
-        write(writer, step, metrics.TRAIN, summary)
+        write(writer, workdir, step, metrics.TRAIN, summary)
       checkpoint_metrics = None
       if step % config.eval_every_steps == 0 or is_last:
         result = evaluate(steps, state, inputs.eval(inputs.eval_split))
-        write(writer, step, inputs.eval_split, result)
+        write(writer, workdir, step, inputs.eval_split, result)
         if inputs.eval_split == metrics.VALIDATION:  # Never select by test.
           checkpoint_metrics = {'validation_error': result['error']}
           if plateau(state) is not None:
@@ -623,10 +623,15 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
     workdir_lib.finish(manager)
 
     result = tested or evaluate(steps, state, inputs.eval(metrics.TEST))
-    write(writer, step, metrics.FINAL_TEST, result)
+    write(writer, workdir, step, metrics.FINAL_TEST, result)
     writer.flush()
     return result
 
 
-def write(writer, step: int, split: str, values: dict[str, float]):
+def write(writer, workdir: pathlib.Path, step: int, split: str,
+          values: dict[str, float]):
+  """A record to the log and TensorBoard (``split/metric``), then to
+  metrics.jsonl (process 0)."""
   writer.write_scalars(step, {f'{split}/{k}': v for k, v in values.items()})
+  if jax.process_index() == 0:
+    metrics.append(workdir, step, split, values)
