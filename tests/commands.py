@@ -20,24 +20,44 @@ def env(devices=2):
               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
 
 
-def python(module, *flags, devices=2):
-  """``python -m module flags`` in the repository, on ``devices`` CPU
+def finish(argv, devices=2, environment=None):
+  """Runs ``argv`` in the repository on ``devices`` CPU devices (or in
+  ``environment``), its output captured."""
+  return subprocess.run(argv, cwd=ROOT, env=environment or env(devices),
+                        capture_output=True, text=True, timeout=600)
+
+
+def start(argv, devices=2, stdout=subprocess.DEVNULL,
+          stderr=subprocess.DEVNULL):
+  """Starts ``argv`` in the repository (to signal it, kill it, wait)."""
+  return subprocess.Popen(argv, cwd=ROOT, env=env(devices), stdout=stdout,
+                          stderr=stderr, text=True)
+
+
+def module(name, *flags):
+  return [sys.executable, '-m', name, *flags]
+
+
+def python(name, *flags, devices=2):
+  """``python -m name flags`` in the repository, on ``devices`` CPU
   devices."""
-  return subprocess.run([sys.executable, '-m', module, *flags], cwd=ROOT,
-                        env=env(devices), capture_output=True, text=True,
-                        timeout=600)
+  return finish(module(name, *flags), devices)
 
 
 def command(workdir, *flags, mode='train'):
-  """The main job on the smoke config (for Popen: signals, kills)."""
-  return [sys.executable, '-m', 'resnet_jax.main', '--config=configs/smoke.py',
-          f'--workdir={workdir}', f'--mode={mode}', *flags]
+  """The main job on the smoke config."""
+  return module('resnet_jax.main', '--config=configs/smoke.py',
+                f'--workdir={workdir}', f'--mode={mode}', *flags)
 
 
 def run(workdir, *flags, mode='train', devices=2):
-  return subprocess.run(command(workdir, *flags, mode=mode), cwd=ROOT,
-                        env=env(devices), capture_output=True, text=True,
-                        timeout=600)
+  return finish(command(workdir, *flags, mode=mode), devices)
+
+
+def distributed(port, process_id):
+  """The flags of one of a run's two processes."""
+  return ('--distributed', f'--coordinator_address=127.0.0.1:{port}',
+          '--num_processes=2', f'--process_id={process_id}')
 
 
 def ok(result):

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import subprocess
 import sys
 
 import jax
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from commands import env
+from commands import finish
 from commands import python
 from commands import ROOT
 from numerics import assert_close
@@ -82,14 +81,12 @@ def test_one_cpu_device_per_core_unless_chosen():
            'print(jax.device_count(), len(os.sched_getaffinity(0)))')
   cpu = dict(os.environ, JAX_PLATFORMS='cpu')
   cpu.pop('XLA_FLAGS', None)
-  out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=cpu,
-                       capture_output=True, text=True, check=True).stdout
+  out = finish([sys.executable, '-c', probe], environment=cpu).stdout
   devices, cores = map(int, out.split())
   assert devices == max(d for d in range(1, cores + 1)
                         if 128 % d == 0 and 1000 % d == 0)
   cpu['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'
-  out = subprocess.run([sys.executable, '-c', probe], cwd=ROOT, env=cpu,
-                       capture_output=True, text=True, check=True).stdout
+  out = finish([sys.executable, '-c', probe], environment=cpu).stdout
   assert out.split()[0] == '3'
 
 
@@ -170,10 +167,8 @@ runpy.run_module(module, run_name='__main__')
 
 def run_blocked(module, blocked, *flags):
   """``python -m module`` on 2 CPU devices, with ``blocked`` unimportable."""
-  return subprocess.run(
-      [sys.executable, '-c', BLOCK_IMPORTS, module, ','.join(blocked),
-       *flags], cwd=ROOT, env=env(), capture_output=True, text=True,
-      timeout=600)
+  return finish([sys.executable, '-c', BLOCK_IMPORTS, module,
+                 ','.join(blocked), *flags])
 
 
 def test_benchmark_runs_without_tensorflow_tfds_or_clu():

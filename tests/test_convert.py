@@ -6,16 +6,14 @@ with, so otherwise ``torchvision_resnet`` below builds them as torchvision
 does (the same module names, shapes and strides: "v1.5" bottlenecks).
 """
 
-import pathlib
-
 import jax
 import numpy as np
 import pytest
 
+from commands import python
 from configs import imagenet_resnet18
 from configs import imagenet_resnet50
 from configs import resnet20
-from commands import python
 from numerics import assert_close
 from resnet_jax import convert
 from resnet_jax import models
@@ -24,7 +22,6 @@ from resnet_jax import workdir as workdir_lib
 
 torch = pytest.importorskip('torch')
 nn = torch.nn
-ROOT = pathlib.Path(__file__).parent.parent
 
 
 class BasicBlock(nn.Module):

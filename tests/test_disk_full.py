@@ -6,7 +6,6 @@ in a process where one write fails with ENOSPC, as it fails on a full disk.
 """
 
 import errno
-import subprocess
 import sys
 
 import pytest
@@ -14,10 +13,9 @@ import pytest
 from resnet_jax import metrics
 from resnet_jax import workdir as workdir_lib
 from commands import command
-from commands import env
 from commands import error_line
+from commands import finish
 from commands import ok
-from commands import ROOT
 from commands import run
 
 FULL = f'OSError({errno.ENOSPC}, "No space left on device")'
@@ -80,9 +78,8 @@ runpy.run_module('resnet_jax.main', run_name='__main__')
 @pytest.mark.parametrize('path', HOOKS)
 def test_a_full_disk_is_one_line_and_the_same_command_goes_on(path,
                                                               tmp_path):
-  full = subprocess.run(
-      [sys.executable, '-c', HOOKS[path] + MAIN, *command(tmp_path)[3:]],
-      cwd=ROOT, env=env(2), capture_output=True, text=True, timeout=600)
+  full = finish([sys.executable, '-c', HOOKS[path] + MAIN,
+                 *command(tmp_path)[3:]])
   message = error_line(full)
   assert message.startswith('error: ' + (
       'checkpoint 20: ' if path == 'checkpoints' else '') +

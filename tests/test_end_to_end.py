@@ -7,7 +7,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -15,14 +14,15 @@ import numpy as np
 import pytest
 
 from commands import command
-from commands import env
+from commands import distributed
 from commands import error_line
 from commands import free_port
 from commands import ok
 from commands import params
+from commands import python
 from commands import records
-from commands import ROOT
 from commands import run
+from commands import start
 
 # ResNet-14: two blocks per stage, so blocks 2..n run scanned, and their
 # stacked parameters, statistics and momenta go through the checkpoints.
@@ -43,9 +43,7 @@ def trained(tmp_path_factory):
 
 def kill_after_checkpoint(workdir, step, *flags):
   """Starts a run and kills it (SIGKILL) once checkpoint ``step`` exists."""
-  process = subprocess.Popen(command(workdir, *flags), cwd=ROOT, env=env(2),
-                             stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+  process = start(command(workdir, *flags))
   deadline = time.time() + 300
   while not (workdir / 'checkpoints' / str(step)).exists():
     assert process.poll() is None and time.time() < deadline
@@ -111,9 +109,7 @@ def assert_one_record_per_step_and_split(workdir):
 def test_metrics_exact_after_a_kill_before_the_first_checkpoint(tmp_path):
   flags = ('--config.train_length=60', '--config.log_every_steps=1',
            '--config.eval_every_steps=30', '--config.checkpoint_every_steps=60')
-  process = subprocess.Popen(command(tmp_path, *flags), cwd=ROOT, env=env(2),
-                             stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+  process = start(command(tmp_path, *flags))
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 300
   while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
@@ -266,9 +262,8 @@ def test_bad_training_settings_write_nothing(tmp_path):
 
 
 def test_bad_workdir_input(trained, tmp_path):
-  assert 'needs --workdir' in error_line(subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.main', '--config=configs/smoke.py'],
-      cwd=ROOT, env=env(1), capture_output=True, text=True))
+  assert 'needs --workdir' in error_line(python(
+      'resnet_jax.main', '--config=configs/smoke.py', devices=1))
   assert 'another model' in error_line(run(trained, '--config.depth=14'))
   config = (trained / 'config.json').read_text()
   assert json.loads(config)['depth'] == 8  # Not overwritten.
@@ -287,9 +282,7 @@ def test_workdir_that_cannot_be_written(tmp_path):
 
 
 def test_one_run_per_workdir_and_a_killed_run_does_not_block(tmp_path):
-  first = subprocess.Popen(command(tmp_path, '--config.train_length=100000'),
-                           cwd=ROOT, env=env(2), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+  first = start(command(tmp_path, '--config.train_length=100000'))
   try:
     deadline = time.time() + 120
     while not (tmp_path / 'config.json').exists():
@@ -308,12 +301,9 @@ def test_one_run_per_workdir_and_a_killed_run_does_not_block(tmp_path):
 def test_two_processes_train_like_one(tmp_path):
   """Two JAX processes (one CPU device each) agree with a 2-device run."""
   port = free_port()
-  processes = [subprocess.Popen(
-      command(tmp_path / 'multi', '--distributed',
-              f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-              f'--process_id={i}'),
-      cwd=ROOT, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(2)]
+  processes = [start(command(tmp_path / 'multi', *distributed(port, i)),
+                     devices=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in processes]
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]

@@ -2,17 +2,17 @@
 
 import importlib
 import os
-import pathlib
 import re
-import subprocess
 import sys
 
 import pytest
 
+from commands import finish
+from commands import module
 from commands import python
+from commands import ROOT
 from resnet_jax import main
 
-ROOT = pathlib.Path(__file__).parent.parent
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
 
 # Paper §4.2 / Table 1 counts (option A for CIFAR and plain nets, option B for
@@ -83,10 +83,8 @@ def test_summary_command():
 def test_no_line_about_accelerators_the_machine_lacks():
   # Without JAX_PLATFORMS, jax looks for a TPU first and logs its absence.
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  result = subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.main', '--config=configs/smoke.py',
-       '--mode=summary'], cwd=ROOT, env=env, capture_output=True, text=True,
-      timeout=300)
+  result = finish(module('resnet_jax.main', '--config=configs/smoke.py',
+                         '--mode=summary'), environment=env)
   assert result.returncode == 0, result.stderr
   assert 'Unable to initialize backend' not in result.stderr
 
@@ -106,8 +104,7 @@ cli.run(main)
 
 def test_every_command_says_errors_and_warnings_in_one_line():
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  result = subprocess.run([sys.executable, '-c', COMMAND], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+  result = finish([sys.executable, '-c', COMMAND], environment=env)
   assert result.returncode == 2
   assert result.stderr.splitlines() == [
       'warning: a re-encoded copy of the data', 'error: the data are gone']

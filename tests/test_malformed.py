@@ -5,17 +5,13 @@ do; nothing already written changes."""
 import fcntl
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import pytest
 
-from commands import env
 from commands import error_line
 from commands import ok
 from commands import python
-from commands import ROOT
 from commands import run
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
@@ -31,10 +27,9 @@ def test_bad_lr_boundaries(value, tmp_path):
 
 def test_a_config_file_without_get_config(tmp_path):
   (tmp_path / 'notes.py').write_text('depth = 20\n')
-  message = error_line(subprocess.run(
-      [sys.executable, '-m', 'resnet_jax.main', f'--config={tmp_path}/notes.py',
-       '--mode=summary'], cwd=ROOT, capture_output=True, text=True,
-      timeout=300))
+  message = error_line(python('resnet_jax.main',
+                              f'--config={tmp_path}/notes.py',
+                              '--mode=summary'))
   assert message == ('error: the config file defines no get_config() (a '
                      'function returning the ConfigDict, as in '
                      'configs/default.py)')
@@ -195,8 +190,6 @@ def test_a_sweep_whose_run_is_refused_says_it_once(tmp_path):
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Another run trains.
     lock.write('pid 1 on elsewhere\n')
     lock.flush()
-    result = subprocess.run(
-        [sys.executable, '-m', 'resnet_jax.sweep', f'--root={tmp_path}',
-         '--configs=configs/smoke.py'], cwd=ROOT, env=env(2),
-        capture_output=True, text=True, timeout=300)
+    result = python('resnet_jax.sweep', f'--root={tmp_path}',
+                    '--configs=configs/smoke.py')
   assert 'in use by another run (pid 1 on elsewhere)' in error_line(result)

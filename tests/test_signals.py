@@ -5,7 +5,6 @@ import fcntl
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -14,13 +13,14 @@ import pytest
 
 from resnet_jax import workdir as workdir_lib
 from commands import command
-from commands import env
+from commands import distributed
 from commands import free_port
+from commands import module
 from commands import ok
 from commands import params
 from commands import records
-from commands import ROOT
 from commands import run
+from commands import start
 
 # Checkpoints only far past where the signal comes: what is saved at the
 # stop is the stop's own.
@@ -49,9 +49,8 @@ def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum,
                                                              tmp_path):
   stopped = tmp_path / 'stopped'
   with open(tmp_path / 'stderr', 'w') as stderr:
-    process = subprocess.Popen(
-        command(stopped, *FLAGS, '--config.train_length=100000'), cwd=ROOT,
-        env=env(2), stdout=subprocess.DEVNULL, stderr=stderr)
+    process = start(command(stopped, *FLAGS, '--config.train_length=100000'),
+                    stderr=stderr)
     wait_for_training(process, stopped)
     process.send_signal(signum)
     assert process.wait(timeout=300) == 128 + signum
@@ -82,11 +81,9 @@ def test_a_signal_to_one_host_stops_every_host_at_the_same_step(tmp_path):
   processes = []
   for i, log in enumerate(logs):
     with open(log, 'w') as stderr:
-      processes.append(subprocess.Popen(
+      processes.append(start(
           command(workdir, *FLAGS, '--config.train_length=100000',
-                  '--distributed', f'--coordinator_address=127.0.0.1:{port}',
-                  '--num_processes=2', f'--process_id={i}'),
-          cwd=ROOT, env=env(1), stdout=subprocess.DEVNULL, stderr=stderr))
+                  *distributed(port, i)), devices=1, stderr=stderr))
   try:
     wait_for_training(processes[0], workdir)
     processes[1].send_signal(signal.SIGTERM)  # Not to process 0.
@@ -102,11 +99,11 @@ def test_a_signal_to_one_host_stops_every_host_at_the_same_step(tmp_path):
 
 def test_the_sweep_passes_a_signal_on_and_waits(tmp_path):
   with open(tmp_path / 'stderr', 'w') as stderr:
-    sweep = subprocess.Popen(
-        [sys.executable, '-m', 'resnet_jax.sweep', f'--root={tmp_path}',
-         '--configs=configs/smoke.py', '--set=train_length=100000',
-         *(f'--set={f.removeprefix("--config.")}' for f in FLAGS)],
-        cwd=ROOT, env=env(2), stdout=subprocess.DEVNULL, stderr=stderr)
+    sweep = start(module(
+        'resnet_jax.sweep', f'--root={tmp_path}', '--configs=configs/smoke.py',
+        '--set=train_length=100000',
+        *(f'--set={f.removeprefix("--config.")}' for f in FLAGS)),
+                  stderr=stderr)
     workdir = tmp_path / 'smoke' / 'seed0'
     wait_for_training(sweep, workdir)
     sweep.send_signal(signal.SIGTERM)
@@ -135,12 +132,12 @@ def test_a_run_started_from_another_thread_keeps_the_signals_default():
   handlers = {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
   seen = []
 
-  def start():
+  def begin():
     with train.stop_requests() as received:
       seen.append((received, {s: signal.getsignal(s)
                               for s in train.STOP_SIGNALS}))
 
-  thread = threading.Thread(target=start)
+  thread = threading.Thread(target=begin)
   thread.start()
   thread.join()
   assert seen == [([], handlers)]
