@@ -23,7 +23,9 @@ def get_config():
   # dimensions grow, 'C' projections everywhere.
   config.stem = ''  # '' = the family's own; imagenet nets take '3x3' (a 3x3/1
   # conv, no max pool, for 32-px images) or '7x7' (Table 1).
-  config.bottleneck_stride = '1x1'  # '1x1' paper (v1); '3x3' torchvision (v1.5).
+  config.bottleneck_stride = (
+      '1x1'  # '1x1' paper (v1); '3x3' torchvision (v1.5).
+  )
   config.zero_init_residual = False  # Zero the last BN scale of each branch.
   config.preactivation = False  # True: the full pre-activation units of
   # Identity Mappings in Deep Residual Networks (He et al., 2016).

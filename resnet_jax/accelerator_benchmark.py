@@ -37,35 +37,67 @@ FLAGS = flags.FLAGS
 def define_flags():
   """The command line's flags (defined when run, so that importing this
   module beside another command's defines no flag twice)."""
-  flags.DEFINE_string('out', None, 'The directory for benchmark.json and '
-                      'benchmark.md (made if missing).')
+  flags.DEFINE_string(
+      'out',
+      None,
+      'The directory for benchmark.json and ' 'benchmark.md (made if missing).',
+  )
   flags.mark_flags_as_required(['out'])
 
 
 CONFIG = pathlib.Path(__file__).parent.parent / 'configs' / 'default.py'
-PRESET = [f'--config={CONFIG}', '--depths=20,56,110', '--batch_sizes=128',
-          '--dtypes=float32,bfloat16', '--modes=train',
-          '--steps_per_dispatch=1,16', '--seeds=1,5', '--min_seconds=0.5',
-          '--repeats=3', '--max_seconds=240']
-COLUMNS = ('model', 'dtype', 'K', 'seeds', 'placement', 'devices',
-           'images/s', 'spread', 'per seed', 'compile s', 'PyTorch', 'ratio')
+PRESET = [
+    f'--config={CONFIG}',
+    '--depths=20,56,110',
+    '--batch_sizes=128',
+    '--dtypes=float32,bfloat16',
+    '--modes=train',
+    '--steps_per_dispatch=1,16',
+    '--seeds=1,5',
+    '--min_seconds=0.5',
+    '--repeats=3',
+    '--max_seconds=240',
+]
+COLUMNS = (
+    'model',
+    'dtype',
+    'K',
+    'seeds',
+    'placement',
+    'devices',
+    'images/s',
+    'spread',
+    'per seed',
+    'compile s',
+    'PyTorch',
+    'ratio',
+)
 
 
 def markdown(rows: list[dict]) -> str:
   """The rows as a Markdown table: images/s are medians of the repeats,
   spread is their range over the median."""
-  lines = ['| ' + ' | '.join(COLUMNS) + ' |',
-           '| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | '
-           '---: | ---: | ---: |']
+  lines = [
+      '| ' + ' | '.join(COLUMNS) + ' |',
+      '| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | '
+      '---: | ---: | ---: |',
+  ]
   for row in rows:
     torch_ips = row.get('pytorch_images_per_s')
-    cells = [row['model'], row['dtype'], row['steps_per_dispatch'],
-             row['seeds'], row['placement'], row['devices'],
-             f'{row["images_per_s"]:,.0f}', f'{row["spread"]:.0%}',
-             f'{row["images_per_s_per_seed"]:,.0f}',
-             f'{row["compile_s"]:.1f}',
-             f'{torch_ips:,.0f}' if torch_ips else '-',
-             f'{row["ratio"]:.2f}' if torch_ips else '-']
+    cells = [
+        row['model'],
+        row['dtype'],
+        row['steps_per_dispatch'],
+        row['seeds'],
+        row['placement'],
+        row['devices'],
+        f'{row["images_per_s"]:,.0f}',
+        f'{row["spread"]:.0%}',
+        f'{row["images_per_s_per_seed"]:,.0f}',
+        f'{row["compile_s"]:.1f}',
+        f'{torch_ips:,.0f}' if torch_ips else '-',
+        f'{row["ratio"]:.2f}' if torch_ips else '-',
+    ]
     lines.append('| ' + ' | '.join(map(str, cells)) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -80,21 +112,40 @@ def main(argv):
   rows, skipped = benchmark.main(argv)
   seconds = time.perf_counter() - start
   device = jax.devices()[0]
-  (out / 'benchmark.json').write_text(json.dumps({
-      'command': ' '.join(sys.argv), 'seconds': seconds,
-      'jax_version': jax.__version__, 'backend': jax.default_backend(),
-      'device_kind': device.device_kind, 'device_count': jax.device_count(),
-      'rows': rows, 'skipped': skipped}, indent=1) + '\n')
+  (out / 'benchmark.json').write_text(
+      json.dumps(
+          {
+              'command': ' '.join(sys.argv),
+              'seconds': seconds,
+              'jax_version': jax.__version__,
+              'backend': jax.default_backend(),
+              'device_kind': device.device_kind,
+              'device_count': jax.device_count(),
+              'rows': rows,
+              'skipped': skipped,
+          },
+          indent=1,
+      )
+      + '\n'
+  )
   (out / 'benchmark.md').write_text(
       f'{jax.device_count()} x {device.device_kind} '
       f'({jax.default_backend()}), jax {jax.__version__}, '
       f'{seconds:.0f} s in all. images/s: median of {FLAGS.repeats} '
       'interleaved repeats; spread: their range over the median.\n\n'
-      + markdown(rows) + (
+      + markdown(rows)
+      + (
           f'\nSkipped to end within --max_seconds={FLAGS.max_seconds:g}:\n\n'
-          + ''.join(f'- {line}\n' for line in skipped) if skipped else ''))
-  print(f'wrote {out / "benchmark.json"} and {out / "benchmark.md"} '
-        f'({seconds:.0f} s)', flush=True)
+          + ''.join(f'- {line}\n' for line in skipped)
+          if skipped
+          else ''
+      )
+  )
+  print(
+      f'wrote {out / "benchmark.json"} and {out / "benchmark.md"} '
+      f'({seconds:.0f} s)',
+      flush=True,
+  )
 
 
 if __name__ == '__main__':

@@ -72,8 +72,7 @@ def full_code(error: BaseException) -> int | None:
   orbax's writer; TensorFlow's, the TensorBoard writer)."""
   if isinstance(error, OSError):
     return error.errno if error.errno in FULL else None
-  return next((code for code in FULL if os.strerror(code) in str(error)),
-              None)
+  return next((code for code in FULL if os.strerror(code) in str(error)), None)
 
 
 def is_full(error: BaseException) -> bool:
@@ -85,6 +84,8 @@ def full_disk(path) -> str:
   path = pathlib.Path(path).absolute()
   existing = next(p for p in (path, *path.parents) if p.exists())
   free = shutil.disk_usage(existing).free / 2**20
-  return (f'no space left on the device of {path} ({free:.1f} MiB free); '
-          'what was written before is intact: free some space and run the '
-          'same command again')
+  return (
+      f'no space left on the device of {path} ({free:.1f} MiB free); '
+      'what was written before is intact: free some space and run the '
+      'same command again'
+  )

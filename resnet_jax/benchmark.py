@@ -89,63 +89,131 @@ def define_flags():
   """The command line's flags (defined when run, so that importing this
   module beside another command's defines no flag twice)."""
   config_flags.DEFINE_config_file(
-      'config', None, 'The config whose CIFAR net and training step are timed '
+      'config',
+      None,
+      'The config whose CIFAR net and training step are timed '
       '(e.g. configs/default.py); each row sets its depth, batch size, dtype, '
       'remat and synthetic data. With --input_pipeline: an ImageNet config.',
-      lock_config=True)
+      lock_config=True,
+  )
   flags.mark_flags_as_required(['config'])
   flags.DEFINE_list('depths', ['20', '56', '110'], 'CIFAR depths (6n+2).')
   flags.DEFINE_list('batch_sizes', ['128', '256'], 'Global batch sizes.')
   flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Computation dtypes.')
   flags.DEFINE_list('modes', ['train', 'eval', 'data'], 'What to time.')
-  flags.DEFINE_enum('remat', 'auto', ['auto', 'true', 'false'],
-                    'Rematerialise each block (config.remat); auto: for '
-                    f'depths from {REMAT_DEPTH} on, as configs/resnet1202.py.')
-  flags.DEFINE_bool('scan_blocks', None, 'Run the repeated blocks of each stage '
-                    'as one loop (config.scan_blocks); default: the config\'s.')
-  flags.DEFINE_bool('plain', False, 'Also time the plain twin of every net '
-                    '(the residual tax: ResNet / plain).')
-  flags.DEFINE_float('min_seconds', 5.0, 'Time each row for at least this '
-                     'long (and at least 3 calls) in each repeat.')
-  flags.DEFINE_integer('repeats', 3, 'Time each row this many times, its '
-                       'PyTorch baseline and plain twin in between (a row is '
-                       'their median; the spread is printed).')
-  flags.DEFINE_float('max_seconds', 0, 'The whole benchmark\'s time: a group '
-                     'of rows whose estimate (from the rows timed before it) '
-                     'would end past it is skipped and listed; 0: no limit.')
-  flags.DEFINE_list('steps_per_dispatch', ['1'], 'Training steps per jitted '
-                    'call (config.steps_per_dispatch), for the train rows.')
-  flags.DEFINE_list('seeds', ['1'], 'Seeds trained side by side: for each '
-                    'count above 1, train rows of S copies of the step in one '
-                    'program in each of --placements.')
-  flags.DEFINE_list('placements', list(PLACEMENTS), '--seeds above 1: vmap: '
-                    'vmapped on one device; shard_map: over a seeds axis of '
-                    'the devices (as many as divide S), vmapped on each; data: '
-                    'one seed after another, each data-parallel (as training '
-                    'runs today).')
-  flags.DEFINE_enum('torch', 'auto', ['auto', 'off'],
-                    'auto: run the PyTorch baseline when torch is installed.')
-  flags.DEFINE_integer('torch_max_depth', 110, 'Run the PyTorch baseline up to '
-                       'this depth (it keeps every activation: ResNet-1202 '
-                       'needs ~23 GiB at batch 128).')
-  flags.DEFINE_bool('torch_compile', True, 'Also time the PyTorch baseline '
-                    'under torch.compile; the faster of the two is the '
-                    'baseline.')
-  flags.DEFINE_bool('input_pipeline', False, 'Instead of the nets, time the '
-                    'ImageNet training input pipeline of --config (an ImageNet '
-                    'config) on synthetic JPEGs. Needs TensorFlow.')
-  flags.DEFINE_list('input_threads', ['1', '2'], '--input_pipeline: tf.data '
-                    'threads (a private thread pool, one op thread each).')
-  flags.DEFINE_integer('input_images', 64, '--input_pipeline: distinct '
-                       'synthetic JPEGs, encoded once, read over and over.')
+  flags.DEFINE_enum(
+      'remat',
+      'auto',
+      ['auto', 'true', 'false'],
+      'Rematerialise each block (config.remat); auto: for '
+      f'depths from {REMAT_DEPTH} on, as configs/resnet1202.py.',
+  )
+  flags.DEFINE_bool(
+      'scan_blocks',
+      None,
+      'Run the repeated blocks of each stage '
+      "as one loop (config.scan_blocks); default: the config's.",
+  )
+  flags.DEFINE_bool(
+      'plain',
+      False,
+      'Also time the plain twin of every net '
+      '(the residual tax: ResNet / plain).',
+  )
+  flags.DEFINE_float(
+      'min_seconds',
+      5.0,
+      'Time each row for at least this '
+      'long (and at least 3 calls) in each repeat.',
+  )
+  flags.DEFINE_integer(
+      'repeats',
+      3,
+      'Time each row this many times, its '
+      'PyTorch baseline and plain twin in between (a row is '
+      'their median; the spread is printed).',
+  )
+  flags.DEFINE_float(
+      'max_seconds',
+      0,
+      "The whole benchmark's time: a group "
+      'of rows whose estimate (from the rows timed before it) '
+      'would end past it is skipped and listed; 0: no limit.',
+  )
+  flags.DEFINE_list(
+      'steps_per_dispatch',
+      ['1'],
+      'Training steps per jitted '
+      'call (config.steps_per_dispatch), for the train rows.',
+  )
+  flags.DEFINE_list(
+      'seeds',
+      ['1'],
+      'Seeds trained side by side: for each '
+      'count above 1, train rows of S copies of the step in one '
+      'program in each of --placements.',
+  )
+  flags.DEFINE_list(
+      'placements',
+      list(PLACEMENTS),
+      '--seeds above 1: vmap: '
+      'vmapped on one device; shard_map: over a seeds axis of '
+      'the devices (as many as divide S), vmapped on each; data: '
+      'one seed after another, each data-parallel (as training '
+      'runs today).',
+  )
+  flags.DEFINE_enum(
+      'torch',
+      'auto',
+      ['auto', 'off'],
+      'auto: run the PyTorch baseline when torch is installed.',
+  )
+  flags.DEFINE_integer(
+      'torch_max_depth',
+      110,
+      'Run the PyTorch baseline up to '
+      'this depth (it keeps every activation: ResNet-1202 '
+      'needs ~23 GiB at batch 128).',
+  )
+  flags.DEFINE_bool(
+      'torch_compile',
+      True,
+      'Also time the PyTorch baseline '
+      'under torch.compile; the faster of the two is the '
+      'baseline.',
+  )
+  flags.DEFINE_bool(
+      'input_pipeline',
+      False,
+      'Instead of the nets, time the '
+      'ImageNet training input pipeline of --config (an ImageNet '
+      'config) on synthetic JPEGs. Needs TensorFlow.',
+  )
+  flags.DEFINE_list(
+      'input_threads',
+      ['1', '2'],
+      '--input_pipeline: tf.data '
+      'threads (a private thread pool, one op thread each).',
+  )
+  flags.DEFINE_integer(
+      'input_images',
+      64,
+      '--input_pipeline: distinct '
+      'synthetic JPEGs, encoded once, read over and over.',
+  )
 
 
 class BenchmarkError(cli.UserError):
   """Flags that do not describe a benchmark."""
 
 
-def seconds_per_call(fn, min_seconds: float, block=lambda _: None,
-                     min_calls: int = 3, warmup: int = 2):
+def seconds_per_call(
+    fn,
+    min_seconds: float,
+    block=lambda _: None,
+    min_calls: int = 3,
+    warmup: int = 2,
+):
   """Seconds per call of ``fn`` in steady state, and the warm-up's seconds.
 
   Like the training loop, each call is dispatched before the previous one's
@@ -165,10 +233,16 @@ def seconds_per_call(fn, min_seconds: float, block=lambda _: None,
   return (time.perf_counter() - start) / calls, first
 
 
-def benchmark_config(base, depth: int, batch_size: int, dtype: str,
-                     remat: bool, residual: bool = True,
-                     scan_blocks: bool | None = None,
-                     steps_per_dispatch: int = 1):
+def benchmark_config(
+    base,
+    depth: int,
+    batch_size: int,
+    dtype: str,
+    remat: bool,
+    residual: bool = True,
+    scan_blocks: bool | None = None,
+    steps_per_dispatch: int = 1,
+):
   """The --config for this row, on synthetic data of CIFAR's shapes."""
   config = base.copy_and_resolve_references()
   config.depth = depth
@@ -204,17 +278,23 @@ def compile_figures(fn, *args) -> tuple[Any, dict]:
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  xla_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes -
-               memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  xla_bytes = (
+      memory.argument_size_in_bytes
+      + memory.output_size_in_bytes
+      - memory.alias_size_in_bytes
+      + memory.temp_size_in_bytes
+  )
   return compiled, {'compile_s': compile_s, 'xla_memory_mb': xla_bytes / 2**20}
 
 
 def carried(compiled, state, *args):
   """A call of a training step that donates its state: carried over."""
+
   def call():
     nonlocal state
     state, metrics = compiled(state, *args)
     return metrics
+
   return call
 
 
@@ -231,20 +311,32 @@ def prepare(config, mode: str) -> tuple[Any, int, dict]:
   elif mode == 'eval':
     rng = np.random.default_rng(0)
     local = batch // jax.process_count()
-    fn, args = steps.eval, (state, *(
-        devices.global_array(a, steps.batch) for a in (
-            rng.integers(0, 256, (local, 32, 32, 3), np.uint8),
-            rng.integers(0, 10, local, np.int32), np.ones(local, bool))))
+    fn, args = steps.eval, (
+        state,
+        *(
+            devices.global_array(a, steps.batch)
+            for a in (
+                rng.integers(0, 256, (local, 32, 32, 3), np.uint8),
+                rng.integers(0, 10, local, np.int32),
+                np.ones(local, bool),
+            )
+        ),
+    )
   else:
+
     def draw(images, labels, rng, step):
       x, y = inputs.draw(images, labels, rng, step)
       return data.normalize(x, state.mean, state.std), y
+
     fn = jax.jit(draw, out_shardings=steps.batch)
     args = (images, labels, jax.random.key(0), state.step)
   compiled, figures = compile_figures(fn, *args)
   if mode == 'train':
-    return (carried(compiled, *args), batch * config.steps_per_dispatch,
-            figures | {'setup_s': setup_s})
+    return (
+        carried(compiled, *args),
+        batch * config.steps_per_dispatch,
+        figures | {'setup_s': setup_s},
+    )
   return lambda: compiled(*args), batch, figures | {'setup_s': setup_s}
 
 
@@ -252,32 +344,47 @@ def seed_steps(inputs, schedule, steps_per_dispatch: int):
   """One seed's training steps, to be batched over seeds: ``inputs.draw``
   then ``train.train_step``, as in the training loop's step, without its
   sharding constraints (each seed's batch stays where its state is)."""
+
   def steps(state, images, labels):
     def step(state, _):
-      x, y = inputs.draw(images, labels, jax.random.wrap_key_data(state.rng),
-                         state.step)
+      x, y = inputs.draw(
+          images, labels, jax.random.wrap_key_data(state.rng), state.step
+      )
       return train.train_step(state, x, y, schedule)
+
     return jax.lax.scan(step, state, None, length=steps_per_dispatch)
+
   return steps
 
 
 def seed_states(config, state, seeds: int):
   """The fresh states of seeds config.seed, config.seed + 1, ..., stacked
   along a leading axis: each the state ``train.setup`` makes for it."""
-  stacked = jax.jit(jax.vmap(functools.partial(
-      train.fresh_state(config), state.tx)))(config.seed + jnp.arange(seeds))
+  stacked = jax.jit(
+      jax.vmap(functools.partial(train.fresh_state(config), state.tx))
+  )(config.seed + jnp.arange(seeds))
   # The treedef of ``state`` (its model and optimiser), so the steps built
   # for it take these.
-  return jax.tree.unflatten(jax.tree.structure(state),
-                            jax.tree.leaves(stacked))
+  return jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves(stacked))
 
 
 def seeds_mesh(placement: str, seeds: int) -> jax.sharding.Mesh:
   """The devices S seeds share: one for vmap, else as many as divide S."""
-  count = 1 if placement == 'vmap' else max(
-      d for d in range(1, min(seeds, jax.device_count()) + 1) if seeds % d == 0)
-  return jax.make_mesh((count,), ('seeds',), devices=jax.devices()[:count],
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  count = (
+      1
+      if placement == 'vmap'
+      else max(
+          d
+          for d in range(1, min(seeds, jax.device_count()) + 1)
+          if seeds % d == 0
+      )
+  )
+  return jax.make_mesh(
+      (count,),
+      ('seeds',),
+      devices=jax.devices()[:count],
+      axis_types=(jax.sharding.AxisType.Auto,),
+  )
 
 
 def batched_seeds(config, placement: str, seeds: int):
@@ -286,16 +393,26 @@ def batched_seeds(config, placement: str, seeds: int):
   mesh = seeds_mesh(placement, seeds)
   inputs, _, state, _ = train.setup(config, mesh.devices[:1].tolist())
   _, boundaries = train.schedule_in_steps(config, inputs.train_size)
-  fn = jax.vmap(seed_steps(inputs, train.learning_rate_schedule(
-      config, boundaries), config.steps_per_dispatch), in_axes=(0, None, None))
+  fn = jax.vmap(
+      seed_steps(
+          inputs,
+          train.learning_rate_schedule(config, boundaries),
+          config.steps_per_dispatch,
+      ),
+      in_axes=(0, None, None),
+  )
   if placement == 'shard_map':  # No cross-device reduction: seeds apart.
-    fn = jax.shard_map(fn, mesh=mesh, in_specs=(P('seeds'), P(), P()),
-                       out_specs=P('seeds'))
+    fn = jax.shard_map(
+        fn, mesh=mesh, in_specs=(P('seeds'), P(), P()), out_specs=P('seeds')
+    )
   replicated = NamedSharding(mesh, P())
-  return (jax.jit(fn, donate_argnums=0),
-          jax.device_put(seed_states(config, state, seeds),
-                         NamedSharding(mesh, P('seeds'))),
-          *(jax.device_put(a, replicated) for a in next(inputs.train(0))))
+  return (
+      jax.jit(fn, donate_argnums=0),
+      jax.device_put(
+          seed_states(config, state, seeds), NamedSharding(mesh, P('seeds'))
+      ),
+      *(jax.device_put(a, replicated) for a in next(inputs.train(0))),
+  )
 
 
 def prepare_seeds(config, placement: str, seeds: int):
@@ -304,8 +421,12 @@ def prepare_seeds(config, placement: str, seeds: int):
   if placement == 'data':  # One after another, each data-parallel.
     inputs, steps, state, _ = train.setup(config)
     stacked = seed_states(config, state, seeds)
-    states = [jax.device_put(jax.tree.map(lambda x, i=i: x[i], stacked),
-                             steps.replicated) for i in range(seeds)]
+    states = [
+        jax.device_put(
+            jax.tree.map(lambda x, i=i: x[i], stacked), steps.replicated
+        )
+        for i in range(seeds)
+    ]
     args = next(inputs.train(0))
     setup_s = time.perf_counter() - start
     compiled, figures = compile_figures(steps.train, states[0], *args)
@@ -316,8 +437,11 @@ def prepare_seeds(config, placement: str, seeds: int):
     setup_s = time.perf_counter() - start
     compiled, figures = compile_figures(fn, stacked, *args)
     call = carried(compiled, stacked, *args)
-  return (call, seeds * config.batch_size * config.steps_per_dispatch,
-          figures | {'setup_s': setup_s})
+  return (
+      call,
+      seeds * config.batch_size * config.steps_per_dispatch,
+      figures | {'setup_s': setup_s},
+  )
 
 
 def torch_baseline():
@@ -344,8 +468,10 @@ def prepare_torch(baseline, depth, batch, dtype, mode) -> dict:
     except Exception as e:  # pylint: disable=broad-except
       if not compiled:
         raise
-      print(f'torch.compile failed ({type(e).__name__}); eager baseline only',
-            flush=True)
+      print(
+          f'torch.compile failed ({type(e).__name__}); eager baseline only',
+          flush=True,
+      )
       continue
     steps[compiled] = step, time.perf_counter() - start
   return steps
@@ -354,11 +480,13 @@ def prepare_torch(baseline, depth, batch, dtype, mode) -> dict:
 def median_and_spread(images_per_s: list[float], prefix: str = '') -> dict:
   """The repeats' median images/s, their range and relative spread."""
   median = float(np.median(images_per_s))
-  return {f'{prefix}images_per_s': median,
-          f'{prefix}images_per_s_min': min(images_per_s),
-          f'{prefix}images_per_s_max': max(images_per_s),
-          f'{prefix}spread': (max(images_per_s) - min(images_per_s)) / median,
-          f'{prefix}images_per_s_repeats': images_per_s}
+  return {
+      f'{prefix}images_per_s': median,
+      f'{prefix}images_per_s_min': min(images_per_s),
+      f'{prefix}images_per_s_max': max(images_per_s),
+      f'{prefix}spread': (max(images_per_s) - min(images_per_s)) / median,
+      f'{prefix}images_per_s_repeats': images_per_s,
+  }
 
 
 def torch_figures(baseline, steps, images_per_s) -> dict:
@@ -366,13 +494,15 @@ def torch_figures(baseline, steps, images_per_s) -> dict:
   compiled."""
   medians = {c: float(np.median(v)) for c, v in images_per_s.items()}
   best = max(medians, key=medians.get)
-  return {**median_and_spread(images_per_s[best], 'pytorch_'),
-          'pytorch_eager_images_per_s': medians[False],
-          'pytorch_compiled_images_per_s': medians.get(True),
-          'pytorch_warmup_s': steps[best][1],
-          'pytorch_torch_compile': best,
-          'pytorch_version': baseline.torch.__version__,
-          'pytorch_threads': baseline.torch.get_num_threads()}
+  return {
+      **median_and_spread(images_per_s[best], 'pytorch_'),
+      'pytorch_eager_images_per_s': medians[False],
+      'pytorch_compiled_images_per_s': medians.get(True),
+      'pytorch_warmup_s': steps[best][1],
+      'pytorch_torch_compile': best,
+      'pytorch_version': baseline.torch.__version__,
+      'pytorch_threads': baseline.torch.get_num_threads(),
+  }
 
 
 JPEG_SHAPE = (375, 500)  # Height, width: a typical ImageNet photo.
@@ -410,8 +540,10 @@ def time_batches(batches) -> tuple[float, float]:
     next(batches)
     calls += 1
   images = calls * INPUT_BATCH
-  return (images / (time.perf_counter() - start),
-          images / (time.process_time() - cpu))
+  return (
+      images / (time.perf_counter() - start),
+      images / (time.process_time() - cpu),
+  )
 
 
 def input_pipeline_rows(config) -> list[dict]:
@@ -423,33 +555,44 @@ def input_pipeline_rows(config) -> list[dict]:
   colour augmentation).
   """
   if config.dataset != 'imagenet2012':
-    raise BenchmarkError('--input_pipeline times ImageNet\'s pipeline: '
-                         'pass an ImageNet --config (e.g. '
-                         'configs/imagenet_resnet18.py)')
+    raise BenchmarkError(
+        "--input_pipeline times ImageNet's pipeline: "
+        'pass an ImageNet --config (e.g. '
+        'configs/imagenet_resnet18.py)'
+    )
   try:
     threads = [int(t) for t in FLAGS.input_threads]
   except ValueError as e:
     raise BenchmarkError(f'--input_threads takes integers: {e}')
   if min(threads, default=0) <= 0 or FLAGS.input_images <= 0:
-    raise BenchmarkError('--input_threads and --input_images must be '
-                         'positive')
+    raise BenchmarkError(
+        '--input_threads and --input_images must be ' 'positive'
+    )
   from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+
   tf = imagenet.tf
   jpegs = synthetic_jpegs(tf, FLAGS.input_images)
   middle = sum(imagenet.SCALES) // 2
   stages = {
       'decode': lambda ds: ds.map(
           lambda image, label: (imagenet.decode(image), label),
-          num_parallel_calls=tf.data.AUTOTUNE),
+          num_parallel_calls=tf.data.AUTOTUNE,
+      ),
       'decode+resize': lambda ds: ds.map(
-          lambda image, label: (imagenet.resize_shorter_side(
-              imagenet.decode(image), middle), label),
-          num_parallel_calls=tf.data.AUTOTUNE),
+          lambda image, label: (
+              imagenet.resize_shorter_side(imagenet.decode(image), middle),
+              label,
+          ),
+          num_parallel_calls=tf.data.AUTOTUNE,
+      ),
       'augment': lambda ds: imagenet.augmented(ds, 0, config.pca_lighting),
   }
-  print(f'ImageNet input pipeline: TensorFlow {tf.__version__}, '
-        f'{len(os.sched_getaffinity(0))} cores, {len(jpegs)} JPEGs of '
-        f'{JPEG_SHAPE[1]}x{JPEG_SHAPE[0]}', flush=True)
+  print(
+      f'ImageNet input pipeline: TensorFlow {tf.__version__}, '
+      f'{len(os.sched_getaffinity(0))} cores, {len(jpegs)} JPEGs of '
+      f'{JPEG_SHAPE[1]}x{JPEG_SHAPE[0]}',
+      flush=True,
+  )
   rows = []
   for stage, pipeline in stages.items():
     for n in threads:
@@ -457,25 +600,35 @@ def input_pipeline_rows(config) -> list[dict]:
       options.threading.private_threadpool_size = n
       options.threading.max_intra_op_parallelism = 1
       ds = tf.data.Dataset.from_tensor_slices(
-          (jpegs, np.zeros(len(jpegs), np.int64))).repeat()
+          (jpegs, np.zeros(len(jpegs), np.int64))
+      ).repeat()
       ds = pipeline(ds).batch(INPUT_BATCH).prefetch(1).with_options(options)
       images_per_s, images_per_cpu_s = time_batches(iter(ds))
-      row = {'mode': 'input', 'stage': stage, 'threads': n,
-             'images_per_s': images_per_s,
-             'images_per_s_per_thread': images_per_s / n,
-             'images_per_cpu_s': images_per_cpu_s,
-             'jpeg_kb': np.mean([len(j) for j in jpegs]) / 1000,
-             'jpeg_shape': JPEG_SHAPE, 'pca_lighting': config.pca_lighting,
-             'cores': len(os.sched_getaffinity(0)),
-             'tensorflow_version': tf.__version__}
+      row = {
+          'mode': 'input',
+          'stage': stage,
+          'threads': n,
+          'images_per_s': images_per_s,
+          'images_per_s_per_thread': images_per_s / n,
+          'images_per_cpu_s': images_per_cpu_s,
+          'jpeg_kb': np.mean([len(j) for j in jpegs]) / 1000,
+          'jpeg_shape': JPEG_SHAPE,
+          'pca_lighting': config.pca_lighting,
+          'cores': len(os.sched_getaffinity(0)),
+          'tensorflow_version': tf.__version__,
+      }
       print(json.dumps(row), flush=True)
       rows.append(row)
-  print(f'\n{"stage":<15}{"threads":>8}{"images/s":>10}{"per thread":>11}'
-        f'{"per CPU s":>10}')
+  print(
+      f'\n{"stage":<15}{"threads":>8}{"images/s":>10}{"per thread":>11}'
+      f'{"per CPU s":>10}'
+  )
   for row in rows:
-    print(f'{row["stage"]:<15}{row["threads"]:>8}{row["images_per_s"]:>10.0f}'
-          f'{row["images_per_s_per_thread"]:>11.0f}'
-          f'{row["images_per_cpu_s"]:>10.0f}')
+    print(
+        f'{row["stage"]:<15}{row["threads"]:>8}{row["images_per_s"]:>10.0f}'
+        f'{row["images_per_s_per_thread"]:>11.0f}'
+        f'{row["images_per_cpu_s"]:>10.0f}'
+    )
   return rows
 
 
@@ -496,47 +649,62 @@ def parse_flags():
   batch_sizes = integers('batch_sizes', FLAGS.batch_sizes)
   for depth in depths:
     models.cifar_blocks_per_stage(depth)
-  for name, values, allowed in (('dtypes', FLAGS.dtypes,
-                                 ('float32', 'bfloat16')),
-                                ('modes', FLAGS.modes, MODES),
-                                ('placements', FLAGS.placements, PLACEMENTS)):
+  for name, values, allowed in (
+      ('dtypes', FLAGS.dtypes, ('float32', 'bfloat16')),
+      ('modes', FLAGS.modes, MODES),
+      ('placements', FLAGS.placements, PLACEMENTS),
+  ):
     for value in values:
       if value not in allowed:
-        raise BenchmarkError(f'--{name}: {value!r} is not one of '
-                             f'{", ".join(allowed)}')
+        raise BenchmarkError(
+            f'--{name}: {value!r} is not one of ' f'{", ".join(allowed)}'
+        )
   if FLAGS.repeats < 1:
     raise BenchmarkError('--repeats must be at least 1')
   if FLAGS.config.model != 'cifar':
-    raise BenchmarkError(f'--config is a {FLAGS.config.model} net; the '
-                         'benchmark times the CIFAR nets (depth 6n+2)')
-  return (depths, batch_sizes,
-          integers('steps_per_dispatch', FLAGS.steps_per_dispatch),
-          integers('seeds', FLAGS.seeds))
+    raise BenchmarkError(
+        f'--config is a {FLAGS.config.model} net; the '
+        'benchmark times the CIFAR nets (depth 6n+2)'
+    )
+  return (
+      depths,
+      batch_sizes,
+      integers('steps_per_dispatch', FLAGS.steps_per_dispatch),
+      integers('seeds', FLAGS.seeds),
+  )
 
 
-HEADER = (f'{"model":<11}{"batch":>6} {"dtype":<9}{"mode":<6}{"K":>3}'
-          f'{"seeds":>6} {"placement":<10}{"images/s":>10}{"spread":>7}'
-          f'{"per seed":>9}{"x depth":>9}{"compile s":>10}{"XLA MB":>9}'
-          f'{"peak MB":>9}{"PyTorch":>10}{"ratio":>7}{"tax":>6}')
+HEADER = (
+    f'{"model":<11}{"batch":>6} {"dtype":<9}{"mode":<6}{"K":>3}'
+    f'{"seeds":>6} {"placement":<10}{"images/s":>10}{"spread":>7}'
+    f'{"per seed":>9}{"x depth":>9}{"compile s":>10}{"XLA MB":>9}'
+    f'{"peak MB":>9}{"PyTorch":>10}{"ratio":>7}{"tax":>6}'
+)
 
 
 def table_row(row: dict) -> str:
   torch_ips = row.get('pytorch_images_per_s')
   tax = row.get('residual_tax')
-  return (f'{row["model"]:<11}{row["batch"]:>6} {row["dtype"]:<9}'
-          f'{row["mode"]:<6}{row["steps_per_dispatch"]:>3}{row["seeds"]:>6} '
-          f'{row["placement"]:<10}{row["images_per_s"]:>10.0f}'
-          f'{row["spread"]:>6.0%} {row["images_per_s_per_seed"]:>9.0f}'
-          f'{row["images_per_s_x_depth"]:>9.0f}'
-          f'{row["compile_s"]:>10.1f}{row["xla_memory_mb"]:>9.0f}'
-          f'{row["peak_memory_mb"]:>9.0f}'
-          + (f'{torch_ips:>10.0f}{row["ratio"]:>7.2f}' if torch_ips else
-             f'{"-":>10}{"-":>7}')
-          + (f'{tax:>6.2f}' if tax else f'{"-":>6}'))
+  return (
+      f'{row["model"]:<11}{row["batch"]:>6} {row["dtype"]:<9}'
+      f'{row["mode"]:<6}{row["steps_per_dispatch"]:>3}{row["seeds"]:>6} '
+      f'{row["placement"]:<10}{row["images_per_s"]:>10.0f}'
+      f'{row["spread"]:>6.0%} {row["images_per_s_per_seed"]:>9.0f}'
+      f'{row["images_per_s_x_depth"]:>9.0f}'
+      f'{row["compile_s"]:>10.1f}{row["xla_memory_mb"]:>9.0f}'
+      f'{row["peak_memory_mb"]:>9.0f}'
+      + (
+          f'{torch_ips:>10.0f}{row["ratio"]:>7.2f}'
+          if torch_ips
+          else f'{"-":>10}{"-":>7}'
+      )
+      + (f'{tax:>6.2f}' if tax else f'{"-":>6}')
+  )
 
 
-def time_group(timed: list, torch_steps: dict, batch: int,
-               repeats: int) -> tuple:
+def time_group(
+    timed: list, torch_steps: dict, batch: int, repeats: int
+) -> tuple:
   """Images/s of each of ``timed`` (call, images per call) and of each
   PyTorch step (one ``batch``), in ``repeats`` interleaved repeats: one after the other,
   repeat after repeat, so a slow spell of a shared machine falls on all."""
@@ -544,8 +712,9 @@ def time_group(timed: list, torch_steps: dict, batch: int,
   for repeat in range(repeats):
     warmup = 2 if repeat == 0 else 0  # PyTorch's warmed up in prepare_torch.
     for (call, images), ips in zip(timed, jax_ips):
-      seconds, _ = seconds_per_call(call, FLAGS.min_seconds,
-                                    jax.block_until_ready, warmup=warmup)
+      seconds, _ = seconds_per_call(
+          call, FLAGS.min_seconds, jax.block_until_ready, warmup=warmup
+      )
       ips.append(images / seconds)
       if ips is jax_ips[0]:  # PyTorch right after the row it is beside.
         for compiled, (step, _) in torch_steps.items():
@@ -564,15 +733,17 @@ def row_groups(depths, batch_sizes, per_dispatch, seed_counts):
           for k in per_dispatch if mode == 'train' else [1]:
             for seeds in seed_counts if mode == 'train' else [1]:
               if seeds == 1:
-                rows = [(True, 1, 'data')] + ([(False, 1, 'data')]
-                                              if FLAGS.plain else [])
+                rows = [(True, 1, 'data')] + (
+                    [(False, 1, 'data')] if FLAGS.plain else []
+                )
               else:
                 rows = [(True, seeds, p) for p in FLAGS.placements]
               yield (depth, batch, dtype, mode, k), rows
 
 
-def estimated_seconds(timed: list[tuple], depth: int,
-                      rows: list[tuple[tuple[str, int], int]]) -> float:
+def estimated_seconds(
+    timed: list[tuple], depth: int, rows: list[tuple[tuple[str, int], int]]
+) -> float:
   """A group's time, from the rows timed before it: (depth, kind, seconds
   per image, seconds to set up and compile) each, a kind being (placement,
   seeds). ``rows`` are (kind, images per call). Per row: its set-up plus
@@ -594,8 +765,10 @@ def estimated_seconds(timed: list[tuple], depth: int,
   total = 0.0
   for kind, images in rows:
     rate = per_image({kind}) or per_image({k for _, k, _, _ in timed}) * kind[1]
-    total += setup + max(FLAGS.repeats * FLAGS.min_seconds,
-                         (2 + 3 * FLAGS.repeats) * images * rate)
+    total += setup + max(
+        FLAGS.repeats * FLAGS.min_seconds,
+        (2 + 3 * FLAGS.repeats) * images * rate,
+    )
   return total
 
 
@@ -607,49 +780,92 @@ def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
   start = time.perf_counter()
   rows, skipped, timed_before = [], [], []
   for (depth, batch, dtype, mode, k), group in row_groups(
-      depths, batch_sizes, per_dispatch, seed_counts):
-    remat = (depth >= REMAT_DEPTH if FLAGS.remat == 'auto' else
-             FLAGS.remat == 'true')
-    with_torch = bool(baseline and mode != 'data' and group[0][1] == 1 and
-                      depth <= FLAGS.torch_max_depth)
+      depths, batch_sizes, per_dispatch, seed_counts
+  ):
+    remat = (
+        depth >= REMAT_DEPTH if FLAGS.remat == 'auto' else FLAGS.remat == 'true'
+    )
+    with_torch = bool(
+        baseline
+        and mode != 'data'
+        and group[0][1] == 1
+        and depth <= FLAGS.torch_max_depth
+    )
     # PyTorch eager and compiled: two more rows like the first.
-    sizes = [((placement, seeds), batch * k * seeds)
-             for _, seeds, placement in group]
-    estimate = estimated_seconds(timed_before, depth,
-                                 sizes + sizes[:1] * 2 * with_torch)
-    if FLAGS.max_seconds and (time.perf_counter() - start + estimate >
-                              FLAGS.max_seconds):
-      name = models.display_name(benchmark_config(
-          FLAGS.config, depth, batch, dtype, remat, True, FLAGS.scan_blocks,
-          k))
+    sizes = [
+        ((placement, seeds), batch * k * seeds) for _, seeds, placement in group
+    ]
+    estimate = estimated_seconds(
+        timed_before, depth, sizes + sizes[:1] * 2 * with_torch
+    )
+    if FLAGS.max_seconds and (
+        time.perf_counter() - start + estimate > FLAGS.max_seconds
+    ):
+      name = models.display_name(
+          benchmark_config(
+              FLAGS.config,
+              depth,
+              batch,
+              dtype,
+              remat,
+              True,
+              FLAGS.scan_blocks,
+              k,
+          )
+      )
       skipped.append(
           f'{name}, batch {batch}, {dtype}, {mode}, K={k}, '
           f'{"/".join(p for _, _, p in group)} x {group[0][1]} seeds: '
-          f'estimated {estimate:.0f} s')
-      print(f'skipped (--max_seconds={FLAGS.max_seconds:g}): {skipped[-1]}',
-            flush=True)
+          f'estimated {estimate:.0f} s'
+      )
+      print(
+          f'skipped (--max_seconds={FLAGS.max_seconds:g}): {skipped[-1]}',
+          flush=True,
+      )
       continue
     timed, group_rows = [], []
     for residual, seeds, placement in group:
-      config = benchmark_config(FLAGS.config, depth, batch, dtype, remat,
-                                residual, FLAGS.scan_blocks, k)
+      config = benchmark_config(
+          FLAGS.config,
+          depth,
+          batch,
+          dtype,
+          remat,
+          residual,
+          FLAGS.scan_blocks,
+          k,
+      )
       if seeds == 1:
         call, images, figures = prepare(config, mode)
         used = jax.device_count()
       else:
         call, images, figures = prepare_seeds(config, placement, seeds)
-        used = (jax.device_count() if placement == 'data' else
-                seeds_mesh(placement, seeds).size)
+        used = (
+            jax.device_count()
+            if placement == 'data'
+            else seeds_mesh(placement, seeds).size
+        )
       timed.append((call, images))
-      group_rows.append({
-          'model': models.display_name(config), 'batch': batch,
-          'dtype': dtype, 'mode': mode, 'steps_per_dispatch': k,
-          'seeds': seeds, 'placement': placement, 'remat': remat,
-          'scan_blocks': config.scan_blocks, 'devices': used,
-          'backend': jax.default_backend(), 'repeats': FLAGS.repeats,
-          **figures})
-    torch_steps = (prepare_torch(baseline, depth, batch, dtype, mode)
-                   if with_torch else {})
+      group_rows.append(
+          {
+              'model': models.display_name(config),
+              'batch': batch,
+              'dtype': dtype,
+              'mode': mode,
+              'steps_per_dispatch': k,
+              'seeds': seeds,
+              'placement': placement,
+              'remat': remat,
+              'scan_blocks': config.scan_blocks,
+              'devices': used,
+              'backend': jax.default_backend(),
+              'repeats': FLAGS.repeats,
+              **figures,
+          }
+      )
+    torch_steps = (
+        prepare_torch(baseline, depth, batch, dtype, mode) if with_torch else {}
+    )
     jax_ips, torch_ips = time_group(timed, torch_steps, batch, FLAGS.repeats)
     for row, ips in zip(group_rows, jax_ips):
       row |= median_and_spread(ips)
@@ -658,17 +874,24 @@ def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
       row['peak_memory_mb'] = peak_memory_mb()
     if torch_steps:
       group_rows[0] |= torch_figures(baseline, torch_steps, torch_ips)
-      group_rows[0]['ratio'] = (group_rows[0]['images_per_s'] /
-                                group_rows[0]['pytorch_images_per_s'])
+      group_rows[0]['ratio'] = (
+          group_rows[0]['images_per_s'] / group_rows[0]['pytorch_images_per_s']
+      )
     if FLAGS.plain and group[0][1] == 1:  # The ResNet's seconds per step over
       # its twin's.
-      group_rows[0]['residual_tax'] = (group_rows[1]['images_per_s'] /
-                                       group_rows[0]['images_per_s'])
+      group_rows[0]['residual_tax'] = (
+          group_rows[1]['images_per_s'] / group_rows[0]['images_per_s']
+      )
     for row in group_rows:
       print(json.dumps(row), flush=True)
-      timed_before.append((depth, (row['placement'], row['seeds']),
-                           1 / row['images_per_s'],
-                           row.get('setup_s', 0) + row['compile_s']))
+      timed_before.append(
+          (
+              depth,
+              (row['placement'], row['seeds']),
+              1 / row['images_per_s'],
+              row.get('setup_s', 0) + row['compile_s'],
+          )
+      )
     rows += group_rows
   return rows, skipped
 
@@ -684,12 +907,16 @@ def main(argv):
   for batch in batch_sizes:
     devices.make_mesh({'batch size': batch})
   baseline = torch_baseline()
-  print(f'resnet_jax benchmark: jax {jax.__version__}, '
-        f'{jax.device_count()} x {jax.devices()[0].device_kind} '
-        f'({jax.default_backend()}), PyTorch baseline: '
-        f'{"yes" if baseline else "no"}', flush=True)
-  rows, skipped = benchmark_rows(depths, batch_sizes, per_dispatch,
-                                 seed_counts, baseline)
+  print(
+      f'resnet_jax benchmark: jax {jax.__version__}, '
+      f'{jax.device_count()} x {jax.devices()[0].device_kind} '
+      f'({jax.default_backend()}), PyTorch baseline: '
+      f'{"yes" if baseline else "no"}',
+      flush=True,
+  )
+  rows, skipped = benchmark_rows(
+      depths, batch_sizes, per_dispatch, seed_counts, baseline
+  )
   print('\n' + HEADER)
   for row in rows:
     print(table_row(row))

@@ -31,21 +31,25 @@ CIFAR_PAD = 4  # §4.2: "4 pixels are padded on each side".
 
 # The official archives of https://www.cs.toronto.edu/~kriz/cifar.html.
 OFFICIAL_SHA256 = {
-    'cifar-10-binary.tar.gz':
-        'c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd',
-    'cifar-10-python.tar.gz':
-        '6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce',
-    'cifar-100-python.tar.gz':
-        '85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7',
+    'cifar-10-binary.tar.gz': 'c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd',
+    'cifar-10-python.tar.gz': '6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce',
+    'cifar-100-python.tar.gz': '85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7',
 }
 # Members of each archive layout: folder, train files, test files, format.
 ARCHIVE_LAYOUTS = {
     'cifar10': [
-        ('cifar-10-batches-bin',
-         [f'data_batch_{i}.bin' for i in range(1, 6)], ['test_batch.bin'],
-         'binary'),
-        ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)],
-         ['test_batch'], 'python'),
+        (
+            'cifar-10-batches-bin',
+            [f'data_batch_{i}.bin' for i in range(1, 6)],
+            ['test_batch.bin'],
+            'binary',
+        ),
+        (
+            'cifar-10-batches-py',
+            [f'data_batch_{i}' for i in range(1, 6)],
+            ['test_batch'],
+            'python',
+        ),
     ],
     'cifar100': [('cifar-100-python', ['train'], ['test'], 'python')],
 }
@@ -63,6 +67,7 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class Cifar:
   """A CIFAR dataset split for training, with its normalisation."""
+
   train: Split
   validation: Split | None  # None when training on all 50k.
   test: Split
@@ -87,21 +92,26 @@ def load(config) -> Cifar:
   elif config.data_source == 'synthetic':
     train, test = _synthetic(info, config.synthetic_train_size)
   else:
-    raise DataError(f'unknown data_source {config.data_source!r}: use tfds, '
-                    'archive or synthetic')
+    raise DataError(
+        f'unknown data_source {config.data_source!r}: use tfds, '
+        'archive or synthetic'
+    )
   if not 0 <= config.validation_size < len(train):
-    raise DataError(f'validation_size must be in [0, {len(train)}), got '
-                    f'{config.validation_size}')
+    raise DataError(
+        f'validation_size must be in [0, {len(train)}), got '
+        f'{config.validation_size}'
+    )
   validation = None
   if config.validation_size:
     order = np.random.default_rng(0).permutation(len(train))
-    held_out = np.sort(order[:config.validation_size])
-    kept = np.sort(order[config.validation_size:])
+    held_out = np.sort(order[: config.validation_size])
+    kept = np.sort(order[config.validation_size :])
     validation = Split(train.images[held_out], train.labels[held_out])
     train = Split(train.images[kept], train.labels[kept])
   if np.any(train.labels >= info.num_classes) or np.any(train.labels < 0):
-    raise DataError(f'labels outside [0, {info.num_classes}) for '
-                    f'{config.dataset}')
+    raise DataError(
+        f'labels outside [0, {info.num_classes}) for ' f'{config.dataset}'
+    )
   mean, std = data.normalization(train.images, config.normalization)
   return Cifar(train, validation, test, mean, std)
 
@@ -114,22 +124,26 @@ def read_archive(path: str, dataset: str) -> tuple[Split, Split]:
   a DataError.
   """
   if not path:
-    raise DataError('data_source=archive needs --config.data_dir=PATH to a '
-                    'CIFAR archive or its extracted folder')
+    raise DataError(
+        'data_source=archive needs --config.data_dir=PATH to a '
+        'CIFAR archive or its extracted folder'
+    )
   path = pathlib.Path(path)
   if not path.exists():
     raise DataError(f'{path} does not exist')
   if path.is_dir():
     names = {str(p.relative_to(path)) for p in path.rglob('*') if p.is_file()}
-    return _read_members(path, dataset, names,
-                         lambda name: (path / name).read_bytes())
+    return _read_members(
+        path, dataset, names, lambda name: (path / name).read_bytes()
+    )
   _check_sha256(path)
   try:
     with tarfile.open(path, 'r:gz') as tar:
       files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
   except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-    raise DataError(f'{path} is truncated or malformed: '
-                    f'{type(e).__name__}: {e}') from e
+    raise DataError(
+        f'{path} is truncated or malformed: ' f'{type(e).__name__}: {e}'
+    ) from e
   return _read_members(path, dataset, files, files.__getitem__)
 
 
@@ -139,8 +153,11 @@ def _check_sha256(path: pathlib.Path):
     for chunk in iter(lambda: f.read(1 << 22), b''):
       digest.update(chunk)
   if digest.hexdigest() != OFFICIAL_SHA256.get(path.name):
-    warnings.warn(f'{path} is not the official CIFAR release (its sha256 '
-                  'differs); using it anyway', stacklevel=3)
+    warnings.warn(
+        f'{path} is not the official CIFAR release (its sha256 '
+        'differs); using it anyway',
+        stacklevel=3,
+    )
 
 
 def _read_members(path, dataset, names, read) -> tuple[Split, Split]:
@@ -156,19 +173,33 @@ def _read_members(path, dataset, names, read) -> tuple[Split, Split]:
         for name in files:
           try:
             parts.append(parse(read(prefix + name), dataset, name))
-          except (KeyError, OSError, EOFError, ValueError,
-                  pickle.UnpicklingError) as e:
+          except (
+              KeyError,
+              OSError,
+              EOFError,
+              ValueError,
+              pickle.UnpicklingError,
+          ) as e:
             if isinstance(e, DataError):
               raise
-            raise DataError(f'{path}: {name} is missing or malformed '
-                            f'({type(e).__name__}: {e})') from e
-        splits.append(Split(np.concatenate([p.images for p in parts]),
-                            np.concatenate([p.labels for p in parts])))
+            raise DataError(
+                f'{path}: {name} is missing or malformed '
+                f'({type(e).__name__}: {e})'
+            ) from e
+        splits.append(
+            Split(
+                np.concatenate([p.images for p in parts]),
+                np.concatenate([p.labels for p in parts]),
+            )
+        )
       return tuple(splits)
-  expected = ' or '.join(f'{folder}/' for folder, *_ in
-                         ARCHIVE_LAYOUTS[dataset])
-  raise DataError(f'{path} holds no {dataset} data (expected {expected} as '
-                  'in the official archives)')
+  expected = ' or '.join(
+      f'{folder}/' for folder, *_ in ARCHIVE_LAYOUTS[dataset]
+  )
+  raise DataError(
+      f'{path} holds no {dataset} data (expected {expected} as '
+      'in the official archives)'
+  )
 
 
 def _parse_binary(data: bytes, dataset: str, name: str) -> Split:
@@ -176,8 +207,10 @@ def _parse_binary(data: bytes, dataset: str, name: str) -> Split:
   del dataset
   record = 1 + 32 * 32 * 3
   if not data or len(data) % record:
-    raise DataError(f'{name} has {len(data)} bytes, not a multiple of the '
-                    f'{record}-byte CIFAR-10 record')
+    raise DataError(
+        f'{name} has {len(data)} bytes, not a multiple of the '
+        f'{record}-byte CIFAR-10 record'
+    )
   raw = np.frombuffer(data, np.uint8).reshape(-1, record)
   images = raw[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return Split(np.ascontiguousarray(images), raw[:, 0].astype(np.int32))
@@ -191,8 +224,7 @@ def _parse_python(data: bytes, dataset: str, name: str) -> Split:
     raise DataError(f'{name} is not a {dataset} python batch')
   images = np.asarray(batch[b'data'], np.uint8)
   images = images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-  return Split(np.ascontiguousarray(images),
-               np.asarray(batch[key], np.int32))
+  return Split(np.ascontiguousarray(images), np.asarray(batch[key], np.int32))
 
 
 def _synthetic(info: data.DatasetInfo, size: int) -> tuple[Split, Split]:
@@ -212,21 +244,29 @@ def _synthetic(info: data.DatasetInfo, size: int) -> tuple[Split, Split]:
 def _read_tfds(dataset: str, data_dir: str) -> tuple[Split, Split]:
   tfds = data.import_tfds()
   try:
-    splits = tfds.load(dataset, split=['train', 'test'], as_supervised=True,
-                       data_dir=data_dir or None)
+    splits = tfds.load(
+        dataset,
+        split=['train', 'test'],
+        as_supervised=True,
+        data_dir=data_dir or None,
+    )
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(
         f'TFDS could not load {dataset} ({type(e).__name__}: '
         f'{str(e).splitlines()[0] if str(e) else ""}). Offline, download the '
         'official archive (cifar-10-binary.tar.gz, cifar-10-python.tar.gz or '
         'cifar-100-python.tar.gz) and pass --config.data_source=archive '
-        '--config.data_dir=PATH') from e
+        '--config.data_dir=PATH'
+    ) from e
   result = []
   for split in splits:
     batches = list(tfds.as_numpy(split.batch(10_000)))
-    result.append(Split(np.concatenate([b[0] for b in batches]),
-                        np.concatenate([b[1] for b in batches]).astype(
-                            np.int32)))
+    result.append(
+        Split(
+            np.concatenate([b[0] for b in batches]),
+            np.concatenate([b[1] for b in batches]).astype(np.int32),
+        )
+    )
   return tuple(result)
 
 
@@ -250,22 +290,22 @@ def train_batch(images, labels, rng, step, batch_size: int, augment: bool):
   index = jnp.where(epoch == first, this[position % n], after[position % n])
   batch = images[index]
   if augment:
-    batch = pad_crop_flip(batch, jax.random.fold_in(
-        jax.random.fold_in(rng, 1), step))
+    batch = pad_crop_flip(
+        batch, jax.random.fold_in(jax.random.fold_in(rng, 1), step)
+    )
   return batch, labels[index]
 
 
 def pad_crop_flip(images, key):
   """§4.2: pad 4 zero pixels per side, random 32x32 crop, random flip."""
   n, h, w, c = images.shape
-  padded = jnp.pad(images, ((0, 0), (CIFAR_PAD,) * 2, (CIFAR_PAD,) * 2,
-                            (0, 0)))
+  padded = jnp.pad(images, ((0, 0), (CIFAR_PAD,) * 2, (CIFAR_PAD,) * 2, (0, 0)))
   ky, kx, kf = jax.random.split(key, 3)
   y = jax.random.randint(ky, (n,), 0, 2 * CIFAR_PAD + 1)
   x = jax.random.randint(kx, (n,), 0, 2 * CIFAR_PAD + 1)
   crops = jax.vmap(
-      lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (h, w, c)))(
-          padded, y, x)
+      lambda im, y, x: jax.lax.dynamic_slice(im, (y, x, 0), (h, w, c))
+  )(padded, y, x)
   flip = jax.random.bernoulli(kf, 0.5, (n,))
   return jnp.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
 
@@ -280,13 +320,15 @@ def eval_batches(split: Split, batch_size: int):
   local = batch_size // processes
   mine = slice(index * local, (index + 1) * local)
   for start in range(0, len(split), batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
+    images = split.images[start : start + batch_size]
+    labels = split.labels[start : start + batch_size]
     pad = batch_size - len(labels)
-    mask = np.concatenate([np.ones(len(labels), np.float32),
-                           np.zeros(pad, np.float32)])
-    images = np.concatenate([images, np.zeros((pad,) + images.shape[1:],
-                                              images.dtype)])
+    mask = np.concatenate(
+        [np.ones(len(labels), np.float32), np.zeros(pad, np.float32)]
+    )
+    images = np.concatenate(
+        [images, np.zeros((pad,) + images.shape[1:], images.dtype)]
+    )
     labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
     yield images[mine], labels[mine], mask[mine]
 
@@ -299,16 +341,22 @@ def inputs(config, mesh) -> data.Inputs:
   def train_inputs(first_step):
     del first_step  # Batches derive from the state's rng and step.
     replicated = devices.replicated(mesh)
-    return itertools.repeat((devices.replicate(cifar.train.images, replicated),
-                             devices.replicate(cifar.train.labels,
-                                               replicated)))
+    return itertools.repeat(
+        (
+            devices.replicate(cifar.train.images, replicated),
+            devices.replicate(cifar.train.labels, replicated),
+        )
+    )
 
   return data.Inputs(
       train_size=len(cifar.train),
       normalization=lambda: (cifar.mean, cifar.std),
       train=train_inputs,
-      eval=lambda split: eval_batches(getattr(cifar, split),
-                                      config.eval_batch_size),
+      eval=lambda split: eval_batches(
+          getattr(cifar, split), config.eval_batch_size
+      ),
       eval_split='validation' if cifar.validation is not None else 'test',
-      draw=functools.partial(train_batch, batch_size=config.batch_size,
-                             augment=config.augment))
+      draw=functools.partial(
+          train_batch, batch_size=config.batch_size, augment=config.augment
+      ),
+  )

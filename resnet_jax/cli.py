@@ -40,7 +40,8 @@ def first_line(error: BaseException) -> str:
   without TensorStore's annotations."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return type(error).__name__ + (
-      f': {ANNOTATION.split(lines[0], maxsplit=1)[0]}' if lines else '')
+      f': {ANNOTATION.split(lines[0], maxsplit=1)[0]}' if lines else ''
+  )
 
 
 def quiet(record) -> bool:
@@ -53,12 +54,20 @@ def quiet(record) -> bool:
   every CPU machine)."""
   message = record.getMessage()
   if record.levelno >= std_logging.WARNING:
-    return not (message.startswith('Given directory is read only') or
-                ('orbax' in record.pathname and
-                 ('raised an exception' in message or
-                  message.startswith('Metadata file does not exist'))))
-  return not ('orbax' in record.pathname or
-              message.startswith('Unable to initialize backend'))
+    return not (
+        message.startswith('Given directory is read only')
+        or (
+            'orbax' in record.pathname
+            and (
+                'raised an exception' in message
+                or message.startswith('Metadata file does not exist')
+            )
+        )
+    )
+  return not (
+      'orbax' in record.pathname
+      or message.startswith('Unable to initialize backend')
+  )
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -74,8 +83,10 @@ def unraisable(hook):
   abandoned and its error already raised)."""
 
   def without_closed_loops(unraisable_args):
-    if not (isinstance(unraisable_args.exc_value, RuntimeError) and
-            str(unraisable_args.exc_value) == 'Event loop is closed'):
+    if not (
+        isinstance(unraisable_args.exc_value, RuntimeError)
+        and str(unraisable_args.exc_value) == 'Event loop is closed'
+    ):
       hook(unraisable_args)
 
   return without_closed_loops
@@ -89,11 +100,15 @@ def parse_flags(argv):
     fail(str(e))
   except (AttributeError, KeyError) as e:  # --config.<unknown field>=...
     if 'get_config' in str(e):
-      fail('the config file defines no get_config() (a function returning '
-           'the ConfigDict, as in configs/default.py)')
+      fail(
+          'the config file defines no get_config() (a function returning '
+          'the ConfigDict, as in configs/default.py)'
+      )
     field = str(e).strip('"\'')
-    fail(f'unknown config field {field!r} (every field is in '
-         'configs/default.py)')
+    fail(
+        f'unknown config field {field!r} (every field is in '
+        'configs/default.py)'
+    )
   except Exception as e:  # pylint: disable=broad-except
     # A config file's own code raised (a syntax error, a bad import).
     fail(f'cannot load the config file: {type(e).__name__}: {e}')

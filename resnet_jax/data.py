@@ -26,8 +26,9 @@ class DatasetInfo:
 DATASETS = {
     'cifar10': DatasetInfo(num_classes=10, image_size=32, train_size=50_000),
     'cifar100': DatasetInfo(num_classes=100, image_size=32, train_size=50_000),
-    'imagenet2012': DatasetInfo(num_classes=1000, image_size=224,
-                                train_size=1_281_167),
+    'imagenet2012': DatasetInfo(
+        num_classes=1000, image_size=224, train_size=1_281_167
+    ),
 }
 
 
@@ -37,14 +38,16 @@ class DataError(cli.UserError):
 
 def dataset_info(name: str) -> DatasetInfo:
   if name not in DATASETS:
-    raise DataError(f'unknown dataset {name!r}: use one of '
-                    f'{", ".join(DATASETS)}')
+    raise DataError(
+        f'unknown dataset {name!r}: use one of ' f'{", ".join(DATASETS)}'
+    )
   return DATASETS[name]
 
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
   """Where a run's data come from."""
+
   train_size: int  # Images per epoch.
   normalization: Callable[[], tuple[np.ndarray, np.ndarray]]  # Mean, std.
   train: Callable[[int], Iterator[tuple]]  # First step -> each step's inputs.
@@ -69,8 +72,9 @@ def normalization(images: np.ndarray, kind: str):
   if kind == 'per_channel':
     mean = np.broadcast_to(x.mean(axis=(0, 1, 2)), x.shape[1:])
     return mean.astype(np.float32), x.std(axis=(0, 1, 2)).astype(np.float32)
-  raise DataError(f'unknown normalization {kind!r}: use per_pixel_mean or '
-                  'per_channel')
+  raise DataError(
+      f'unknown normalization {kind!r}: use per_pixel_mean or ' 'per_channel'
+  )
 
 
 def normalize(images, mean, std):
@@ -83,9 +87,11 @@ def import_tensorflow():
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise DataError('this needs TensorFlow (TFDS datasets, ImageNet, '
-                    'TensorBoard summaries): pip install tensorflow, or '
-                    "tensorflow-cpu, or resnet_jax's [tensorflow] extra") from e
+    raise DataError(
+        'this needs TensorFlow (TFDS datasets, ImageNet, '
+        'TensorBoard summaries): pip install tensorflow, or '
+        "tensorflow-cpu, or resnet_jax's [tensorflow] extra"
+    ) from e
   tf.config.set_visible_devices([], 'GPU')
   tf.config.set_visible_devices([], 'TPU')
   return tf
@@ -94,4 +100,5 @@ def import_tensorflow():
 def import_tfds():
   import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   return tfds

@@ -37,8 +37,9 @@ def global_array(local: np.ndarray, sharding) -> jax.Array:
 
 def replicate(array: np.ndarray, sharding) -> jax.Array:
   """An array every process holds in full, replicated over all devices."""
-  return jax.make_array_from_callback(array.shape, sharding,
-                                      lambda index: array[index])
+  return jax.make_array_from_callback(
+      array.shape, sharding, lambda index: array[index]
+  )
 
 
 def use_cpu_cores(batch_sizes: Iterable[int]):
@@ -49,13 +50,19 @@ def use_cpu_cores(batch_sizes: Iterable[int]):
   The count is the largest that divides every batch size. Accelerators are
   unaffected. Call it before JAX first touches a device.
   """
-  if ('xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
-      or jax.config.jax_num_cpu_devices >= 0):
+  if (
+      'xla_force_host_platform_device_count' in os.environ.get('XLA_FLAGS', '')
+      or jax.config.jax_num_cpu_devices >= 0
+  ):
     return
-  cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-           else os.cpu_count())
-  count = max(d for d in range(1, cores + 1)
-              if all(b % d == 0 for b in batch_sizes))
+  cores = (
+      len(os.sched_getaffinity(0))
+      if hasattr(os, 'sched_getaffinity')
+      else os.cpu_count()
+  )
+  count = max(
+      d for d in range(1, cores + 1) if all(b % d == 0 for b in batch_sizes)
+  )
   jax.config.update('jax_num_cpu_devices', count)
 
 
@@ -64,8 +71,14 @@ def make_mesh(batch_sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else devices
   for name, size in batch_sizes.items():
     if size % len(devices):
-      raise MeshError(f'{name} {size} does not divide over '
-                      f'{len(devices)} devices; use a multiple of '
-                      f'{len(devices)}')
-  return jax.make_mesh((len(devices),), ('data',), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+      raise MeshError(
+          f'{name} {size} does not divide over '
+          f'{len(devices)} devices; use a multiple of '
+          f'{len(devices)}'
+      )
+  return jax.make_mesh(
+      (len(devices),),
+      ('data',),
+      devices=devices,
+      axis_types=(jax.sharding.AxisType.Auto,),
+  )

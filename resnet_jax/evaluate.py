@@ -39,7 +39,8 @@ def restore_checkpoint(config, workdir: str, step: int = -1):
   workdir = check_run(config, workdir)
   inputs, steps, state, _ = train.setup(config)
   state = workdir_lib.load(
-      workdir, workdir_lib.abstract(state, steps.replicated), step)
+      workdir, workdir_lib.abstract(state, steps.replicated), step
+  )
   return inputs, steps, state
 
 
@@ -49,7 +50,8 @@ def first_device_checkpoint(config, workdir):
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return workdir_lib.load(
       pathlib.Path(workdir),
-      workdir_lib.abstract(train.state_shapes(config), device))
+      workdir_lib.abstract(train.state_shapes(config), device),
+  )
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
@@ -60,10 +62,13 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   """
   if config.test_scales:
     return evaluate_ensemble([(config, workdir)])['members'][0]
-  inputs, steps, state = restore_checkpoint(config, workdir,
-                                            config.eval_checkpoint_step)
-  return {'step': int(state.step), **train.evaluate(
-      steps, state, inputs.eval(metrics.TEST))}
+  inputs, steps, state = restore_checkpoint(
+      config, workdir, config.eval_checkpoint_step
+  )
+  return {
+      'step': int(state.step),
+      **train.evaluate(steps, state, inputs.eval(metrics.TEST)),
+  }
 
 
 @functools.partial(jax.jit, static_argnames='whole')
@@ -83,14 +88,20 @@ def test_batches(config):
   if not config.test_scales:
     return train.dataset_inputs(config, mesh=None).eval(metrics.TEST)
   if config.dataset != 'imagenet2012':
-    raise data.DataError(f'test_scales is ImageNet\'s multi-scale testing '
-                         f'(§3.4); {config.dataset} is tested on its images '
-                         'as they are')
+    raise data.DataError(
+        f"test_scales is ImageNet's multi-scale testing "
+        f'(§3.4); {config.dataset} is tested on its images '
+        'as they are'
+    )
   from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
-  return imagenet.multiscale_batches(config, metrics.TEST,
-                                     config.eval_batch_size,
-                                     tuple(config.test_scales),
-                                     jax.local_device_count())
+
+  return imagenet.multiscale_batches(
+      config,
+      metrics.TEST,
+      config.eval_batch_size,
+      tuple(config.test_scales),
+      jax.local_device_count(),
+  )
 
 
 def test_probabilities(config, workdir):
@@ -105,42 +116,61 @@ def test_probabilities(config, workdir):
   workdir = check_run(config, workdir)
   mesh = devices_lib.make_mesh(
       {'eval_batch_size': config.eval_batch_size // jax.process_count()},
-      jax.local_devices())
+      jax.local_devices(),
+  )
   state = workdir_lib.load(
-      workdir, workdir_lib.abstract(train.state_shapes(config),
-                                    devices_lib.replicated(mesh)),
-      config.eval_checkpoint_step)
+      workdir,
+      workdir_lib.abstract(
+          train.state_shapes(config), devices_lib.replicated(mesh)
+      ),
+      config.eval_checkpoint_step,
+  )
   sums, views, labels = {}, {}, {}
   position = 0
   for images, batch_labels, mask, *index in test_batches(config):
     # Without an index, the batches come in order, padding last.
     index = index[0] if index else position + np.arange(len(mask))
     position += len(mask)
-    probs = np.asarray(probabilities(
-        state, jax.device_put(images, devices_lib.split(mesh)),
-        whole=bool(config.test_scales)))
-    for i, label, p in zip(index[mask > 0], batch_labels[mask > 0],
-                           probs[mask > 0]):
+    probs = np.asarray(
+        probabilities(
+            state,
+            jax.device_put(images, devices_lib.split(mesh)),
+            whole=bool(config.test_scales),
+        )
+    )
+    for i, label, p in zip(
+        index[mask > 0], batch_labels[mask > 0], probs[mask > 0]
+    ):
       sums[i] = sums.get(i, 0) + p
       views[i] = views.get(i, 0) + 1
       labels[i] = label
   order = sorted(sums)
-  return (int(state.step), np.stack([sums[i] / views[i] for i in order]),
-          np.array([labels[i] for i in order]))
+  return (
+      int(state.step),
+      np.stack([sums[i] / views[i] for i in order]),
+      np.array([labels[i] for i in order]),
+  )
 
 
 def scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
   """Top-1/top-5 error (%) of class probabilities, over every process's
   images."""
   top5 = np.argsort(-probs, axis=1, kind='stable')[:, :5]
-  counts = np.array([np.sum(top5[:, 0] != labels),
-                     np.sum(np.all(top5 != labels[:, None], axis=1)),
-                     len(labels)])
+  counts = np.array(
+      [
+          np.sum(top5[:, 0] != labels),
+          np.sum(np.all(top5 != labels[:, None], axis=1)),
+          len(labels),
+      ]
+  )
   if jax.process_count() > 1:
     counts = multihost_utils.process_allgather(counts).sum(0)
   errors, top5_errors, images = counts
-  return {'error': 100 * errors / images,
-          'top5_error': 100 * top5_errors / images, 'images': int(images)}
+  return {
+      'error': 100 * errors / images,
+      'top5_error': 100 * top5_errors / images,
+      'images': int(images),
+  }
 
 
 def evaluate_ensemble(runs) -> dict:
@@ -156,17 +186,20 @@ def evaluate_ensemble(runs) -> dict:
   datasets = {config.dataset for config, _ in runs}
   if len(datasets) > 1:
     raise data.DataError(
-        'an ensemble\'s members must be tested on the same images: '
-        + ', '.join(f'{w} is of {c.dataset}' for c, w in runs))
+        "an ensemble's members must be tested on the same images: "
+        + ', '.join(f'{w} is of {c.dataset}' for c, w in runs)
+    )
   total, labels, members = 0, None, []
   for config, workdir in runs:
     step, probs, own = test_probabilities(config, workdir)
     if labels is not None and not np.array_equal(own, labels):
       raise data.DataError(
-          f'an ensemble\'s members must be tested on the same images: '
-          f'{workdir}\'s test set ({len(own)} images) is not '
-          f'{runs[0][1]}\'s ({len(labels)})')
+          f"an ensemble's members must be tested on the same images: "
+          f"{workdir}'s test set ({len(own)} images) is not "
+          f"{runs[0][1]}'s ({len(labels)})"
+      )
     labels, total = own, total + probs
-    members.append({'workdir': str(workdir), 'step': step,
-                    **scores(probs, labels)})
+    members.append(
+        {'workdir': str(workdir), 'step': step, **scores(probs, labels)}
+    )
   return {**scores(total / len(runs), labels), 'members': members}

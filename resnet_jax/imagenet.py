@@ -28,9 +28,11 @@ CROP = 224
 # (datasets/imagenet.lua, applied by Lighting in datasets/transforms.lua) and
 # most reimplementations use them.
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
-              (-0.5808, -0.0045, -0.8140),
-              (-0.5836, -0.6948, 0.4203))
+PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
 
 
 def decode(image):
@@ -53,8 +55,9 @@ def lighting_noise(key, std: float):
   per image for each principal component (std 0.1 in [21]).
   """
   alpha = tf.random.stateless_normal([3], key, stddev=std)
-  return 255 * tf.linalg.matvec(tf.constant(PCA_EIGVEC),
-                                alpha * tf.constant(PCA_EIGVAL))
+  return 255 * tf.linalg.matvec(
+      tf.constant(PCA_EIGVEC), alpha * tf.constant(PCA_EIGVAL)
+  )
 
 
 def augment(image, label, key, lighting: float):
@@ -68,10 +71,10 @@ def augment(image, label, key, lighting: float):
   # an image's crop and flip are the same.
   keys = tf.random.experimental.stateless_split(key, 4)
   size = tf.random.stateless_uniform(
-      [], keys[0], SCALES[0], SCALES[1] + 1, tf.int32)
+      [], keys[0], SCALES[0], SCALES[1] + 1, tf.int32
+  )
   image = resize_shorter_side(decode(image), size)
-  image = tf.image.stateless_random_crop(
-      image, (CROP, CROP, 3), keys[1])
+  image = tf.image.stateless_random_crop(image, (CROP, CROP, 3), keys[1])
   image = tf.image.stateless_random_flip_left_right(image, keys[2])
   if lighting:
     image += lighting_noise(keys[3], lighting)
@@ -85,8 +88,10 @@ def augmented(ds, seed: int, lighting: float):
   the augmentation is the same whatever the parallelism.
   """
   ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed).batch(2)))
-  return ds.map(lambda example, key: augment(*example, key, lighting),
-                num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.map(
+      lambda example, key: augment(*example, key, lighting),
+      num_parallel_calls=tf.data.AUTOTUNE,
+  )
 
 
 def _tfds_split(config, split: str) -> str:
@@ -104,8 +109,9 @@ def _tfds_split(config, split: str) -> str:
   if held_out:
     splits['validation'] = f'train[:{held_out}]'
   if split not in splits:
-    raise DataError(f'ImageNet has no {split!r} split here (only '
-                    f'{", ".join(splits)})')
+    raise DataError(
+        f'ImageNet has no {split!r} split here (only ' f'{", ".join(splits)})'
+    )
   return splits[split]
 
 
@@ -131,10 +137,13 @@ def train_batches(config, seed: int, batch_size: int):
   """
   builder, split = _split(config, _tfds_split(config, 'train'))
   local = batch_size // jax.process_count()
-  ds = builder.as_dataset(split=split, as_supervised=True,
-                          shuffle_files=True,
-                          decoders={'image': tfds.decode.SkipDecoding()},
-                          read_config=tfds.ReadConfig(shuffle_seed=seed))
+  ds = builder.as_dataset(
+      split=split,
+      as_supervised=True,
+      shuffle_files=True,
+      decoders={'image': tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(shuffle_seed=seed),
+  )
   ds = ds.repeat().shuffle(16 * local, seed=seed)
   ds = augmented(ds, seed, config.pca_lighting)
   ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -168,27 +177,30 @@ def eval_batches(config, split: str, batch_size: int, ten_crop: bool):
     corners = [((h - c) // 2, (w - c) // 2)]
     if ten_crop:
       corners += [(0, 0), (0, w - c), (h - c, 0), (h - c, w - c)]
-    views = [image[y:y + c, x:x + c] for y, x in corners]
+    views = [image[y : y + c, x : x + c] for y, x in corners]
     if ten_crop:
       views += [v[:, ::-1] for v in views]
-    views = tf.cast(tf.clip_by_value(tf.round(tf.stack(views)), 0, 255),
-                    tf.uint8)
+    views = tf.cast(
+        tf.clip_by_value(tf.round(tf.stack(views)), 0, 255), tf.uint8
+    )
     return views if ten_crop else views[0], tf.cast(label, tf.int32), 1.0
 
   ds = builder.as_dataset(split=split, as_supervised=True).map(
-      crops, num_parallel_calls=tf.data.AUTOTUNE)
+      crops, num_parallel_calls=tf.data.AUTOTUNE
+  )
   shape = ((10,) if ten_crop else ()) + (CROP, CROP, 3)
   padding = tf.data.Dataset.from_tensors(
-      (tf.zeros(shape, tf.uint8), tf.constant(0, tf.int32),
-       tf.constant(0.0))).repeat()
+      (tf.zeros(shape, tf.uint8), tf.constant(0, tf.int32), tf.constant(0.0))
+  ).repeat()
   ds = ds.concatenate(padding).take(num_batches * local)
   ds = ds.batch(local).prefetch(tf.data.AUTOTUNE)
   for images, labels, mask in tfds.as_numpy(ds):
     yield images, labels, mask.astype(np.float32)
 
 
-def multiscale_batches(config, split: str, batch_size: int, scales,
-                       devices: int = 1):
+def multiscale_batches(
+    config, split: str, batch_size: int, scales, devices: int = 1
+):
   """Per-process batches of whole test images at several scales (§3.4).
 
   "We adopt the fully-convolutional form [...] and average the scores at
@@ -203,11 +215,14 @@ def multiscale_batches(config, split: str, batch_size: int, scales,
   the split, the same in every pass.
   """
   if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
-    raise DataError(f'test_scales must be positive shorter sides, got '
-                    f'{tuple(scales)}')
+    raise DataError(
+        f'test_scales must be positive shorter sides, got ' f'{tuple(scales)}'
+    )
   if config.ten_crop:
-    raise DataError('test_scales (whole images at several scales, Table 4) '
-                    'and ten_crop (Table 3) are two ways to test: set one')
+    raise DataError(
+        'test_scales (whole images at several scales, Table 4) '
+        'and ten_crop (Table 3) are two ways to test: set one'
+    )
   builder, split, _ = _eval_split(config, split)
   local = batch_size // jax.process_count()
 
@@ -216,8 +231,11 @@ def multiscale_batches(config, split: str, batch_size: int, scales,
 
     def resize(scale):
       view = resize_shorter_side(image, scale)
-      return (tf.cast(tf.clip_by_value(tf.round(view), 0, 255), tf.uint8),
-              tf.cast(label, tf.int32), index)
+      return (
+          tf.cast(tf.clip_by_value(tf.round(view), 0, 255), tf.uint8),
+          tf.cast(label, tf.int32),
+          index,
+      )
 
     return tf.data.Dataset.from_tensor_slices(list(scales)).map(resize)
 
@@ -227,18 +245,20 @@ def multiscale_batches(config, split: str, batch_size: int, scales,
 
   ds = builder.as_dataset(split=split, as_supervised=True).enumerate()
   ds = ds.interleave(views, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.group_by_window(shape, lambda _, group: group.batch(local),
-                          window_size=local).prefetch(tf.data.AUTOTUNE)
+  ds = ds.group_by_window(
+      shape, lambda _, group: group.batch(local), window_size=local
+  ).prefetch(tf.data.AUTOTUNE)
   for images, labels, index in tfds.as_numpy(ds):
     size = devices
     while size < min(len(labels), local):
       size *= 2
     pad = min(size, local) - len(labels)
-    yield (np.concatenate([images, np.zeros((pad,) + images.shape[1:],
-                                            np.uint8)]),
-           np.pad(labels, (0, pad)),
-           np.pad(np.ones(len(labels), np.float32), (0, pad)),
-           np.pad(index, (0, pad)))
+    yield (
+        np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)]),
+        np.pad(labels, (0, pad)),
+        np.pad(np.ones(len(labels), np.float32), (0, pad)),
+        np.pad(index, (0, pad)),
+    )
 
 
 def normalization(config, num_images: int = 10_000):
@@ -252,12 +272,12 @@ def normalization(config, num_images: int = 10_000):
 
   def centre(image, _):
     image = resize_shorter_side(image, EVAL_SIZE)
-    image = tf.image.resize_with_crop_or_pad(image, CROP,
-                                             CROP)
+    image = tf.image.resize_with_crop_or_pad(image, CROP, CROP)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
-  ds = builder.as_dataset(split=_tfds_split(config, 'train'),
-                          as_supervised=True).take(num_images)
+  ds = builder.as_dataset(
+      split=_tfds_split(config, 'train'), as_supervised=True
+  ).take(num_images)
   ds = ds.map(centre, num_parallel_calls=tf.data.AUTOTUNE).batch(1000)
   images = np.concatenate(list(tfds.as_numpy(ds)))
   return data.normalization(images, config.normalization)
@@ -272,24 +292,32 @@ def inputs(config, mesh) -> data.Inputs:
   """
   train_size = data.DATASETS['imagenet2012'].train_size
   if not 0 <= config.validation_size < train_size:
-    raise DataError(f'validation_size must be in [0, {train_size}) for '
-                    f'ImageNet, got {config.validation_size}')
+    raise DataError(
+        f'validation_size must be in [0, {train_size}) for '
+        f'ImageNet, got {config.validation_size}'
+    )
   if config.pca_lighting < 0:
-    raise DataError(f'pca_lighting must not be negative, got '
-                    f'{config.pca_lighting}')
+    raise DataError(
+        f'pca_lighting must not be negative, got ' f'{config.pca_lighting}'
+    )
 
   def train_inputs(first_step):
     batch = devices.split(mesh)
-    seed = int(np.random.SeedSequence([config.seed, first_step])
-               .generate_state(1)[0])
-    return ((devices.global_array(x, batch), devices.global_array(y, batch))
-            for x, y in train_batches(config, seed, config.batch_size))
+    seed = int(
+        np.random.SeedSequence([config.seed, first_step]).generate_state(1)[0]
+    )
+    return (
+        (devices.global_array(x, batch), devices.global_array(y, batch))
+        for x, y in train_batches(config, seed, config.batch_size)
+    )
 
   return data.Inputs(
       train_size=train_size - config.validation_size,
       normalization=lambda: normalization(config),
       train=train_inputs,
-      eval=lambda split: eval_batches(config, split, config.eval_batch_size,
-                                      config.ten_crop),
+      eval=lambda split: eval_batches(
+          config, split, config.eval_batch_size, config.ten_crop
+      ),
       eval_split='validation' if config.validation_size else 'test',
-      draw=None)
+      draw=None,
+  )

@@ -35,7 +35,8 @@ def layer_table(model: models.ResNet, image_size: int):
     y = next_fun(*args, **kwargs)
     module = context.module
     if context.method_name == '__call__' and isinstance(
-        module, (nn.Conv, nn.Dense)):
+        module, (nn.Conv, nn.Dense)
+    ):
       x = args[0]
       if isinstance(module, nn.Conv):
         k = module.kernel_size
@@ -46,14 +47,22 @@ def layer_table(model: models.ResNet, image_size: int):
         kernel = 'dense'
         macs = x.shape[-1] * module.features
         params = macs + module.features
-      rows.append(dict(name='/'.join(module.path), kernel=kernel,
-                       output=tuple(y.shape[1:]), params=params, macs=macs))
+      rows.append(
+          dict(
+              name='/'.join(module.path),
+              kernel=kernel,
+              output=tuple(y.shape[1:]),
+              params=params,
+              macs=macs,
+          )
+      )
     return y
 
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   with nn.intercept_methods(record):
     variables = jax.eval_shape(
-        functools.partial(model.init, train=False), jax.random.key(0), x)
+        functools.partial(model.init, train=False), jax.random.key(0), x
+    )
   return rows, variables
 
 
@@ -69,7 +78,9 @@ def layer_responses(model: models.ResNet, variables, x) -> list[jax.Array]:
   for name, value in state['intermediates'].items():
     if name == 'response':  # The stem's.
       found.extend(value)
-    elif models.SCANNED_NAME.fullmatch(name):  # Each response stacked over the blocks.
+    elif models.SCANNED_NAME.fullmatch(
+        name
+    ):  # Each response stacked over the blocks.
       responses = value['response']
       found.extend(r[j] for j in range(len(responses[0])) for r in responses)
     elif models.BLOCK_NAME.fullmatch(name):
@@ -92,8 +103,14 @@ deconv_relu.defvjp(lambda x: (nn.relu(x), None), lambda _, g: (nn.relu(g),))
 DECONV_KEEP = ('map', 'max')
 
 
-def deconv(model: models.ResNet, variables, x, layer: str, count: int,
-           keep: str = 'map'):
+def deconv(
+    model: models.ResNet,
+    variables,
+    x,
+    layer: str,
+    count: int,
+    keep: str = 'map',
+):
   """Deconvnet projections (Zeiler & Fergus, 2014) of one image's strongest
   channels of a sown feature map (``conv1``, ``stage1``, ...).
 
@@ -114,8 +131,9 @@ def deconv(model: models.ResNet, variables, x, layer: str, count: int,
   deconvnet = model.clone(act=deconv_relu)
 
   def feature_map(x):
-    _, state = deconvnet.apply(variables, x, train=False,
-                               mutable=['intermediates'])
+    _, state = deconvnet.apply(
+        variables, x, train=False, mutable=['intermediates']
+    )
     return state['intermediates'][layer][0]
 
   @jax.jit
@@ -125,11 +143,12 @@ def deconv(model: models.ResNet, variables, x, layer: str, count: int,
     kept = jnp.moveaxis(fmap[0], -1, 0)[channels]  # (count, h, w)
     if keep == 'max':  # One position (the first of ties) per channel.
       flat = kept.reshape(count, -1)
-      kept = (flat * jax.nn.one_hot(flat.argmax(1), flat.shape[1],
-                                    dtype=flat.dtype)).reshape(kept.shape)
+      kept = (
+          flat * jax.nn.one_hot(flat.argmax(1), flat.shape[1], dtype=flat.dtype)
+      ).reshape(kept.shape)
     one_channel = jax.nn.one_hot(channels, fmap.shape[-1], dtype=fmap.dtype)
     cotangents = kept[:, None, :, :, None] * one_channel[:, None, None, None]
-    projections, = jax.vmap(backward)(cotangents)
+    (projections,) = jax.vmap(backward)(cotangents)
     return channels, maxima, projections[:, 0]
 
   return project(x)

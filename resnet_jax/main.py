@@ -40,24 +40,39 @@ def define_flags():
   """The command line's flags (defined when run, so that importing this
   module beside another command's defines no flag twice)."""
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
-  flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'summary'],
-                    'train: train and evaluate, resuming from the workdir; '
-                    'eval: test error of a checkpoint in the workdir; summary: '
-                    'the layer table, parameter count and multiply-adds.')
-  flags.DEFINE_bool('start_over', False,
-                    'Train again from step 0 in a workdir whose checkpoints '
-                    'are all lost; its metrics.jsonl is moved aside.')
-  flags.DEFINE_bool('allow_config_changes', False,
-                    'Resume a run with training settings other than its '
-                    'config.json (recorded in config_changes.jsonl).')
-  flags.DEFINE_bool('distributed', False,
-                    'Call jax.distributed.initialize() (multi-host runs).')
-  flags.DEFINE_string('coordinator_address', None,
-                      'host:port of process 0, with --distributed.')
+  flags.DEFINE_enum(
+      'mode',
+      'train',
+      ['train', 'eval', 'summary'],
+      'train: train and evaluate, resuming from the workdir; '
+      'eval: test error of a checkpoint in the workdir; summary: '
+      'the layer table, parameter count and multiply-adds.',
+  )
+  flags.DEFINE_bool(
+      'start_over',
+      False,
+      'Train again from step 0 in a workdir whose checkpoints '
+      'are all lost; its metrics.jsonl is moved aside.',
+  )
+  flags.DEFINE_bool(
+      'allow_config_changes',
+      False,
+      'Resume a run with training settings other than its '
+      'config.json (recorded in config_changes.jsonl).',
+  )
+  flags.DEFINE_bool(
+      'distributed',
+      False,
+      'Call jax.distributed.initialize() (multi-host runs).',
+  )
+  flags.DEFINE_string(
+      'coordinator_address', None, 'host:port of process 0, with --distributed.'
+  )
   flags.DEFINE_integer('num_processes', None, 'With --distributed.')
   flags.DEFINE_integer('process_id', None, 'With --distributed.')
   config_flags.DEFINE_config_file(
-      'config', None, 'A config file from configs/.', lock_config=True)
+      'config', None, 'A config file from configs/.', lock_config=True
+  )
   flags.mark_flags_as_required(['config'])
 
 
@@ -78,8 +93,10 @@ def summary(config) -> str:
   ]
   for row in rows:
     output = 'x'.join(map(str, row['output']))
-    lines.append(f'{row["name"]:<{width}}  {row["kernel"]:>6}  {output:>12}  '
-                 f'{row["params"]:>10,}  {row["macs"]:>13,}')
+    lines.append(
+        f'{row["name"]:<{width}}  {row["kernel"]:>6}  {output:>12}  '
+        f'{row["params"]:>10,}  {row["macs"]:>13,}'
+    )
   lines += [
       f'Parameters: {params:,} (conv and dense weights above, plus BN scale '
       'and bias)',
@@ -98,14 +115,18 @@ def use_run_settings(config, workdir: pathlib.Path):
     return  # No run, or an unreadable one: evaluation reports it.
   overrides = config_flags.get_override_values(FLAGS['config'])
   for key, value in saved.items():
-    if key in config and key not in overrides and key not in workdir_lib.MODEL_FIELDS:
+    if (
+        key in config
+        and key not in overrides
+        and key not in workdir_lib.MODEL_FIELDS
+    ):
       try:
         config[key] = tuple(value) if isinstance(config[key], tuple) else value
       except TypeError as e:  # The config's types are checked.
         raise workdir_lib.WorkdirError(
             f'{workdir / "config.json"} has {key}={value!r}, not a '
-            f'{type(config[key]).__name__}; put the run\'s config.json back'
-            ) from e
+            f"{type(config[key]).__name__}; put the run's config.json back"
+        ) from e
 
 
 def main(argv):
@@ -116,9 +137,10 @@ def main(argv):
     try:
       getattr(config, 'model', None)  # A deferred failed load raises here.
     except OSError as e:
-      cli.fail('cannot load the config file: '
-               f'{str(e).splitlines()[-1].strip()}')
-    cli.fail('the config file\'s get_config() must return a ConfigDict')
+      cli.fail(
+          'cannot load the config file: ' f'{str(e).splitlines()[-1].strip()}'
+      )
+    cli.fail("the config file's get_config() must return a ConfigDict")
   if FLAGS.mode == 'summary':
     print(summary(config))
     return
@@ -126,36 +148,49 @@ def main(argv):
     cli.fail(f'--mode={FLAGS.mode} needs --workdir')
   if FLAGS.mode == 'eval':
     use_run_settings(config, pathlib.Path(FLAGS.workdir))
-  devices.use_cpu_cores([config.batch_size // (FLAGS.num_processes or 1),
-                         config.eval_batch_size // (FLAGS.num_processes or 1)])
+  devices.use_cpu_cores(
+      [
+          config.batch_size // (FLAGS.num_processes or 1),
+          config.eval_batch_size // (FLAGS.num_processes or 1),
+      ]
+  )
   if FLAGS.distributed:
     initialize_distributed()
   if FLAGS.mode == 'train':
     try:
-      result = train.train_and_evaluate(config, FLAGS.workdir,
-                                        FLAGS.start_over,
-                                        FLAGS.allow_config_changes)
+      result = train.train_and_evaluate(
+          config, FLAGS.workdir, FLAGS.start_over, FLAGS.allow_config_changes
+      )
     except train.Stopped as e:
       print(f'stopped: {e}', file=sys.stderr)
       sys.exit(128 + e.signum)
-    print(f'{models.display_name(config)}: final test error '
-          f'{result["error"]:.2f}% on {result["images"]} images')
+    print(
+        f'{models.display_name(config)}: final test error '
+        f'{result["error"]:.2f}% on {result["images"]} images'
+    )
   else:
     result = evaluate.evaluate_checkpoint(config, FLAGS.workdir)
-    scales = (f' at scales {", ".join(map(str, config.test_scales))} and '
-              'their flips' if config.test_scales else '')
-    print(f'{models.display_name(config)} at step {result["step"]}: test '
-          f'error {result["error"]:.2f}% (top-1), '
-          f'{result["top5_error"]:.2f}% (top-5) on {result["images"]} '
-          f'images{scales}')
+    scales = (
+        f' at scales {", ".join(map(str, config.test_scales))} and '
+        'their flips'
+        if config.test_scales
+        else ''
+    )
+    print(
+        f'{models.display_name(config)} at step {result["step"]}: test '
+        f'error {result["error"]:.2f}% (top-1), '
+        f'{result["top5_error"]:.2f}% (top-5) on {result["images"]} '
+        f'images{scales}'
+    )
 
 
 def initialize_distributed():
   """Joins the other processes of a multi-host run."""
   # CPU processes talk through gloo; accelerators use their own collectives.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                             FLAGS.process_id)
+  jax.distributed.initialize(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  )
 
 
 if __name__ == '__main__':

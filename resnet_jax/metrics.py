@@ -17,12 +17,25 @@ import time
 from resnet_jax import atomic
 
 FILENAME = 'metrics.jsonl'
-TRAIN, VALIDATION, TEST, FINAL_TEST = 'train', 'validation', 'test', 'final_test'
+TRAIN, VALIDATION, TEST, FINAL_TEST = (
+    'train',
+    'validation',
+    'test',
+    'final_test',
+)
 
 
 def line(step: int, split: str, values) -> str:
-  return json.dumps({'step': step, 'split': split,
-                     **{k: float(v) for k, v in values.items()}}) + '\n'
+  return (
+      json.dumps(
+          {
+              'step': step,
+              'split': split,
+              **{k: float(v) for k, v in values.items()},
+          }
+      )
+      + '\n'
+  )
 
 
 def append(workdir: pathlib.Path, step: int, split: str, values):
@@ -47,8 +60,11 @@ def _lines(workdir: pathlib.Path) -> list[tuple[dict, str]]:
       record = json.loads(text)
     except ValueError:  # UnicodeDecodeError is one.
       continue
-    if (isinstance(record, dict) and isinstance(record.get('split'), str) and
-        type(record.get('step')) is int):
+    if (
+        isinstance(record, dict)
+        and isinstance(record.get('split'), str)
+        and type(record.get('step')) is int
+    ):
       pairs.append((record, text))
   return pairs
 
@@ -70,9 +86,14 @@ def keep_until(workdir: pathlib.Path, step: int):
   the rewrite leaves the history before the checkpoint."""
   path = workdir / FILENAME
   if path.exists():
-    atomic.write(path, ''.join(
-        text + '\n' for record, text in _lines(workdir)
-        if record['step'] <= step and record['split'] != FINAL_TEST))
+    atomic.write(
+        path,
+        ''.join(
+            text + '\n'
+            for record, text in _lines(workdir)
+            if record['step'] <= step and record['split'] != FINAL_TEST
+        ),
+    )
 
 
 def move_aside(workdir: pathlib.Path):

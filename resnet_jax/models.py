@@ -80,13 +80,21 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((k // 2, k // 2), (k // 2, k // 2))
 
 
-def conv_layer(features: int, kernel: int, strides: int, *, name: str,
-          dtype) -> nn.Conv:
+def conv_layer(
+    features: int, kernel: int, strides: int, *, name: str, dtype
+) -> nn.Conv:
   """A k x k bias-free conv with symmetric padding and He initialisation."""
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
-                 padding=_pad(kernel), use_bias=False, kernel_init=he_normal,
-                 dtype=dtype, name=name,
-                 conv_general_dilated=canonical_conv.conv_general_dilated)
+  return nn.Conv(
+      features,
+      (kernel, kernel),
+      strides=(strides, strides),
+      padding=_pad(kernel),
+      use_bias=False,
+      kernel_init=he_normal,
+      dtype=dtype,
+      name=name,
+      conv_general_dilated=canonical_conv.conv_general_dilated,
+  )
 
 
 class GroupBatchNorm(nn.Module):
@@ -98,6 +106,7 @@ class GroupBatchNorm(nn.Module):
   The variables are ``nn.BatchNorm``'s (which evaluates the net); the running
   statistics move towards the mean of the groups' statistics.
   """
+
   group_size: int
   momentum: float
   epsilon: float
@@ -115,17 +124,17 @@ class GroupBatchNorm(nn.Module):
     axes = tuple(range(1, x.ndim))  # All but the group and the channel axes.
     mean = groups.mean(axes, keepdims=True)
     # E[x^2] - E[x]^2, clipped at 0, as nn.BatchNorm computes it.
-    var = jnp.maximum((groups ** 2).mean(axes, keepdims=True) - mean ** 2, 0)
+    var = jnp.maximum((groups**2).mean(axes, keepdims=True) - mean**2, 0)
     if not self.is_initializing():
       for stat, value in ((ra_mean, mean), (ra_var, var)):
-        stat.value = (self.momentum * stat.value +
-                      (1 - self.momentum) * value.mean(0).reshape(features))
+        stat.value = self.momentum * stat.value + (
+            1 - self.momentum
+        ) * value.mean(0).reshape(features)
     y = (groups - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
     return y.reshape(x.shape).astype(self.dtype)
 
 
-def shortcut(x, out_features: int, strides: int, option: str, conv,
-             norm=None):
+def shortcut(x, out_features: int, strides: int, option: str, conv, norm=None):
   """The shortcut of §3.3 from ``x`` to a block's output shape: option A
   subsamples and zero-pads the new channels (no parameters), B projects
   (1x1 conv, then ``norm`` unless None) where the dimensions grow, C
@@ -150,6 +159,7 @@ class Block(nn.Module):
   collection as ``response``: the layer responses of Fig. 7 (§4.2).
   ``act`` is every ReLU of the block (``ResNet.act``).
   """
+
   width: int
   strides: int
   bottleneck: bool
@@ -170,17 +180,32 @@ class Block(nn.Module):
     y = self.residual_function(x)
     if not self.residual:
       return self.act(y)
-    return self.act(y + shortcut(x, self.out_features, self.strides,
-                                 self.shortcut, self.conv, self.norm))
+    return self.act(
+        y
+        + shortcut(
+            x,
+            self.out_features,
+            self.strides,
+            self.shortcut,
+            self.conv,
+            self.norm,
+        )
+    )
 
   def residual_function(self, x, last_norm: bool = True):
     """F(x): the convs, a BN after each (after the last only with
     ``last_norm``), a ReLU between them."""
-    last_scale_init = (nn.initializers.zeros if self.zero_init_residual
-                       else nn.initializers.ones)
+    last_scale_init = (
+        nn.initializers.zeros
+        if self.zero_init_residual
+        else nn.initializers.ones
+    )
     if self.bottleneck:
-      s1, s3 = ((self.strides, 1) if self.bottleneck_stride == '1x1'
-                else (1, self.strides))
+      s1, s3 = (
+          (self.strides, 1)
+          if self.bottleneck_stride == '1x1'
+          else (1, self.strides)
+      )
       y = self.conv(self.width, 1, s1, name='conv1')(x)
       y = self.act(self.norm(name='bn1')(y))
       y = self.conv(self.width, 3, s3, name='conv2')(y)
@@ -188,8 +213,11 @@ class Block(nn.Module):
       self.sow('intermediates', 'response', y)
       y = self.act(y)
       y = self.conv(self.out_features, 1, 1, name='conv3')(y)
-      return self.norm(scale_init=last_scale_init,
-                       name='bn3')(y) if last_norm else y
+      return (
+          self.norm(scale_init=last_scale_init, name='bn3')(y)
+          if last_norm
+          else y
+      )
     y = self.conv(self.width, 3, self.strides, name='conv1')(x)
     y = self.norm(name='bn1')(y)
     self.sow('intermediates', 'response', y)
@@ -213,6 +241,7 @@ class PreActBlock(Block):
   BN after it in the unit sows its own output as the response. Projection
   shortcuts have no BN.
   """
+
   first: bool = False
 
   @nn.compact
@@ -224,12 +253,14 @@ class PreActBlock(Block):
       x = self.act(self.norm(name='bn0')(x))
       y = self.residual_function(x, last_norm=False)
     else:
-      y = self.residual_function(self.act(self.norm(name='bn0')(x)),
-                                 last_norm=False)
+      y = self.residual_function(
+          self.act(self.norm(name='bn0')(x)), last_norm=False
+      )
     if not self.residual:
       return y
-    return y + shortcut(x, self.out_features, self.strides, self.shortcut,
-                        self.conv)
+    return y + shortcut(
+        x, self.out_features, self.strides, self.shortcut, self.conv
+    )
 
 
 class ResNet(nn.Module):
@@ -268,6 +299,7 @@ class ResNet(nn.Module):
     act: the ReLU, wherever the network applies one. The report's deconvnet
       (``layers.deconv_relu``) swaps in a ReLU with another backward pass.
   """
+
   stage_sizes: Sequence[int]
   widths: Sequence[int]
   stem: str
@@ -288,11 +320,20 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     conv = functools.partial(conv_layer, dtype=self.dtype)
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=0.9,
-        epsilon=1e-5, dtype=self.dtype)
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=self.dtype,
+    )
     if train and self.bn_group_size:
-      norm = functools.partial(GroupBatchNorm, group_size=self.bn_group_size,
-                               momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+      norm = functools.partial(
+          GroupBatchNorm,
+          group_size=self.bn_group_size,
+          momentum=0.9,
+          epsilon=1e-5,
+          dtype=self.dtype,
+      )
     x = jnp.asarray(x, self.dtype)
     if self.stem == '7x7':
       x = conv(self.widths[0], 7, 2, name='conv_init')(x)
@@ -310,22 +351,31 @@ class ResNet(nn.Module):
       block_class = nn.remat(block_class)
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       block = functools.partial(
-          block_class, width=width, bottleneck=self.bottleneck,
-          residual=self.residual, shortcut=self.shortcut,
+          block_class,
+          width=width,
+          bottleneck=self.bottleneck,
+          residual=self.residual,
+          shortcut=self.shortcut,
           bottleneck_stride=self.bottleneck_stride,
-          zero_init_residual=self.zero_init_residual, conv=conv, norm=norm,
-          act=self.act)
+          zero_init_residual=self.zero_init_residual,
+          conv=conv,
+          norm=norm,
+          act=self.act,
+      )
       # The net's first pre-activation unit takes conv1's activated output.
       first = {'first': i == 0} if self.preactivation else {}
-      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1',
-                **first)(x)
+      x = block(
+          strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1', **first
+      )(x)
       if self.scan_blocks and size > 1:
         # Blocks 2..n of a stage have the same shapes: one loop body, its
         # parameters and BN statistics stacked along a leading axis.
-        repeat = nn.scan(lambda module, x, _: (module(x), None),
-                         variable_axes={'params': 0, 'batch_stats': 0,
-                                        'intermediates': 0},
-                         split_rngs={'params': True}, length=size - 1)
+        repeat = nn.scan(
+            lambda module, x, _: (module(x), None),
+            variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
+            split_rngs={'params': True},
+            length=size - 1,
+        )
         x, _ = repeat(block(strides=1, name=scanned_name(i + 1)), x, None)
       else:
         for j in range(1, size):
@@ -334,8 +384,9 @@ class ResNet(nn.Module):
     if self.preactivation:
       x = self.act(norm(name='bn_final')(x))
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=he_normal,
-                 name='head')(x)
+    x = nn.Dense(
+        self.num_classes, dtype=self.dtype, kernel_init=he_normal, name='head'
+    )(x)
     return jnp.asarray(x, jnp.float32)
 
 
@@ -347,17 +398,28 @@ def cifar_blocks_per_stage(depth: int, bottleneck: bool = False) -> int:
     raise ModelError(
         f'CIFAR nets have depth 6n+2 with n >= 1 (20, 32, 44, 56, 110, '
         f'1202), or 9n+2 with bottleneck blocks (164, 1001), got {depth}'
-        f'{" with bottleneck blocks" if bottleneck else ""}')
+        f'{" with bottleneck blocks" if bottleneck else ""}'
+    )
   return (depth - 2) // layers
 
 
-def create_model(*, model: str, depth: int, num_classes: int,
-                 residual: bool = True, shortcut: str = 'A',
-                 stem: str = '', bottleneck_stride: str = '1x1',
-                 zero_init_residual: bool = False,
-                 dtype: str = 'float32', remat: bool = False,
-                 scan_blocks: bool = False, preactivation: bool = False,
-                 block: str = '', bn_group_size: int = 0) -> ResNet:
+def create_model(
+    *,
+    model: str,
+    depth: int,
+    num_classes: int,
+    residual: bool = True,
+    shortcut: str = 'A',
+    stem: str = '',
+    bottleneck_stride: str = '1x1',
+    zero_init_residual: bool = False,
+    dtype: str = 'float32',
+    remat: bool = False,
+    scan_blocks: bool = False,
+    preactivation: bool = False,
+    block: str = '',
+    bn_group_size: int = 0,
+) -> ResNet:
   """Builds a paper network by family and depth; raises ModelError otherwise.
 
   ``stem`` and ``block`` are '' for the family's own (the 3x3 stem of §4.2
@@ -368,11 +430,15 @@ def create_model(*, model: str, depth: int, num_classes: int,
   (``from_config``).
   """
   if shortcut not in SHORTCUTS:
-    raise ModelError(f'shortcut must be one of {", ".join(SHORTCUTS)} (§3.3), '
-                     f'got {shortcut!r}')
+    raise ModelError(
+        f'shortcut must be one of {", ".join(SHORTCUTS)} (§3.3), '
+        f'got {shortcut!r}'
+    )
   if bottleneck_stride not in BOTTLENECK_STRIDES:
-    raise ModelError(f'bottleneck_stride must be "1x1" (paper) or "3x3" '
-                     f'(v1.5), got {bottleneck_stride!r}')
+    raise ModelError(
+        f'bottleneck_stride must be "1x1" (paper) or "3x3" '
+        f'(v1.5), got {bottleneck_stride!r}'
+    )
   if dtype not in ('float32', 'bfloat16'):
     raise ModelError(f'dtype must be float32 or bfloat16, got {dtype!r}')
   if block not in ('', 'basic', 'bottleneck'):
@@ -385,26 +451,41 @@ def create_model(*, model: str, depth: int, num_classes: int,
     stage_sizes, widths, stem = (n,) * 3, CIFAR_WIDTHS, '3x3'
   elif model == 'imagenet':
     if depth not in IMAGENET_STAGES:
-      raise ModelError(f'ImageNet nets (Table 1) have depth '
-                       f'{", ".join(map(str, IMAGENET_STAGES))}, got {depth}')
+      raise ModelError(
+          f'ImageNet nets (Table 1) have depth '
+          f'{", ".join(map(str, IMAGENET_STAGES))}, got {depth}'
+      )
     if stem not in ('', *STEMS):
       raise ModelError(f'stem must be "7x7" or "3x3", got {stem!r}')
     stage_sizes, bottleneck = IMAGENET_STAGES[depth]
     if block and (block == 'bottleneck') != bottleneck:
-      raise ModelError(f'ImageNet-{depth} has '
-                       f'{"bottleneck" if bottleneck else "basic"} blocks '
-                       f'(Table 1), got block={block!r}')
+      raise ModelError(
+          f'ImageNet-{depth} has '
+          f'{"bottleneck" if bottleneck else "basic"} blocks '
+          f'(Table 1), got block={block!r}'
+      )
     widths, stem = IMAGENET_WIDTHS, stem or '7x7'
   else:
-    raise ModelError(f'unknown model {model!r}: use "cifar" (§4.2) or '
-                     f'"imagenet" (Table 1)')
+    raise ModelError(
+        f'unknown model {model!r}: use "cifar" (§4.2) or '
+        f'"imagenet" (Table 1)'
+    )
   return ResNet(
-      stage_sizes=stage_sizes, widths=widths, stem=stem, bottleneck=bottleneck,
-      residual=residual, shortcut=shortcut,
+      stage_sizes=stage_sizes,
+      widths=widths,
+      stem=stem,
+      bottleneck=bottleneck,
+      residual=residual,
+      shortcut=shortcut,
       bottleneck_stride=bottleneck_stride,
-      zero_init_residual=zero_init_residual, num_classes=num_classes,
-      dtype=jnp.dtype(dtype), remat=remat, scan_blocks=scan_blocks,
-      preactivation=preactivation, bn_group_size=bn_group_size)
+      zero_init_residual=zero_init_residual,
+      num_classes=num_classes,
+      dtype=jnp.dtype(dtype),
+      remat=remat,
+      scan_blocks=scan_blocks,
+      preactivation=preactivation,
+      bn_group_size=bn_group_size,
+  )
 
 
 def param_count(params) -> int:
@@ -415,8 +496,14 @@ def param_count(params) -> int:
 def blocks_in_order(params) -> list[tuple[str, int, int]]:
   """(name, stage, number) of each block of the unrolled form
   (``stageS_blockB``), in the network's order."""
-  return sorted(((name, int(m[1]), int(m[2])) for name in params
-                 if (m := BLOCK_NAME.fullmatch(name))), key=lambda b: b[1:])
+  return sorted(
+      (
+          (name, int(m[1]), int(m[2]))
+          for name in params
+          if (m := BLOCK_NAME.fullmatch(name))
+      ),
+      key=lambda b: b[1:],
+  )
 
 
 def stack_blocks(variables):
@@ -425,6 +512,7 @@ def stack_blocks(variables):
   Every collection (params, batch_stats, ...) has its blocks 2..n of each
   stage stacked, in order, under ``scanned_name(stage)``.
   """
+
   def stack(tree):
     out, stacks = {}, {}
     for name, value in tree.items():
@@ -435,14 +523,17 @@ def stack_blocks(variables):
         out[name] = value
     for stage, blocks in stacks.items():
       out[scanned_name(stage)] = jax.tree.map(
-          lambda *a: jnp.stack(a), *(blocks[j] for j in sorted(blocks)))
+          lambda *a: jnp.stack(a), *(blocks[j] for j in sorted(blocks))
+      )
     return out
+
   return {collection: stack(tree) for collection, tree in variables.items()}
 
 
 def unroll_blocks(variables):
   """Variables of the scanned form in the unrolled form: ``stack_blocks``'s
   inverse."""
+
   def unroll(tree):
     out = {}
     for name, value in tree.items():
@@ -452,25 +543,39 @@ def unroll_blocks(variables):
         continue
       for j in range(len(jax.tree.leaves(value)[0])):
         out[f'stage{match[1]}_block{j + 2}'] = jax.tree.map(
-            lambda a, j=j: a[j], value)
+            lambda a, j=j: a[j], value
+        )
     return out
+
   return {collection: unroll(tree) for collection, tree in variables.items()}
 
 
 def from_config(config, num_classes: int) -> ResNet:
   """The network a config names (fields as in configs/default.py)."""
-  return create_model(num_classes=num_classes,
-                      **{field: config[field] for field in CONFIG_FIELDS})
+  return create_model(
+      num_classes=num_classes,
+      **{field: config[field] for field in CONFIG_FIELDS},
+  )
 
 
 # The config fields that make the network: create_model's arguments. Those
 # of ARCHITECTURE make its parameters (the rest: their initialisation,
 # arithmetic, memory and form, and BatchNorm's batches in training).
-CONFIG_FIELDS = tuple(name for name in
-                      inspect.signature(create_model).parameters
-                      if name != 'num_classes')
-ARCHITECTURE = ('model', 'depth', 'residual', 'shortcut', 'stem',
-                'bottleneck_stride', 'preactivation', 'block')
+CONFIG_FIELDS = tuple(
+    name
+    for name in inspect.signature(create_model).parameters
+    if name != 'num_classes'
+)
+ARCHITECTURE = (
+    'model',
+    'depth',
+    'residual',
+    'shortcut',
+    'stem',
+    'bottleneck_stride',
+    'preactivation',
+    'block',
+)
 
 
 def display_name(config) -> str:

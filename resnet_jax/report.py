@@ -63,22 +63,38 @@ def define_flags():
   """The command line's flags (defined when run, so that importing this
   module beside another command's defines no flag twice)."""
   flags.DEFINE_string('root', None, 'table: the sweep root.')
-  flags.DEFINE_list('workdirs', [], 'Run workdirs (fig6, fig7, filters, curve, '
-                    'ensemble).')
+  flags.DEFINE_list(
+      'workdirs', [], 'Run workdirs (fig6, fig7, filters, curve, ' 'ensemble).'
+  )
   flags.DEFINE_string('out', 'report', 'Directory for figures, tables, CSV.')
-  flags.DEFINE_enum('selection', 'final', ['final', 'validation'],
-                    'table: final test error, or that of the best checkpoint '
-                    'by validation error.')
+  flags.DEFINE_enum(
+      'selection',
+      'final',
+      ['final', 'validation'],
+      'table: final test error, or that of the best checkpoint '
+      'by validation error.',
+  )
   flags.DEFINE_integer('image', 0, 'filters, deconv: index of the test image.')
   flags.DEFINE_integer('channels', 9, 'deconv: strongest channels per layer.')
-  flags.DEFINE_enum('keep', 'map', layers.DECONV_KEEP,
-                    "deconv: project each channel's whole map, or only its "
-                    'strongest activation (Zeiler & Fergus).')
-  flags.DEFINE_list('test_scales', [], 'ensemble: shorter sides to test '
-                    'whole images at (§3.4), for every run; default: each '
-                    'run\'s own test_scales.')
-  flags.DEFINE_integer('eval_batch_size', 0, 'ensemble: test batch size of '
-                       'every run; 0: each run\'s own.')
+  flags.DEFINE_enum(
+      'keep',
+      'map',
+      layers.DECONV_KEEP,
+      "deconv: project each channel's whole map, or only its "
+      'strongest activation (Zeiler & Fergus).',
+  )
+  flags.DEFINE_list(
+      'test_scales',
+      [],
+      'ensemble: shorter sides to test '
+      'whole images at (§3.4), for every run; default: each '
+      "run's own test_scales.",
+  )
+  flags.DEFINE_integer(
+      'eval_batch_size',
+      0,
+      'ensemble: test batch size of ' "every run; 0: each run's own.",
+  )
 
 
 COMMANDS = ('table', 'fig6', 'fig7', 'filters', 'deconv', 'curve', 'ensemble')
@@ -149,8 +165,11 @@ def test_error(workdir, selection: str) -> tuple[float, int]:
 def table(root, selection: str, out: pathlib.Path) -> str:
   """Table 6 as Markdown (also written with its CSV); see the module doc."""
   root = pathlib.Path(root)
-  names = sorted((p for p in root.iterdir() if p.is_dir()),
-                 key=lambda p: p.name) if root.is_dir() else []
+  names = (
+      sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name)
+      if root.is_dir()
+      else []
+  )
   rows, csv_rows = [], []
   for directory in names:
     seeds = sorted(directory.glob('seed*'))
@@ -160,40 +179,78 @@ def table(root, selection: str, out: pathlib.Path) -> str:
     info = data.dataset_info(config.dataset)
     model = models.from_config(config, info.num_classes)
     params = models.param_count(
-        layers.layer_table(model, info.image_size)[1]['params'])
+        layers.layer_table(model, info.image_size)[1]['params']
+    )
     results = [test_error(s, selection) for s in seeds]
     errors = np.array([e for e, _ in results])
     std = errors.std(ddof=1) if len(errors) > 1 else 0.0
-    paper = (PAPER_TABLE6.get(config.depth)
-             if config.residual and config.model == 'cifar' and
-             config.dataset == 'cifar10' and config.shortcut == 'A' else None)
+    paper = (
+        PAPER_TABLE6.get(config.depth)
+        if config.residual
+        and config.model == 'cifar'
+        and config.dataset == 'cifar10'
+        and config.shortcut == 'A'
+        else None
+    )
     steps = sorted({s for _, s in results})
     name = models.display_name(config)
-    rows.append(f'| {name} | {config.depth} | {params / 1e6:.2f}M | '
-                f'{errors.min():.2f} ({errors.mean():.2f} ± {std:.2f}) | '
-                f'{len(errors)} | {", ".join(map(str, steps))} | '
-                f'{paper if paper is not None else "-"} |')
-    csv_rows.append([directory.name, name, config.depth, params, len(errors),
-                     f'{errors.min():.4f}', f'{errors.mean():.4f}',
-                     f'{std:.4f}', selection, ';'.join(map(str, steps)),
-                     '' if paper is None else paper,
-                     ';'.join(f'{e:.4f}' for e in errors)])
+    rows.append(
+        f'| {name} | {config.depth} | {params / 1e6:.2f}M | '
+        f'{errors.min():.2f} ({errors.mean():.2f} ± {std:.2f}) | '
+        f'{len(errors)} | {", ".join(map(str, steps))} | '
+        f'{paper if paper is not None else "-"} |'
+    )
+    csv_rows.append(
+        [
+            directory.name,
+            name,
+            config.depth,
+            params,
+            len(errors),
+            f'{errors.min():.4f}',
+            f'{errors.mean():.4f}',
+            f'{std:.4f}',
+            selection,
+            ';'.join(map(str, steps)),
+            '' if paper is None else paper,
+            ';'.join(f'{e:.4f}' for e in errors),
+        ]
+    )
   if not rows:
     raise ReportError(f'{root} holds no runs (expected ROOT/<name>/seed<N>)')
-  checkpoint = ('final step' if selection == 'final' else
-                'checkpoint with the lowest validation error')
+  checkpoint = (
+      'final step'
+      if selection == 'final'
+      else 'checkpoint with the lowest validation error'
+  )
   lines = [
       f'Test error (%) at the {checkpoint}: best (mean ± std) over seeds.',
       '',
       '| model | depth | params | error (%) | seeds | step | paper (%) |',
-      '| --- | ---: | ---: | --- | ---: | --- | ---: |', *rows]
+      '| --- | ---: | ---: | --- | ---: | --- | ---: |',
+      *rows,
+  ]
   markdown = '\n'.join(lines) + '\n'
   out.mkdir(parents=True, exist_ok=True)
   (out / 'table.md').write_text(markdown)
-  write_csv(out / 'table.csv',
-            ['config', 'model', 'depth', 'params', 'seeds', 'best_error',
-             'mean_error', 'std_error', 'selection', 'steps', 'paper_error',
-             'errors'], csv_rows)
+  write_csv(
+      out / 'table.csv',
+      [
+          'config',
+          'model',
+          'depth',
+          'params',
+          'seeds',
+          'best_error',
+          'mean_error',
+          'std_error',
+          'selection',
+          'steps',
+          'paper_error',
+          'errors',
+      ],
+      csv_rows,
+  )
   return markdown
 
 
@@ -203,14 +260,20 @@ def table(root, selection: str, out: pathlib.Path) -> str:
 def run_labels(workdirs) -> list[str]:
   """The network's name per run, with its workdir where names repeat."""
   names = [models.display_name(load_run(w)[0]) for w in workdirs]
-  return [n if names.count(n) == 1 else
-          f'{n} ({"/".join(pathlib.Path(w).parts[-2:])})'
-          for n, w in zip(names, workdirs)]
+  return [
+      n
+      if names.count(n) == 1
+      else f'{n} ({"/".join(pathlib.Path(w).parts[-2:])})'
+      for n, w in zip(names, workdirs)
+  ]
 
 
 def eval_split(records) -> str:
-  return (metrics.TEST if any(r['split'] == metrics.TEST for r in records)
-          else metrics.VALIDATION)
+  return (
+      metrics.TEST
+      if any(r['split'] == metrics.TEST for r in records)
+      else metrics.VALIDATION
+  )
 
 
 def fig6(workdirs, out: pathlib.Path) -> figure.Figure:
@@ -227,8 +290,13 @@ def fig6(workdirs, out: pathlib.Path) -> figure.Figure:
       points = [(r['step'], r['error']) for r in records if r['split'] == kind]
       csv_rows += [[workdir, name, kind, s, e] for s, e in points]
       if points:
-        ax.plot(*zip(*points), style, color=color, linewidth=width,
-                label=f'{name} {kind}')
+        ax.plot(
+            *zip(*points),
+            style,
+            color=color,
+            linewidth=width,
+            label=f'{name} {kind}',
+        )
   for title, ax in zip(('plain nets', 'ResNets'), panels.values()):
     ax.set_title(title)
     ax.set_xlabel('iterations')
@@ -236,8 +304,9 @@ def fig6(workdirs, out: pathlib.Path) -> figure.Figure:
     if ax.lines:
       ax.legend(fontsize=8)
   panels['plain'].set_ylabel('error (%)')
-  write_csv(out / 'fig6.csv', ['workdir', 'model', 'split', 'step', 'error'],
-            csv_rows)
+  write_csv(
+      out / 'fig6.csv', ['workdir', 'model', 'split', 'step', 'error'], csv_rows
+  )
   return save(fig, out, 'fig6')
 
 
@@ -250,16 +319,25 @@ def curve(workdir, out: pathlib.Path) -> figure.Figure:
   if config.schedule_unit == 'steps' and config.lr_schedule == 'piecewise':
     drops = list(config.lr_boundaries)
   else:  # Epochs or plateaus: the last logged step before each drop.
-    drops = [a['step'] for a, b in zip(train_records, train_records[1:])
-             if b['learning_rate'] < a['learning_rate']]
+    drops = [
+        a['step']
+        for a, b in zip(train_records, train_records[1:])
+        if b['learning_rate'] < a['learning_rate']
+    ]
   csv_rows = []
   for kind in (metrics.TRAIN, eval_split(records)):
     points = [r for r in records if r['split'] == kind]
-    csv_rows += [[kind, r['step'], r['loss'], r['error'],
-                  r.get('learning_rate', '')] for r in points]
+    csv_rows += [
+        [kind, r['step'], r['loss'], r['error'], r.get('learning_rate', '')]
+        for r in points
+    ]
     for ax, key in ((loss_ax, 'loss'), (error_ax, 'error')):
-      ax.plot([r['step'] for r in points], [r[key] for r in points],
-              '--' if kind == metrics.TRAIN else '-', label=kind)
+      ax.plot(
+          [r['step'] for r in points],
+          [r[key] for r in points],
+          '--' if kind == metrics.TRAIN else '-',
+          label=kind,
+      )
   for ax, label in ((loss_ax, 'loss'), (error_ax, 'error (%)')):
     for step in drops:
       ax.axvline(step, color='gray', linestyle=':', linewidth=1)
@@ -267,10 +345,16 @@ def curve(workdir, out: pathlib.Path) -> figure.Figure:
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.suptitle(f'{models.display_name(config)}: {workdir} (dotted: '
-               'learning-rate drops)', fontsize=9)
-  write_csv(out / 'curve.csv',
-            ['split', 'step', 'loss', 'error', 'learning_rate'], csv_rows)
+  fig.suptitle(
+      f'{models.display_name(config)}: {workdir} (dotted: '
+      'learning-rate drops)',
+      fontsize=9,
+  )
+  write_csv(
+      out / 'curve.csv',
+      ['split', 'step', 'loss', 'error', 'learning_rate'],
+      csv_rows,
+  )
   return save(fig, out, 'curve')
 
 
@@ -299,16 +383,32 @@ def load_checkpoint(workdir):
 def response_stds(model, variables, batches) -> np.ndarray:
   """Per 3x3 layer: the std of its responses over test images and positions,
   per channel, averaged over the channels."""
-  responses = jax.jit(lambda v, x: [
-      (r.sum((0, 1, 2)), (r ** 2).sum((0, 1, 2)), r.shape[0] * r.shape[1] *
-       r.shape[2]) for r in layers.layer_responses(model, v, x)])
+  responses = jax.jit(
+      lambda v, x: [
+          (
+              r.sum((0, 1, 2)),
+              (r**2).sum((0, 1, 2)),
+              r.shape[0] * r.shape[1] * r.shape[2],
+          )
+          for r in layers.layer_responses(model, v, x)
+      ]
+  )
   totals = None
   for _, x in batches():
     sums = jax.device_get(responses(variables, x))
-    totals = sums if totals is None else [
-        (a + c, b + d, n + m) for (a, b, n), (c, d, m) in zip(totals, sums)]
-  return np.array([np.sqrt(np.maximum(s2 / n - (s / n) ** 2, 0)).mean()
-                   for s, s2, n in totals])
+    totals = (
+        sums
+        if totals is None
+        else [
+            (a + c, b + d, n + m) for (a, b, n), (c, d, m) in zip(totals, sums)
+        ]
+    )
+  return np.array(
+      [
+          np.sqrt(np.maximum(s2 / n - (s / n) ** 2, 0)).mean()
+          for s, s2, n in totals
+      ]
+  )
 
 
 def fig7(workdirs, out: pathlib.Path) -> figure.Figure:
@@ -320,20 +420,31 @@ def fig7(workdirs, out: pathlib.Path) -> figure.Figure:
     config, model, variables, batches = load_checkpoint(workdir)
     stds = response_stds(model, variables, batches)
     style = '-' if config.residual else '--'
-    order_ax.plot(range(1, len(stds) + 1), stds, style, marker='.',
-                  label=name)
-    sorted_ax.plot(range(1, len(stds) + 1), np.sort(stds)[::-1], style,
-                   marker='.', label=name)
-    csv_rows += [[workdir, name, i, f'{s:.6f}', rank] for i, (s, rank) in
-                 enumerate(zip(stds, np.argsort(np.argsort(-stds)) + 1), 1)]
+    order_ax.plot(range(1, len(stds) + 1), stds, style, marker='.', label=name)
+    sorted_ax.plot(
+        range(1, len(stds) + 1),
+        np.sort(stds)[::-1],
+        style,
+        marker='.',
+        label=name,
+    )
+    csv_rows += [
+        [workdir, name, i, f'{s:.6f}', rank]
+        for i, (s, rank) in enumerate(
+            zip(stds, np.argsort(np.argsort(-stds)) + 1), 1
+        )
+    ]
   order_ax.set_xlabel('layer index (original)')
   sorted_ax.set_xlabel('layer index (sorted by magnitude)')
   order_ax.set_ylabel('std')
   for ax in (order_ax, sorted_ax):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  write_csv(out / 'fig7.csv', ['workdir', 'model', 'layer', 'std',
-                               'sorted_rank'], csv_rows)
+  write_csv(
+      out / 'fig7.csv',
+      ['workdir', 'model', 'layer', 'std', 'sorted_rank'],
+      csv_rows,
+  )
   return save(fig, out, 'fig7')
 
 
@@ -349,7 +460,7 @@ def grid(ax, tiles: np.ndarray, title: str):
   canvas = np.ones((rows * (h + 1) - 1, cols * (w + 1) - 1) + tiles.shape[3:])
   for i, tile in enumerate(tiles):
     r, c = divmod(i, cols)
-    canvas[r * (h + 1):r * (h + 1) + h, c * (w + 1):c * (w + 1) + w] = tile
+    canvas[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = tile
   ax.imshow(canvas, cmap='gray', interpolation='nearest')
   ax.set_title(title, fontsize=9)
   ax.axis('off')
@@ -361,7 +472,7 @@ def test_image(batches, image: int):
   seen = 0
   for images, x in batches():
     if 0 <= image - seen < len(x):
-      return images[image - seen], x[image - seen:image - seen + 1]
+      return images[image - seen], x[image - seen : image - seen + 1]
     seen += len(x)
   raise ReportError(f'--image must be in [0, {seen}), got {image}')
 
@@ -373,61 +484,121 @@ def filters(workdir, image: int, out: pathlib.Path) -> figure.Figure:
   _, state = model.apply(variables, x, train=False, mutable=['intermediates'])
   kernel = np.asarray(variables['params']['conv_init']['kernel'])  # (3,3,3,c)
   # Each stage's output, named after its last block.
-  last = {f'stage{i}': f'stage{i}_block{model.stage_sizes[i - 1]}'
-          for i in (1, len(model.stage_sizes))}
-  maps = {stage: np.asarray(state['intermediates'][stage][0][0])
-          for stage in last}
+  last = {
+      f'stage{i}': f'stage{i}_block{model.stage_sizes[i - 1]}'
+      for i in (1, len(model.stage_sizes))
+  }
+  maps = {
+      stage: np.asarray(state['intermediates'][stage][0][0]) for stage in last
+  }
   fig = figure.Figure(figsize=(12, 4))
   axes = fig.subplots(1, 3)
-  grid(axes[0], np.moveaxis(kernel, -1, 0), f'{kernel.shape[-1]} first-layer '
-       f'filters ({kernel.shape[0]}x{kernel.shape[1]})')
+  grid(
+      axes[0],
+      np.moveaxis(kernel, -1, 0),
+      f'{kernel.shape[-1]} first-layer '
+      f'filters ({kernel.shape[0]}x{kernel.shape[1]})',
+  )
   for ax, (stage, fmap) in zip(axes[1:], maps.items()):
-    grid(ax, np.moveaxis(fmap, -1, 0), f'{last[stage]} output, test image '
-         f'{image} ({fmap.shape[0]}x{fmap.shape[1]}x{fmap.shape[2]})')
+    grid(
+        ax,
+        np.moveaxis(fmap, -1, 0),
+        f'{last[stage]} output, test image '
+        f'{image} ({fmap.shape[0]}x{fmap.shape[1]}x{fmap.shape[2]})',
+    )
   fig.suptitle(f'{models.display_name(config)}: {workdir}', fontsize=9)
-  rows = [['filter', 'conv_init', c, y, x, ch, f'{kernel[y, x, ch, c]:.6f}']
-          for c in range(kernel.shape[3]) for y in range(kernel.shape[0])
-          for x in range(kernel.shape[1]) for ch in range(kernel.shape[2])]
-  rows += [['feature_map', last[stage], c, y, x, '', f'{fmap[y, x, c]:.6f}']
-           for stage, fmap in maps.items() for c in range(fmap.shape[2])
-           for y in range(fmap.shape[0]) for x in range(fmap.shape[1])]
-  write_csv(out / 'filters.csv',
-            ['kind', 'layer', 'channel', 'y', 'x', 'input_channel', 'value'],
-            rows)
+  rows = [
+      ['filter', 'conv_init', c, y, x, ch, f'{kernel[y, x, ch, c]:.6f}']
+      for c in range(kernel.shape[3])
+      for y in range(kernel.shape[0])
+      for x in range(kernel.shape[1])
+      for ch in range(kernel.shape[2])
+  ]
+  rows += [
+      ['feature_map', last[stage], c, y, x, '', f'{fmap[y, x, c]:.6f}']
+      for stage, fmap in maps.items()
+      for c in range(fmap.shape[2])
+      for y in range(fmap.shape[0])
+      for x in range(fmap.shape[1])
+  ]
+  write_csv(
+      out / 'filters.csv',
+      ['kind', 'layer', 'channel', 'y', 'x', 'input_channel', 'value'],
+      rows,
+  )
   return save(fig, out, 'filters')
 
 
-def deconv(workdir, image: int, channels: int, keep: str,
-           out: pathlib.Path) -> figure.Figure:
+def deconv(
+    workdir, image: int, channels: int, keep: str, out: pathlib.Path
+) -> figure.Figure:
   """A test image and the deconvnet projections of the strongest channels of
   conv1 and of the last stage (Zeiler & Fergus, 2014)."""
   config, model, variables, batches = load_checkpoint(workdir)
   if not 1 <= channels <= model.widths[0]:  # conv1 has the fewest.
-    raise ReportError(f'--channels must be in [1, {model.widths[0]}] (conv1 '
-                      f'has {model.widths[0]} channels), got {channels}')
+    raise ReportError(
+        f'--channels must be in [1, {model.widths[0]}] (conv1 '
+        f'has {model.widths[0]} channels), got {channels}'
+    )
   raw, inputs = test_image(batches, image)
   fig = figure.Figure(figsize=(12, 4))
   axes = fig.subplots(1, 3)
   axes[0].imshow(raw, interpolation='nearest')
   axes[0].set_title(f'test image {image}', fontsize=9)
   axes[0].axis('off')
-  rows = [['input', '', '', '', '', y, x, c, int(raw[y, x, c])]
-          for y in range(raw.shape[0]) for x in range(raw.shape[1])
-          for c in range(raw.shape[2])]
+  rows = [
+      ['input', '', '', '', '', y, x, c, int(raw[y, x, c])]
+      for y in range(raw.shape[0])
+      for x in range(raw.shape[1])
+      for c in range(raw.shape[2])
+  ]
   for ax, layer in zip(axes[1:], ('conv1', f'stage{len(model.stage_sizes)}')):
     found, maxima, projections = jax.device_get(
-        layers.deconv(model, variables, inputs, layer, channels, keep))
-    grid(ax, projections, f'{layer}: channels {", ".join(map(str, found))}\n'
-         f'(strongest first; {keep} projected)')
-    rows += [['projection', layer, rank, found[rank], f'{maxima[rank]:.6f}',
-              y, x, c, f'{p[y, x, c]:.6g}']
-             for rank, p in enumerate(projections) for y in range(p.shape[0])
-             for x in range(p.shape[1]) for c in range(p.shape[2])]
-  fig.suptitle(f'{models.display_name(config)}: {workdir} (deconvnet, Zeiler '
-               '& Fergus 2014)', fontsize=9)
-  write_csv(out / 'deconv.csv', ['kind', 'layer', 'rank', 'channel',
-                                 'activation', 'y', 'x', 'input_channel',
-                                 'value'], rows)
+        layers.deconv(model, variables, inputs, layer, channels, keep)
+    )
+    grid(
+        ax,
+        projections,
+        f'{layer}: channels {", ".join(map(str, found))}\n'
+        f'(strongest first; {keep} projected)',
+    )
+    rows += [
+        [
+            'projection',
+            layer,
+            rank,
+            found[rank],
+            f'{maxima[rank]:.6f}',
+            y,
+            x,
+            c,
+            f'{p[y, x, c]:.6g}',
+        ]
+        for rank, p in enumerate(projections)
+        for y in range(p.shape[0])
+        for x in range(p.shape[1])
+        for c in range(p.shape[2])
+    ]
+  fig.suptitle(
+      f'{models.display_name(config)}: {workdir} (deconvnet, Zeiler '
+      '& Fergus 2014)',
+      fontsize=9,
+  )
+  write_csv(
+      out / 'deconv.csv',
+      [
+          'kind',
+          'layer',
+          'rank',
+          'channel',
+          'activation',
+          'y',
+          'x',
+          'input_channel',
+          'value',
+      ],
+      rows,
+  )
   return save(fig, out, 'deconv')
 
 
@@ -443,8 +614,9 @@ def views(config) -> str:
   return '10 crops' if config.ten_crop else 'centre crop'
 
 
-def ensemble(workdirs, out: pathlib.Path, test_scales=(),
-             eval_batch_size: int = 0) -> str:
+def ensemble(
+    workdirs, out: pathlib.Path, test_scales=(), eval_batch_size: int = 0
+) -> str:
   """Table 5 as Markdown (also written with its CSV): each run's test error
   and the error of their ensemble; see the module doc."""
   runs = []
@@ -457,26 +629,48 @@ def ensemble(workdirs, out: pathlib.Path, test_scales=(),
     runs.append((config, workdir))
   devices.use_cpu_cores([config.eval_batch_size for config, _ in runs])
   result = evaluate.evaluate_ensemble(runs)
-  rows = [[models.display_name(config), str(workdir), member['step'],
-           views(config), member['error'], member['top5_error'],
-           member['images']]
-          for (config, workdir), member in zip(runs, result['members'])]
-  rows.append([f'ensemble of {len(runs)}', '', '', '', result['error'],
-               result['top5_error'], result['images']])
+  rows = [
+      [
+          models.display_name(config),
+          str(workdir),
+          member['step'],
+          views(config),
+          member['error'],
+          member['top5_error'],
+          member['images'],
+      ]
+      for (config, workdir), member in zip(runs, result['members'])
+  ]
+  rows.append(
+      [
+          f'ensemble of {len(runs)}',
+          '',
+          '',
+          '',
+          result['error'],
+          result['top5_error'],
+          result['images'],
+      ]
+  )
   lines = [
       f'Test error (%) on {result["images"]} images: top-1 and top-5, of '
-      'each run and of their ensemble (softmax averaged over the runs).', '',
+      'each run and of their ensemble (softmax averaged over the runs).',
+      '',
       '| model | workdir | step | views | top-1 err. | top-5 err. |',
       '| --- | --- | ---: | --- | ---: | ---: |',
-      *(f'| {m} | {w} | {s} | {v} | {e:.2f} | {t:.2f} |'
-        for m, w, s, v, e, t, _ in rows)]
+      *(
+          f'| {m} | {w} | {s} | {v} | {e:.2f} | {t:.2f} |'
+          for m, w, s, v, e, t, _ in rows
+      ),
+  ]
   markdown = '\n'.join(lines) + '\n'
   out.mkdir(parents=True, exist_ok=True)
   (out / 'ensemble.md').write_text(markdown)
-  write_csv(out / 'ensemble.csv', ['model', 'workdir', 'step', 'views',
-                                   'error', 'top5_error', 'images'],
-            [row[:4] + [f'{row[4]:.4f}', f'{row[5]:.4f}', row[6]]
-             for row in rows])
+  write_csv(
+      out / 'ensemble.csv',
+      ['model', 'workdir', 'step', 'views', 'error', 'top5_error', 'images'],
+      [row[:4] + [f'{row[4]:.4f}', f'{row[5]:.4f}', row[6]] for row in rows],
+  )
   return markdown
 
 
@@ -496,10 +690,10 @@ def run(command: str, out: pathlib.Path):
     try:
       scales = [int(s) for s in FLAGS.test_scales]
     except ValueError:
-      raise ReportError(f'--test_scales takes integers, got '
-                        f'{",".join(FLAGS.test_scales)}') from None
-    print(ensemble(FLAGS.workdirs, out, scales, FLAGS.eval_batch_size),
-          end='')
+      raise ReportError(
+          f'--test_scales takes integers, got ' f'{",".join(FLAGS.test_scales)}'
+      ) from None
+    print(ensemble(FLAGS.workdirs, out, scales, FLAGS.eval_batch_size), end='')
     return
   if command == 'fig6':
     fig6(FLAGS.workdirs, out)

@@ -34,8 +34,9 @@ def define_flags():
   flags.DEFINE_list('configs', None, 'Config files to run.')
   flags.DEFINE_list('seeds', ['0'], 'Seeds (config.seed) of each config.')
   flags.DEFINE_string('root', None, 'Directory that holds one workdir per run.')
-  flags.DEFINE_multi_string('set', [], 'FIELD=VALUE: a config override for '
-                            'every run (repeatable).')
+  flags.DEFINE_multi_string(
+      'set', [], 'FIELD=VALUE: a config override for ' 'every run (repeatable).'
+  )
   flags.mark_flags_as_required(['configs', 'root'])
 
 
@@ -82,9 +83,15 @@ def main(argv):
       print(f'[{i}/{len(runs)}] {workdir}: finished, skipped', flush=True)
       continue
     print(f'[{i}/{len(runs)}] {workdir}: training', flush=True)
-    command = [sys.executable, '-m', 'resnet_jax.main', f'--config={config}',
-               f'--workdir={workdir}', f'--config.seed={seed}',
-               *(f'--config.{override}' for override in FLAGS.set)]
+    command = [
+        sys.executable,
+        '-m',
+        'resnet_jax.main',
+        f'--config={config}',
+        f'--workdir={workdir}',
+        f'--config.seed={seed}',
+        *(f'--config.{override}' for override in FLAGS.set),
+    ]
     code = run_to_the_end(command)
     if code in (128 + s for s in train.STOP_SIGNALS):
       print('stopped: run the same sweep again to resume', file=sys.stderr)
@@ -92,8 +99,10 @@ def main(argv):
     if code == 2:  # The run's own error line said what is wrong.
       sys.exit(code)
     if code:
-      cli.fail(f'the run in {workdir} failed (exit status {code}); run the same '
-           'sweep again to resume it')
+      cli.fail(
+          f'the run in {workdir} failed (exit status {code}); run the same '
+          'sweep again to resume it'
+      )
 
 
 if __name__ == '__main__':

@@ -32,7 +32,7 @@ class Block(nn.Module):
     if not self.residual:
       return F.relu(y)
     if self.stride != 1 or self.extra:
-      x = x[:, :, ::self.stride, ::self.stride]
+      x = x[:, :, :: self.stride, :: self.stride]
       x = F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
     return F.relu(x + y)
 
@@ -49,8 +49,9 @@ class CifarResNet(nn.Module):
     blocks, in_width = [], widths[0]
     for i, width in enumerate(widths):
       for j in range(n):
-        blocks.append(Block(in_width, width, 2 if i > 0 and j == 0 else 1,
-                            residual))
+        blocks.append(
+            Block(in_width, width, 2 if i > 0 and j == 0 else 1, residual)
+        )
         in_width = width
     self.blocks = nn.Sequential(*blocks)
     self.head = nn.Linear(widths[-1], num_classes)
@@ -65,14 +66,27 @@ def load_flax_variables(net: CifarResNet, variables):
   ``scan_blocks``) into ``net``."""
   variables = models.unroll_blocks(variables)
   params, stats = variables['params'], variables['batch_stats']
-  pairs = [(net.conv, net.bn, params['conv_init'], params['bn_init'],
-            stats['bn_init'])]
+  pairs = [
+      (
+          net.conv,
+          net.bn,
+          params['conv_init'],
+          params['bn_init'],
+          stats['bn_init'],
+      )
+  ]
   blocks = models.blocks_in_order(params)
   for torch_block, (name, _, _) in zip(net.blocks, blocks, strict=True):
     for i in (1, 2):
-      pairs.append((getattr(torch_block, f'conv{i}'),
-                    getattr(torch_block, f'bn{i}'), params[name][f'conv{i}'],
-                    params[name][f'bn{i}'], stats[name][f'bn{i}']))
+      pairs.append(
+          (
+              getattr(torch_block, f'conv{i}'),
+              getattr(torch_block, f'bn{i}'),
+              params[name][f'conv{i}'],
+              params[name][f'bn{i}'],
+              stats[name][f'bn{i}'],
+          )
+      )
   as_tensor = lambda a: torch.from_numpy(np.array(a, np.float32))
   with torch.no_grad():
     for conv, bn, conv_p, bn_p, bn_s in pairs:
@@ -85,8 +99,9 @@ def load_flax_variables(net: CifarResNet, variables):
     net.head.bias.copy_(as_tensor(params['head']['bias']))
 
 
-def make_step(depth: int, batch_size: int, dtype: str, mode: str,
-              compiled: bool):
+def make_step(
+    depth: int, batch_size: int, dtype: str, mode: str, compiled: bool
+):
   """One training step (SGD, momentum 0.9, weight decay 1e-4) or inference.
 
   Returns a function that runs it once on a fixed random batch, on the CPU.
@@ -95,12 +110,14 @@ def make_step(depth: int, batch_size: int, dtype: str, mode: str,
   net = CifarResNet(depth).to(memory_format=torch.channels_last)
   x = torch.randn(batch_size, 3, 32, 32).to(memory_format=torch.channels_last)
   y = torch.randint(0, 10, (batch_size,))
-  autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16,
-                                    enabled=dtype == 'bfloat16')
+  autocast = lambda: torch.autocast(
+      'cpu', dtype=torch.bfloat16, enabled=dtype == 'bfloat16'
+  )
   forward = torch.compile(net) if compiled else net
   if mode == 'train':
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9,
-                          weight_decay=1e-4)
+    opt = torch.optim.SGD(
+        net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4
+    )
 
     def step():
       opt.zero_grad(set_to_none=True)
@@ -108,6 +125,7 @@ def make_step(depth: int, batch_size: int, dtype: str, mode: str,
         loss = F.cross_entropy(forward(x), y)
       loss.backward()
       opt.step()
+
   else:
     net.eval()
 

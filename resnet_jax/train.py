@@ -57,8 +57,10 @@ class Stopped(Exception):
   """A run stopped by a signal, its state saved at ``step``."""
 
   def __init__(self, signum: int, step: int):
-    super().__init__(f'{signal.Signals(signum).name} at step {step}, its '
-                     'checkpoint saved; the same command resumes the run')
+    super().__init__(
+        f'{signal.Signals(signum).name} at step {step}, its '
+        'checkpoint saved; the same command resumes the run'
+    )
     self.signum, self.step = signum, step
 
 
@@ -82,7 +84,8 @@ def stop_requests():
   for signum in STOP_SIGNALS:
     if signal.getsignal(signum) is not signal.SIG_IGN:
       previous[signum] = signal.signal(
-          signum, lambda signum, frame: received.append(signum))
+          signum, lambda signum, frame: received.append(signum)
+      )
   try:
     yield received
   finally:
@@ -106,6 +109,7 @@ def stop_signal(received: list[int]) -> int:
 
 class TrainState(train_state.TrainState):
   """Everything a run needs to continue, all of it checkpointed."""
+
   batch_stats: Any
   rng: jax.Array  # Raw key data: batches and augmentation derive from it.
   mean: jax.Array  # Input normalisation, from the training split.
@@ -113,11 +117,19 @@ class TrainState(train_state.TrainState):
 
 
 # Fields that only make sense above zero.
-POSITIVE_FIELDS = ('batch_size', 'eval_batch_size', 'train_length',
-                   'learning_rate', 'lr_factor', 'lr_patience',
-                   'log_every_steps', 'eval_every_steps',
-                   'checkpoint_every_steps', 'keep_checkpoints',
-                   'steps_per_dispatch')
+POSITIVE_FIELDS = (
+    'batch_size',
+    'eval_batch_size',
+    'train_length',
+    'learning_rate',
+    'lr_factor',
+    'lr_patience',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'steps_per_dispatch',
+)
 LR_SCHEDULES = ('piecewise', 'plateau')
 
 
@@ -129,31 +141,45 @@ def check_config(config):
   if not 0 <= config.momentum < 1:
     raise TrainingError(f'momentum must be in [0, 1), got {config.momentum!r}')
   if config.weight_decay < 0:
-    raise TrainingError(f'weight_decay must not be negative, got '
-                        f'{config.weight_decay!r}')
-  if config.warmup_steps < 0 or (config.warmup_steps and
-                                 not config.warmup_learning_rate > 0):
+    raise TrainingError(
+        f'weight_decay must not be negative, got ' f'{config.weight_decay!r}'
+    )
+  if config.warmup_steps < 0 or (
+      config.warmup_steps and not config.warmup_learning_rate > 0
+  ):
     raise TrainingError(
         f'a warm-up needs warmup_steps >= 0 and a positive '
         f'warmup_learning_rate, got {config.warmup_steps!r} steps at '
-        f'{config.warmup_learning_rate!r}')
+        f'{config.warmup_learning_rate!r}'
+    )
   boundaries = config.lr_boundaries
-  if not (isinstance(boundaries, (tuple, list)) and
-          all(isinstance(b, (int, float)) and not isinstance(b, bool)
-              for b in boundaries) and
-          list(boundaries) == sorted(set(boundaries)) and
-          all(b > 0 for b in boundaries)):
-    raise TrainingError(f'lr_boundaries must be positive and increasing, got '
-                        f'{boundaries!r} (numbers of steps or epochs, e.g. '
-                        '(32000, 48000))')
+  if not (
+      isinstance(boundaries, (tuple, list))
+      and all(
+          isinstance(b, (int, float)) and not isinstance(b, bool)
+          for b in boundaries
+      )
+      and list(boundaries) == sorted(set(boundaries))
+      and all(b > 0 for b in boundaries)
+  ):
+    raise TrainingError(
+        f'lr_boundaries must be positive and increasing, got '
+        f'{boundaries!r} (numbers of steps or epochs, e.g. '
+        '(32000, 48000))'
+    )
   if config.lr_schedule not in LR_SCHEDULES:
-    raise TrainingError(f'lr_schedule must be piecewise or plateau, got '
-                        f'{config.lr_schedule!r}')
+    raise TrainingError(
+        f'lr_schedule must be piecewise or plateau, got '
+        f'{config.lr_schedule!r}'
+    )
   if config.bn_group_size < 0 or (
-      config.bn_group_size and config.batch_size % config.bn_group_size):
-    raise TrainingError(f'bn_group_size must be 0 (the whole batch) or divide '
-                        f'batch_size {config.batch_size}, got '
-                        f'{config.bn_group_size!r}')
+      config.bn_group_size and config.batch_size % config.bn_group_size
+  ):
+    raise TrainingError(
+        f'bn_group_size must be 0 (the whole batch) or divide '
+        f'batch_size {config.batch_size}, got '
+        f'{config.bn_group_size!r}'
+    )
 
 
 def schedule_in_steps(config, train_size: int) -> tuple[int, list[int]]:
@@ -167,11 +193,14 @@ def schedule_in_steps(config, train_size: int) -> tuple[int, list[int]]:
   elif config.schedule_unit == 'epochs':
     per_unit = train_size / config.batch_size
   else:
-    raise TrainingError(f'schedule_unit must be steps or epochs, got '
-                        f'{config.schedule_unit!r}')
+    raise TrainingError(
+        f'schedule_unit must be steps or epochs, got '
+        f'{config.schedule_unit!r}'
+    )
   to_steps = lambda x: math.ceil(x * per_unit - 1e-9)
-  return to_steps(config.train_length), [to_steps(b) for b in
-                                         config.lr_boundaries]
+  return to_steps(config.train_length), [
+      to_steps(b) for b in config.lr_boundaries
+  ]
 
 
 def learning_rate_schedule(config, boundaries: list[int]) -> optax.Schedule:
@@ -184,15 +213,18 @@ def learning_rate_schedule(config, boundaries: list[int]) -> optax.Schedule:
   if config.lr_schedule == 'plateau':
     boundaries = []
   main = optax.piecewise_constant_schedule(
-      config.learning_rate, {b: config.lr_factor for b in boundaries})
+      config.learning_rate, {b: config.lr_factor for b in boundaries}
+  )
   if not config.warmup_steps:
     return main
-  return lambda step: jnp.where(step < config.warmup_steps,
-                                config.warmup_learning_rate, main(step))
+  return lambda step: jnp.where(
+      step < config.warmup_steps, config.warmup_learning_rate, main(step)
+  )
 
 
 class Plateau(NamedTuple):
   """The plateau schedule's state (§3.4), checkpointed with the optimiser's."""
+
   scale: jax.Array  # The learning rate's multiplier: lr_factor ** drops.
   best: jax.Array  # The lowest validation error (%) so far.
   since: jax.Array  # Evaluations since the error last improved (or the rate
@@ -206,10 +238,14 @@ def scale_on_plateau() -> optax.GradientTransformation:
   scaling the update is scaling the learning rate, as in Caffe and PyTorch
   (the buffer keeps its history). ``after_validation`` moves the scale.
   """
+
   def init(params):
     del params
-    return Plateau(scale=jnp.ones([]), best=jnp.full([], jnp.inf),
-                   since=jnp.zeros([], jnp.int32))
+    return Plateau(
+        scale=jnp.ones([]),
+        best=jnp.full([], jnp.inf),
+        since=jnp.zeros([], jnp.int32),
+    )
 
   def update(updates, state, params=None):
     del params
@@ -224,8 +260,9 @@ def plateau(state: TrainState) -> Plateau | None:
   return last if isinstance(last, Plateau) else None
 
 
-def after_validation(state: TrainState, error: float, patience: int,
-                     factor: float) -> TrainState:
+def after_validation(
+    state: TrainState, error: float, patience: int, factor: float
+) -> TrainState:
   """The plateau schedule's decision after an evaluation (§3.4: "divided by
   10 when the error plateaus").
 
@@ -240,11 +277,14 @@ def after_validation(state: TrainState, error: float, patience: int,
     best, since = error, 0
   elif since >= patience:
     since, scale = 0, scale * np.float32(factor)
-  new = Plateau(scale=np.float32(scale), best=np.float32(best),
-                since=np.int32(since))
+  new = Plateau(
+      scale=np.float32(scale), best=np.float32(best), since=np.int32(since)
+  )
   new = jax.tree.map(
       lambda x, like: devices_lib.replicate(np.asarray(x), like.sharding),
-      new, plateau(state))
+      new,
+      plateau(state),
+  )
   return state.replace(opt_state=state.opt_state[:-1] + (new,))
 
 
@@ -259,28 +299,38 @@ def create_optimizer(config, schedule) -> optax.GradientTransformation:
     mask = None
   elif config.weight_decay_mask == 'kernels':
     mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: path[-1].key == 'kernel', params)
+        lambda path, _: path[-1].key == 'kernel', params
+    )
   else:
-    raise TrainingError(f'weight_decay_mask must be all or kernels, got '
-                        f'{config.weight_decay_mask!r}')
-  plateau_scale = ([scale_on_plateau()] if config.lr_schedule == 'plateau'
-                   else [])
+    raise TrainingError(
+        f'weight_decay_mask must be all or kernels, got '
+        f'{config.weight_decay_mask!r}'
+    )
+  plateau_scale = (
+      [scale_on_plateau()] if config.lr_schedule == 'plateau' else []
+  )
   return optax.chain(
       optax.add_decayed_weights(config.weight_decay, mask),
-      optax.sgd(schedule, momentum=config.momentum,
-                nesterov=config.nesterov), *plateau_scale)
+      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
+      *plateau_scale,
+  )
 
 
 def create_train_state(model, tx, seed: int, image_size: int) -> TrainState:
   """A fresh state; its normalisation is the identity until the run sets it."""
   params_key, data_key = jax.random.split(jax.random.key(seed))
-  variables = model.init(params_key, jnp.zeros((1, image_size, image_size, 3)),
-                         train=False)
+  variables = model.init(
+      params_key, jnp.zeros((1, image_size, image_size, 3)), train=False
+  )
   return TrainState.create(
-      apply_fn=model.apply, params=variables['params'], tx=tx,
+      apply_fn=model.apply,
+      params=variables['params'],
+      tx=tx,
       batch_stats=variables['batch_stats'],
       rng=jax.random.key_data(data_key),
-      mean=jnp.zeros((image_size, image_size, 3)), std=jnp.ones(3))
+      mean=jnp.zeros((image_size, image_size, 3)),
+      std=jnp.ones(3),
+  )
 
 
 def cross_entropy(logits, labels):
@@ -293,12 +343,16 @@ def train_step(state: TrainState, images, labels, schedule):
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, x, train=True,
-        mutable=['batch_stats'])
+        {'params': params, 'batch_stats': state.batch_stats},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+    )
     return cross_entropy(logits, labels).mean(), (logits, updates)
 
-  (loss, (logits, updates)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+  )
   learning_rate = schedule(state.step)
   if plateau(state) is not None:
     learning_rate *= plateau(state).scale
@@ -307,8 +361,7 @@ def train_step(state: TrainState, images, labels, schedule):
       'error': jnp.mean(jnp.argmax(logits, -1) != labels),
       'learning_rate': learning_rate,
   }
-  state = state.apply_gradients(grads=grads,
-                                batch_stats=updates['batch_stats'])
+  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
   return state, metrics
 
 
@@ -319,11 +372,12 @@ def classify(state: TrainState, images):
   averaged over the crops (10-crop testing, Table 3): its log is returned.
   """
   crops = images.shape[1] if images.ndim == 5 else 1
-  x = data.normalize(images.reshape((-1,) + images.shape[-3:]),
-                               state.mean, state.std)
+  x = data.normalize(
+      images.reshape((-1,) + images.shape[-3:]), state.mean, state.std
+  )
   logits = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats}, x,
-      train=False)
+      {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
+  )
   if crops > 1:
     probs = jax.nn.softmax(logits).reshape(len(images), crops, -1).mean(1)
     logits = jnp.log(probs)
@@ -345,6 +399,7 @@ def eval_step(state: TrainState, images, labels, mask):
 @dataclasses.dataclass(frozen=True)
 class Steps:
   """The jitted steps of a run, sharded over ``mesh``."""
+
   mesh: jax.sharding.Mesh
   train: Any  # (state, *inputs) -> (state, metrics): steps_per_dispatch
   # training steps, each metric stacked along a leading axis of that length.
@@ -358,8 +413,9 @@ class Steps:
     global batch per step (ImageNet)."""
     if self.on_device:
       return next(train_inputs)
-    return tuple(zip(*(next(train_inputs)
-                       for _ in range(self.steps_per_dispatch))))
+    return tuple(
+        zip(*(next(train_inputs) for _ in range(self.steps_per_dispatch)))
+    )
 
   @property
   def replicated(self):
@@ -384,19 +440,22 @@ def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
   replicated, batch = devices_lib.replicated(mesh), devices_lib.split(mesh)
 
   def on_device_step(state, images, labels):
-    x, y = draw(images, labels, jax.random.wrap_key_data(state.rng),
-                state.step)
+    x, y = draw(images, labels, jax.random.wrap_key_data(state.rng), state.step)
     x = jax.lax.with_sharding_constraint(x, batch)
     y = jax.lax.with_sharding_constraint(y, batch)
     return train_step(state, x, y, schedule)
 
   def on_device_steps(state, images, labels):
-    return repeat(lambda state, _: on_device_step(state, images, labels),
-                  state, None)
+    return repeat(
+        lambda state, _: on_device_step(state, images, labels), state, None
+    )
 
   def host_steps(state, images, labels):  # A batch per step.
-    return repeat(lambda state, xy: train_step(state, *xy, schedule), state,
-                  (jnp.stack(images), jnp.stack(labels)))
+    return repeat(
+        lambda state, xy: train_step(state, *xy, schedule),
+        state,
+        (jnp.stack(images), jnp.stack(labels)),
+    )
 
   def repeat(step, state, xs):
     """``step`` over the dispatch's steps; metrics stacked."""
@@ -405,11 +464,17 @@ def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
       return state, jax.tree.map(lambda x: x[None], metrics)
     return jax.lax.scan(step, state, xs, length=steps_per_dispatch)
 
-  train = jax.jit(on_device_steps if draw else host_steps,
-                  in_shardings=(replicated, *[replicated if draw else batch] * 2),
-                  out_shardings=replicated, donate_argnums=0)
-  evaluate = jax.jit(eval_step, in_shardings=(replicated, batch, batch, batch),
-                     out_shardings=replicated)
+  train = jax.jit(
+      on_device_steps if draw else host_steps,
+      in_shardings=(replicated, *[replicated if draw else batch] * 2),
+      out_shardings=replicated,
+      donate_argnums=0,
+  )
+  evaluate = jax.jit(
+      eval_step,
+      in_shardings=(replicated, batch, batch, batch),
+      out_shardings=replicated,
+  )
   return Steps(mesh, train, evaluate, steps_per_dispatch, bool(draw))
 
 
@@ -417,48 +482,61 @@ def evaluate(steps: Steps, state, batches) -> dict[str, float]:
   """Top-1/top-5 error (%) and mean loss over per-process local batches."""
   totals = None
   for local in batches:
-    sums = steps.eval(state, *(devices_lib.global_array(a, steps.batch)
-                               for a in local))
+    sums = steps.eval(
+        state, *(devices_lib.global_array(a, steps.batch) for a in local)
+    )
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
-  return {'error': 100 * totals['error'] / count,
-          'top5_error': 100 * totals['top5_error'] / count,
-          'loss': totals['loss'] / count, 'images': int(count)}
+  return {
+      'error': 100 * totals['error'] / count,
+      'top5_error': 100 * totals['top5_error'] / count,
+      'loss': totals['loss'] / count,
+      'images': int(count),
+  }
 
 
 @jax.jit
 def all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x))
-                            for x in jax.tree.leaves(tree)]))
+  return jnp.all(
+      jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+  )
 
 
 def fresh_state(config) -> Callable[..., TrainState]:
   """``create_train_state`` of a config's network at its input size: a
   function of the optimiser and the seed, to jit, vmap or shape."""
   info = data.dataset_info(config.dataset)
-  return functools.partial(create_train_state,
-                           models.from_config(config, info.num_classes),
-                           image_size=info.image_size)
+  return functools.partial(
+      create_train_state,
+      models.from_config(config, info.num_classes),
+      image_size=info.image_size,
+  )
 
 
 def state_shapes(config) -> TrainState:
   """The shapes of a config's training state, without data or compiling."""
-  return jax.eval_shape(functools.partial(
-      fresh_state(config),
-      create_optimizer(config, learning_rate_schedule(config, [])),
-      config.seed))
+  return jax.eval_shape(
+      functools.partial(
+          fresh_state(config),
+          create_optimizer(config, learning_rate_schedule(config, [])),
+          config.seed,
+      )
+  )
 
 
 def dataset_inputs(config, mesh) -> data.Inputs:
   """The inputs of config.dataset, on ``mesh``."""
   data.dataset_info(config.dataset)
   if config.pca_lighting and config.dataset != 'imagenet2012':
-    raise data.DataError('pca_lighting (the colour augmentation of §3.4) is '
-                         f'for ImageNet; {config.dataset} has none in the '
-                         'paper')
+    raise data.DataError(
+        'pca_lighting (the colour augmentation of §3.4) is '
+        f'for ImageNet; {config.dataset} has none in the '
+        'paper'
+    )
   if config.dataset == 'imagenet2012':
     from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+
     return imagenet.inputs(config, mesh)  # (It imports TensorFlow.)
   return cifar.inputs(config, mesh)
 
@@ -472,39 +550,59 @@ def setup(config, devices=None):
   """
   check_config(config)
   fresh = fresh_state(config)
-  mesh = devices_lib.make_mesh({'batch_size': config.batch_size,
-                                'eval_batch_size': config.eval_batch_size},
-                               devices)
+  mesh = devices_lib.make_mesh(
+      {
+          'batch_size': config.batch_size,
+          'eval_batch_size': config.eval_batch_size,
+      },
+      devices,
+  )
   inputs = dataset_inputs(config, mesh)
   if config.batch_size > inputs.train_size:
-    raise TrainingError(f'batch_size {config.batch_size} is larger than the '
-                        f'training set ({inputs.train_size} images)')
+    raise TrainingError(
+        f'batch_size {config.batch_size} is larger than the '
+        f'training set ({inputs.train_size} images)'
+    )
   if config.lr_schedule == 'plateau' and inputs.eval_split != 'validation':
-    raise TrainingError('lr_schedule=plateau decides on the validation error '
-                        'and this run has no validation split: set '
-                        'validation_size above 0')
+    raise TrainingError(
+        'lr_schedule=plateau decides on the validation error '
+        'and this run has no validation split: set '
+        'validation_size above 0'
+    )
   total_steps, boundaries = schedule_in_steps(config, inputs.train_size)
   per_dispatch = config.steps_per_dispatch
-  for name, length in (('train_length', total_steps),
-                       *((k, config[k]) for k in ('log_every_steps',
-                                                  'eval_every_steps',
-                                                  'checkpoint_every_steps'))):
+  for name, length in (
+      ('train_length', total_steps),
+      *(
+          (k, config[k])
+          for k in (
+              'log_every_steps',
+              'eval_every_steps',
+              'checkpoint_every_steps',
+          )
+      ),
+  ):
     if length % per_dispatch:
       raise TrainingError(
           f'{name} ({length} steps) is not a multiple of steps_per_dispatch '
           f'{per_dispatch}: a run logs, evaluates and checkpoints between '
-          'dispatches')
+          'dispatches'
+      )
   schedule = learning_rate_schedule(config, boundaries)
   tx = create_optimizer(config, schedule)
   steps = make_steps(mesh, schedule, inputs.draw, per_dispatch)
-  state = jax.jit(functools.partial(fresh, tx, config.seed),
-                  out_shardings=steps.replicated)()
+  state = jax.jit(
+      functools.partial(fresh, tx, config.seed), out_shardings=steps.replicated
+  )()
   return inputs, steps, state, total_steps
 
 
-def train_and_evaluate(config, workdir: str, start_over: bool = False,
-                       allow_config_changes: bool = False
-                       ) -> dict[str, float]:
+def train_and_evaluate(
+    config,
+    workdir: str,
+    start_over: bool = False,
+    allow_config_changes: bool = False,
+) -> dict[str, float]:
   """Trains (resuming from the workdir's checkpoints), returns test metrics.
 
   A finished run is not trained or tested again: its final test is
@@ -523,25 +621,35 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
   inputs, steps, state, total_steps = setup(config)
   late = [b for b in config.lr_boundaries if b >= config.train_length]
   if late and config.lr_schedule == 'piecewise':
-    warnings.warn(f'lr_boundaries {", ".join(map(str, late))} are not '
-                  f'before the end of training ({config.train_length} '
-                  f'{config.schedule_unit}): no learning-rate drop there')
+    warnings.warn(
+        f'lr_boundaries {", ".join(map(str, late))} are not '
+        f'before the end of training ({config.train_length} '
+        f'{config.schedule_unit}): no learning-rate drop there'
+    )
   # A full disk that a writer reports without the file's name (TensorBoard's
   # events, from clu's thread) names the workdir.
-  with workdir_lib.lock(workdir), stop_requests() as received, \
-      atomic.naming(workdir):
+  with workdir_lib.lock(workdir), stop_requests() as received, atomic.naming(
+      workdir
+  ):
     if has_run:
       workdir_lib.check_changes(config, workdir, allow_config_changes)
     else:  # Only once the config has proved loadable.
       workdir_lib.record_config(config, workdir)
     manager = workdir_lib.checkpoint_manager(workdir, config.keep_checkpoints)
     restored, final = workdir_lib.resume(
-        manager, workdir_lib.abstract(state, steps.replicated), workdir,
-        total_steps, min(config.checkpoint_every_steps, total_steps),
-        start_over)
+        manager,
+        workdir_lib.abstract(state, steps.replicated),
+        workdir,
+        total_steps,
+        min(config.checkpoint_every_steps, total_steps),
+        start_over,
+    )
     if final is not None:
-      print(f'{workdir} holds a finished run (step {total_steps}); nothing '
-            'to do.', flush=True)
+      print(
+          f'{workdir} holds a finished run (step {total_steps}); nothing '
+          'to do.',
+          flush=True,
+      )
       return final
     if restored is not None:
       state = restored
@@ -549,31 +657,51 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
       mean, std = inputs.normalization()
       state = state.replace(
           mean=devices_lib.replicate(np.asarray(mean), steps.replicated),
-          std=devices_lib.replicate(np.asarray(std), steps.replicated))
+          std=devices_lib.replicate(np.asarray(std), steps.replicated),
+      )
       if config.init_from:
         source = pathlib.Path(config.init_from)
         state = workdir_lib.initial_weights(
-            state, source, workdir_lib.load(source, workdir_lib.abstract(
-                state_shapes(workdir_lib.saved_config(source)),
-                steps.replicated)), steps.replicated)
+            state,
+            source,
+            workdir_lib.load(
+                source,
+                workdir_lib.abstract(
+                    state_shapes(workdir_lib.saved_config(source)),
+                    steps.replicated,
+                ),
+            ),
+            steps.replicated,
+        )
     writer = writers.create(workdir, jax.process_index() == 0)
-    writer.write_hparams({k: v for k, v in config.items()
-                          if isinstance(v, (int, float, str, bool))})
+    writer.write_hparams(
+        {
+            k: v
+            for k, v in config.items()
+            if isinstance(v, (int, float, str, bool))
+        }
+    )
 
     if int(state.step) % steps.steps_per_dispatch:
       raise TrainingError(
           f'{workdir} resumes from step {int(state.step)}, not a multiple of '
           f'steps_per_dispatch {steps.steps_per_dispatch}; resume with '
-          'a steps_per_dispatch that divides it')
+          'a steps_per_dispatch that divides it'
+      )
     train_inputs = inputs.train(int(state.step))
-    report = periodic_actions.ReportProgress(num_train_steps=total_steps,
-                                             writer=writer)
+    report = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer
+    )
     train_metrics = []
     tested = None  # The last step's evaluation, when it is of the test set.
     step = int(state.step)
     last_time, last_step = time.time(), step
-    logging.info('Training %s for %d steps from step %d.',
-                 models.display_name(config), total_steps, step)
+    logging.info(
+        'Training %s for %d steps from step %d.',
+        models.display_name(config),
+        total_steps,
+        step,
+    )
     while step < total_steps:
       state, step_metrics = steps.train(state, *steps.inputs(train_inputs))
       if train_metrics:  # At most two dispatches in flight: the device stays
@@ -586,15 +714,19 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
       is_last = step == total_steps
       stop = stop_signal(received)
       if step % config.log_every_steps == 0 or is_last or stop:
-        summary = {k: float(np.mean(v)) for k, v in
-                   jax.device_get(jax.tree.map(lambda *x: jnp.stack(x),
-                                               *train_metrics)).items()}
-        summary['learning_rate'] = float(
-            train_metrics[-1]['learning_rate'][-1])
+        summary = {
+            k: float(np.mean(v))
+            for k, v in jax.device_get(
+                jax.tree.map(lambda *x: jnp.stack(x), *train_metrics)
+            ).items()
+        }
+        summary['learning_rate'] = float(train_metrics[-1]['learning_rate'][-1])
         train_metrics = []
         if not math.isfinite(summary['loss']):
-          raise TrainingError(f'the training loss is {summary["loss"]} at step '
-                              f'{step}; stopped. {workdir_lib.kept(manager)}')
+          raise TrainingError(
+              f'the training loss is {summary["loss"]} at step '
+              f'{step}; stopped. {workdir_lib.kept(manager)}'
+          )
         summary['error'] *= 100
         now = time.time()
         summary['steps_per_second'] = (step - last_step) / (now - last_time)
@@ -607,14 +739,17 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
         if inputs.eval_split == metrics.VALIDATION:  # Never select by test.
           checkpoint_metrics = {'validation_error': result['error']}
           if plateau(state) is not None:
-            state = after_validation(state, result['error'],
-                                     config.lr_patience, config.lr_factor)
+            state = after_validation(
+                state, result['error'], config.lr_patience, config.lr_factor
+            )
         elif is_last:
           tested = result
       if step % config.checkpoint_every_steps == 0 or is_last or stop:
         if not bool(all_finite(state.params)):
-          raise TrainingError(f'parameters are not finite at step {step}; '
-                              f'stopped. {workdir_lib.kept(manager)}')
+          raise TrainingError(
+              f'parameters are not finite at step {step}; '
+              f'stopped. {workdir_lib.kept(manager)}'
+          )
         workdir_lib.save(manager, state, checkpoint_metrics)
       if stop:
         workdir_lib.finish(manager)
@@ -628,8 +763,13 @@ def train_and_evaluate(config, workdir: str, start_over: bool = False,
     return result
 
 
-def write(writer, workdir: pathlib.Path, step: int, split: str,
-          values: dict[str, float]):
+def write(
+    writer,
+    workdir: pathlib.Path,
+    step: int,
+    split: str,
+    values: dict[str, float],
+):
   """A record to the log and TensorBoard (``split/metric``), then to
   metrics.jsonl (process 0)."""
   writer.write_scalars(step, {f'{split}/{k}': v for k, v in values.items()})

@@ -34,20 +34,36 @@ from resnet_jax import models
 # workdir holds one of them.
 MODEL_FIELDS = (*models.ARCHITECTURE, 'dataset')
 # What a run recorded before a field existed was built with.
-NEW_FIELD_DEFAULTS = {'scan_blocks': False, 'preactivation': False,
-                      'block': '', 'lr_schedule': 'piecewise',
-                      'lr_patience': 3, 'bn_group_size': 0,
-                      'pca_lighting': 0.0, 'test_scales': (),
-                      'steps_per_dispatch': 1}
+NEW_FIELD_DEFAULTS = {
+    'scan_blocks': False,
+    'preactivation': False,
+    'block': '',
+    'lr_schedule': 'piecewise',
+    'lr_patience': 3,
+    'bn_group_size': 0,
+    'pca_lighting': 0.0,
+    'test_scales': (),
+    'steps_per_dispatch': 1,
+}
 # Fields a resumed run may change freely: how long it trains, what it logs,
 # where the data lie, how memory and dispatches are used, how a finished run
 # is tested (test_scales: training never reads it). Any other change is a
 # different run, and needs allow_config_changes.
-RESUMABLE_FIELDS = ('train_length', 'log_every_steps', 'eval_every_steps',
-                    'checkpoint_every_steps', 'keep_checkpoints',
-                    'eval_batch_size', 'eval_checkpoint_step', 'data_dir',
-                    'remat', 'scan_blocks', 'init_from', 'test_scales',
-                    'steps_per_dispatch')
+RESUMABLE_FIELDS = (
+    'train_length',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'eval_batch_size',
+    'eval_checkpoint_step',
+    'data_dir',
+    'remat',
+    'scan_blocks',
+    'init_from',
+    'test_scales',
+    'steps_per_dispatch',
+)
 
 
 class WorkdirError(cli.UserError):
@@ -64,9 +80,11 @@ def _saved(workdir: pathlib.Path) -> dict:
   except ValueError as e:
     raise WorkdirError(f'{path} is unreadable: {e}') from e
   if not isinstance(saved, dict):
-    raise WorkdirError(f'{path} holds no config (JSON {type(saved).__name__}, '
-                       'not an object of fields); put the run\'s config.json '
-                       'back')
+    raise WorkdirError(
+        f'{path} holds no config (JSON {type(saved).__name__}, '
+        "not an object of fields); put the run's config.json "
+        'back'
+    )
   return NEW_FIELD_DEFAULTS | saved
 
 
@@ -80,11 +98,15 @@ def check_model(config, workdir: pathlib.Path) -> bool:
   if not (workdir / 'config.json').exists():
     return False
   saved = _saved(workdir)
-  different = [f'{k}: {saved.get(k)!r} there, {config[k]!r} here'
-               for k in MODEL_FIELDS if saved.get(k) != config[k]]
+  different = [
+      f'{k}: {saved.get(k)!r} there, {config[k]!r} here'
+      for k in MODEL_FIELDS
+      if saved.get(k) != config[k]
+  ]
   if different:
-    raise WorkdirError(f'{workdir} holds a run of another model ('
-                       f'{"; ".join(different)})')
+    raise WorkdirError(
+        f'{workdir} holds a run of another model (' f'{"; ".join(different)})'
+    )
   return True
 
 
@@ -94,8 +116,11 @@ def use_stored_form(config, workdir: pathlib.Path):
   and is evaluated in that form."""
   scan_blocks = _saved(workdir)['scan_blocks']
   if config.scan_blocks != scan_blocks:
-    print(f'note: {workdir} holds {"scanned" if scan_blocks else "unrolled"} '
-          f'blocks; using scan_blocks={scan_blocks}', flush=True)
+    print(
+        f'note: {workdir} holds {"scanned" if scan_blocks else "unrolled"} '
+        f'blocks; using scan_blocks={scan_blocks}',
+        flush=True,
+    )
     config.scan_blocks = scan_blocks
 
 
@@ -104,12 +129,15 @@ def check_writable(workdir: pathlib.Path):
   path = workdir.absolute()
   existing = next(p for p in (path, *path.parents) if p.exists())
   if not existing.is_dir():
-    raise WorkdirError(f'--workdir {workdir}: {existing} is a file, not a '
-                        'directory')
+    raise WorkdirError(
+        f'--workdir {workdir}: {existing} is a file, not a ' 'directory'
+    )
   checkpoints = path / 'checkpoints'
   if checkpoints.exists() and not checkpoints.is_dir():
-    raise WorkdirError(f'{checkpoints} is a file, not the directory of the '
-                       'run\'s checkpoints; move it out of the workdir')
+    raise WorkdirError(
+        f'{checkpoints} is a file, not the directory of the '
+        "run's checkpoints; move it out of the workdir"
+    )
   if not os.access(existing, os.W_OK | os.X_OK):
     raise WorkdirError(f'--workdir {workdir}: {existing} is not writable')
 
@@ -136,7 +164,8 @@ def lock(workdir: pathlib.Path):
       holder = f.read().decode().strip() or 'another process'
       raise WorkdirError(
           f'{workdir} is in use by another run ({holder}); wait for it to '
-          'end or use another --workdir') from None
+          'end or use another --workdir'
+      ) from None
     with atomic.naming(workdir / 'run.lock'):
       f.seek(0)
       f.truncate()
@@ -154,27 +183,40 @@ def check_changes(config, workdir: pathlib.Path, allow: bool):
   """
   saved = _saved(workdir)
   current = json.loads(config.to_json())
-  changes = {k: [saved.get(k), v] for k, v in current.items()
-             if k not in RESUMABLE_FIELDS and saved.get(k) != v}
+  changes = {
+      k: [saved.get(k), v]
+      for k, v in current.items()
+      if k not in RESUMABLE_FIELDS and saved.get(k) != v
+  }
   if not changes:
     return
-  listed = '; '.join(f'{k}: {old!r} there, {new!r} here'
-                     for k, (old, new) in changes.items())
+  listed = '; '.join(
+      f'{k}: {old!r} there, {new!r} here' for k, (old, new) in changes.items()
+  )
   if 'lr_schedule' in changes:  # Its state is part of the checkpoints.
-    raise WorkdirError(f'{workdir} was trained with another learning-rate '
-                       f'schedule ({listed}); its checkpoints cannot resume '
-                       'under another one: use a new --workdir')
+    raise WorkdirError(
+        f'{workdir} was trained with another learning-rate '
+        f'schedule ({listed}); its checkpoints cannot resume '
+        'under another one: use a new --workdir'
+    )
   if not allow:
-    raise WorkdirError(f'{workdir} was trained with other settings '
-                        f'({listed}); --allow_config_changes resumes with '
-                        'the new ones and records the change')
-  print(f'note: resuming with changed settings ({listed}); recorded in '
-        f'{workdir / "config_changes.jsonl"}', flush=True)
+    raise WorkdirError(
+        f'{workdir} was trained with other settings '
+        f'({listed}); --allow_config_changes resumes with '
+        'the new ones and records the change'
+    )
+  print(
+      f'note: resuming with changed settings ({listed}); recorded in '
+      f'{workdir / "config_changes.jsonl"}',
+      flush=True,
+  )
   if jax.process_index() == 0:
     path = workdir / 'config_changes.jsonl'
     earlier = path.read_text() if path.exists() else ''
-    atomic.write(path, earlier + json.dumps(
-        {'time': time.time(), 'changes': changes}) + '\n')
+    atomic.write(
+        path,
+        earlier + json.dumps({'time': time.time(), 'changes': changes}) + '\n',
+    )
   record_config(config, workdir)
 
 
@@ -182,31 +224,41 @@ def record_config(config, workdir: pathlib.Path):
   """Writes config.json: for a new run, or after allowed config changes."""
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    atomic.write(workdir / 'config.json',
-                 config.to_json(indent=2, sort_keys=True) + '\n')
+    atomic.write(
+        workdir / 'config.json', config.to_json(indent=2, sort_keys=True) + '\n'
+    )
 
 
 def checkpoint_manager(workdir: pathlib.Path, keep: int, read_only=False):
   """Keeps the latest ``keep`` checkpoints plus the best by validation error."""
   policy = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy.AnyPreservationPolicy([
-          policy.LatestN(n=keep),
-          policy.BestN(get_metric_fn=lambda m: m['validation_error'],
-                       reverse=True, n=1,
-                       keep_checkpoints_without_metrics=False),
-      ]),
+      preservation_policy=policy.AnyPreservationPolicy(
+          [
+              policy.LatestN(n=keep),
+              policy.BestN(
+                  get_metric_fn=lambda m: m['validation_error'],
+                  reverse=True,
+                  n=1,
+                  keep_checkpoints_without_metrics=False,
+              ),
+          ]
+      ),
       # Async saves overlap training on accelerators. On CPU they are
       # synchronous: XLA's in-process CPU collectives deadlock when orbax's
       # background transfers run beside a multi-device step.
-      enable_async_checkpointing=(not read_only and
-                                  jax.default_backend() != 'cpu'),
+      enable_async_checkpointing=(
+          not read_only and jax.default_backend() != 'cpu'
+      ),
       read_only=read_only,
       save_interval_steps=0 if read_only else 1,
-      create=not read_only)
-  return ocp.CheckpointManager((workdir / 'checkpoints').absolute(),
-                               options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+      create=not read_only,
+  )
+  return ocp.CheckpointManager(
+      (workdir / 'checkpoints').absolute(),
+      options=options,
+      item_handlers=ocp.StandardCheckpointHandler(),
+  )
 
 
 def checksum(state) -> str:
@@ -245,8 +297,12 @@ def save(manager, state, ranking: dict[str, float] | None):
   save or from ``finish``."""
   step = int(state.step)
   with saving(manager, f'checkpoint {step}'):
-    manager.save(step, args=ocp.args.StandardSave(state), metrics=ranking,
-                 custom_metadata={'state_sha256': checksum(state)})
+    manager.save(
+        step,
+        args=ocp.args.StandardSave(state),
+        metrics=ranking,
+        custom_metadata={'state_sha256': checksum(state)},
+    )
 
 
 def finish(manager):
@@ -260,9 +316,11 @@ def restore(manager, abstract_state, step: int):
   state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   saved = manager.metadata(step).custom_metadata or {}
   if 'state_sha256' not in saved:  # Lost, or a checkpoint made without one.
-    warnings.warn(f'checkpoint {step} has no checksum (its '
-                  '_CHECKPOINT_METADATA is missing or empty); restored '
-                  'unchecked')
+    warnings.warn(
+        f'checkpoint {step} has no checksum (its '
+        '_CHECKPOINT_METADATA is missing or empty); restored '
+        'unchecked'
+    )
   elif checksum(state) != saved['state_sha256']:
     raise WorkdirError('its arrays do not match the checksum saved with them')
   return state
@@ -270,8 +328,8 @@ def restore(manager, abstract_state, step: int):
 
 def abstract(state, sharding):
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      state)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state
+  )
 
 
 def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
@@ -283,8 +341,10 @@ def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
     except Exception as e:  # pylint: disable=broad-except
       aside = workdir / 'corrupt_checkpoints' / str(step)
       reason = cli.first_line(e).removeprefix('WorkdirError: ')
-      warnings.warn(f'checkpoint {step} is unreadable ({reason}); falling '
-                    f'back to the previous one (moved to {aside})')
+      warnings.warn(
+          f'checkpoint {step} is unreadable ({reason}); falling '
+          f'back to the previous one (moved to {aside})'
+      )
       if jax.process_index() == 0:
         aside.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))
@@ -294,8 +354,14 @@ def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
   return None
 
 
-def resume(manager, abstract_state, workdir: pathlib.Path, total_steps: int,
-           first_checkpoint: int, start_over: bool):
+def resume(
+    manager,
+    abstract_state,
+    workdir: pathlib.Path,
+    total_steps: int,
+    first_checkpoint: int,
+    start_over: bool,
+):
   """Where a run starts: (restored state or None, final test or None).
 
   A restored run's metrics.jsonl is trimmed to its checkpoint; a finished
@@ -326,7 +392,8 @@ def resume(manager, abstract_state, workdir: pathlib.Path, total_steps: int,
       raise WorkdirError(
           f'{workdir} has metrics up to step {logged} but no checkpoint to '
           'resume from (deleted or unreadable); --start_over trains it again '
-          'from step 0 and moves the old metrics aside')
+          'from step 0 and moves the old metrics aside'
+      )
     if main_process:
       metrics.move_aside(workdir)
   elif main_process:  # Killed before its first checkpoint: those steps again.
@@ -342,22 +409,25 @@ def load(workdir: pathlib.Path, abstract_state, step: int = -1):
     raise WorkdirError(f'{workdir} holds no checkpoint')
   step = manager.latest_step() if step < 0 else step
   if step not in available:
-    raise WorkdirError(f'{workdir} has no checkpoint at step {step} '
-                       f'(it has {", ".join(map(str, sorted(available)))})')
+    raise WorkdirError(
+        f'{workdir} has no checkpoint at step {step} '
+        f'(it has {", ".join(map(str, sorted(available)))})'
+    )
   try:
     return restore(manager, abstract_state, step)
   except WorkdirError as e:
-    raise WorkdirError(f'checkpoint {step} in {workdir} is corrupt: {e}'
-                       ) from e
+    raise WorkdirError(f'checkpoint {step} in {workdir} is corrupt: {e}') from e
   except Exception as e:  # pylint: disable=broad-except
     if not (workdir / 'checkpoints' / str(step)).exists():
       raise WorkdirError(
           f'checkpoint {step} in {workdir} was deleted while it was read (a '
           'training run keeps only its latest checkpoints and the best); '
           'evaluate again, or choose a kept one with '
-          '--config.eval_checkpoint_step') from e
-    raise WorkdirError(f'checkpoint {step} in {workdir} is unreadable: '
-                       f'{cli.first_line(e)}') from e
+          '--config.eval_checkpoint_step'
+      ) from e
+    raise WorkdirError(
+        f'checkpoint {step} in {workdir} is unreadable: ' f'{cli.first_line(e)}'
+    ) from e
 
 
 def initial_weights(state, source: pathlib.Path, loaded, sharding):
@@ -368,8 +438,13 @@ def initial_weights(state, source: pathlib.Path, loaded, sharding):
   another network.
   """
   scanned = models.scanned_name(1) in state.params
-  theirs = dict(jax.tree_util.tree_leaves_with_path(models.unroll_blocks(
-      {'params': loaded.params, 'batch_stats': loaded.batch_stats})))
+  theirs = dict(
+      jax.tree_util.tree_leaves_with_path(
+          models.unroll_blocks(
+              {'params': loaded.params, 'batch_stats': loaded.batch_stats}
+          )
+      )
+  )
   fresh = []
 
   def take(path, leaf):
@@ -379,29 +454,44 @@ def initial_weights(state, source: pathlib.Path, loaded, sharding):
     fresh.append(path)
     return leaf
 
-  variables = jax.tree_util.tree_map_with_path(take, models.unroll_blocks(
-      {'params': state.params, 'batch_stats': state.batch_stats}))
+  variables = jax.tree_util.tree_map_with_path(
+      take,
+      models.unroll_blocks(
+          {'params': state.params, 'batch_stats': state.batch_stats}
+      ),
+  )
   other = [p for p in fresh if p[1].key != 'head']
   if other:
-    raise WorkdirError(f'--config.init_from={source} holds another network '
-                       f'(no {jax.tree_util.keystr(other[0])} of that shape)')
+    raise WorkdirError(
+        f'--config.init_from={source} holds another network '
+        f'(no {jax.tree_util.keystr(other[0])} of that shape)'
+    )
   if fresh:
-    print('note: the classifier (head) keeps its initialisation: its shape '
-          f'differs from {source}\'s', flush=True)
+    print(
+        'note: the classifier (head) keeps its initialisation: its shape '
+        f"differs from {source}'s",
+        flush=True,
+    )
   if scanned:
     variables = models.stack_blocks(variables)
   variables = jax.device_put(variables, sharding)
-  print(f'Starting from the weights of {source} (step {int(loaded.step)}).',
-        flush=True)
-  return state.replace(params=variables['params'],
-                       batch_stats=variables['batch_stats'])
+  print(
+      f'Starting from the weights of {source} (step {int(loaded.step)}).',
+      flush=True,
+  )
+  return state.replace(
+      params=variables['params'], batch_stats=variables['batch_stats']
+  )
 
 
 def checkpoint_steps(workdir: pathlib.Path) -> set[int]:
   """The steps of a workdir's checkpoints, read without orbax."""
   directory = workdir / 'checkpoints'
-  return {int(p.name) for p in directory.iterdir()
-          if p.name.isdigit()} if directory.is_dir() else set()
+  return (
+      {int(p.name) for p in directory.iterdir() if p.name.isdigit()}
+      if directory.is_dir()
+      else set()
+  )
 
 
 def kept(manager) -> str:

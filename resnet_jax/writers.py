@@ -14,8 +14,9 @@ data.import_tensorflow()  # Off the accelerators before clu imports it.
 from clu import metric_writers
 
 
-def create(workdir: pathlib.Path, main_process: bool
-           ) -> metric_writers.MetricWriter:
+def create(
+    workdir: pathlib.Path, main_process: bool
+) -> metric_writers.MetricWriter:
   """The log on every process; TensorBoard too on process 0.
 
   TensorBoard's events are written at once, in the training loop's thread,

@@ -16,22 +16,33 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 
 def env(devices=2):
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  )
 
 
 def finish(argv, devices=2, environment=None):
   """Runs ``argv`` in the repository on ``devices`` CPU devices (or in
   ``environment``), its output captured."""
-  return subprocess.run(argv, cwd=ROOT, env=environment or env(devices),
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      argv,
+      cwd=ROOT,
+      env=environment or env(devices),
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
-def start(argv, devices=2, stdout=subprocess.DEVNULL,
-          stderr=subprocess.DEVNULL):
+def start(
+    argv, devices=2, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+):
   """Starts ``argv`` in the repository (to signal it, kill it, wait)."""
-  return subprocess.Popen(argv, cwd=ROOT, env=env(devices), stdout=stdout,
-                          stderr=stderr, text=True)
+  return subprocess.Popen(
+      argv, cwd=ROOT, env=env(devices), stdout=stdout, stderr=stderr, text=True
+  )
 
 
 def module(name, *flags):
@@ -46,8 +57,13 @@ def python(name, *flags, devices=2):
 
 def command(workdir, *flags, mode='train'):
   """The main job on the smoke config."""
-  return module('resnet_jax.main', '--config=configs/smoke.py',
-                f'--workdir={workdir}', f'--mode={mode}', *flags)
+  return module(
+      'resnet_jax.main',
+      '--config=configs/smoke.py',
+      f'--workdir={workdir}',
+      f'--mode={mode}',
+      *flags,
+  )
 
 
 def run(workdir, *flags, mode='train', devices=2):
@@ -56,8 +72,12 @@ def run(workdir, *flags, mode='train', devices=2):
 
 def distributed(port, process_id):
   """The flags of one of a run's two processes."""
-  return ('--distributed', f'--coordinator_address=127.0.0.1:{port}',
-          '--num_processes=2', f'--process_id={process_id}')
+  return (
+      '--distributed',
+      f'--coordinator_address=127.0.0.1:{port}',
+      '--num_processes=2',
+      f'--process_id={process_id}',
+  )
 
 
 def ok(result):
@@ -82,13 +102,15 @@ def records(workdir, split=None):
 
 def params(workdir, step):
   """A checkpoint's parameters, on this process's first device."""
-  path = (pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) /
-          'default')
+  path = (
+      pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) / 'default'
+  )
   checkpointer = ocp.StandardCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      checkpointer.metadata(path).item_metadata)
+      checkpointer.metadata(path).item_metadata,
+  )
   return checkpointer.restore(path, target)['params']
 
 

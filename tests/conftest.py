@@ -9,13 +9,21 @@ import os
 import shutil
 import tempfile
 
-os.environ['XLA_FLAGS'] = ' '.join([
-    os.environ.get('XLA_FLAGS', ''),
-    '--xla_force_host_platform_device_count=8']).strip()
+os.environ['XLA_FLAGS'] = ' '.join(
+    [
+        os.environ.get('XLA_FLAGS', ''),
+        '--xla_force_host_platform_device_count=8',
+    ]
+).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
-    tempfile.gettempdir(), 'resnet_jax-tests-xla-cache-' +
-    os.environ.get('PYTEST_XDIST_TESTRUNUID', str(os.getpid()))))
+os.environ.setdefault(
+    'JAX_COMPILATION_CACHE_DIR',
+    os.path.join(
+        tempfile.gettempdir(),
+        'resnet_jax-tests-xla-cache-'
+        + os.environ.get('PYTEST_XDIST_TESTRUNUID', str(os.getpid())),
+    ),
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 

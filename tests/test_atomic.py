@@ -15,13 +15,17 @@ from resnet_jax import metrics
 from resnet_jax import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).parent.parent
-OLD = {'config.json': '{"depth": 8}\n',
-       'metrics.jsonl': ''.join(metrics.line(step, metrics.TRAIN, {'loss': 1})
-                                for step in range(1, 11))}
+OLD = {
+    'config.json': '{"depth": 8}\n',
+    'metrics.jsonl': ''.join(
+        metrics.line(step, metrics.TRAIN, {'loss': 1}) for step in range(1, 11)
+    ),
+}
 # Each rewrite of a file the workdir owns, as the runs call it.
 REWRITES = {
     'config.json': lambda workdir: workdir_lib.record_config(
-        ml_collections.ConfigDict({'depth': 20}), workdir),
+        ml_collections.ConfigDict({'depth': 20}), workdir
+    ),
     'metrics.jsonl': lambda workdir: metrics.keep_until(workdir, 5),
 }
 
@@ -62,8 +66,11 @@ def test_a_kill_during_a_rewrite_leaves_the_old_file(name, tmp_path):
   (tmp_path / name).write_text(OLD[name])
   process = subprocess.Popen(
       [sys.executable, '-c', KILLED, str(tmp_path), name],
-      cwd=ROOT, env=dict(os.environ, PYTHONPATH=f'{ROOT}:{ROOT / "tests"}'),
-      stderr=subprocess.PIPE, text=True)
+      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=f'{ROOT}:{ROOT / "tests"}'),
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   deadline = time.time() + 120
   while not (tmp_path / 'renaming').exists():
     assert process.poll() is None, process.stderr.read()  # It got there.

@@ -21,17 +21,24 @@ from resnet_jax import models
 
 
 def benchmark(*flags, devices=2, config='configs/default.py'):
-  return python('resnet_jax.benchmark', f'--config={config}', *flags,
-                devices=devices)
+  return python(
+      'resnet_jax.benchmark', f'--config={config}', *flags, devices=devices
+  )
 
 
 def test_benchmark_rows():
-  result = benchmark('--depths=8', '--batch_sizes=8', '--dtypes=float32',
-                     '--modes=train,eval,data', '--min_seconds=0',
-                     '--torch=off')
+  result = benchmark(
+      '--depths=8',
+      '--batch_sizes=8',
+      '--dtypes=float32',
+      '--modes=train,eval,data',
+      '--min_seconds=0',
+      '--torch=off',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = [json.loads(l) for l in result.stdout.splitlines()
-          if l.startswith('{')]
+  rows = [
+      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
+  ]
   assert [r['mode'] for r in rows] == ['train', 'eval', 'data']
   for row in rows:
     assert row['model'] == 'ResNet-8' and row['batch'] == 8
@@ -42,11 +49,19 @@ def test_benchmark_rows():
   assert len(re.findall(r'^ResNet-8 ', result.stdout, re.M)) == 3
 
 
-@pytest.mark.parametrize('flag, message', [
-    ('--depths=21', 'depth 6n+2'), ('--dtypes=float16', 'float16'),
-    ('--modes=infer', 'infer'), ('--batch_sizes=3', 'does not divide'),
-    ('--input_pipeline', 'ImageNet --config'), ('--repeats=0', 'repeats'),
-    ('--seeds=2,0', 'seeds'), ('--placements=pmap', 'pmap')])
+@pytest.mark.parametrize(
+    'flag, message',
+    [
+        ('--depths=21', 'depth 6n+2'),
+        ('--dtypes=float16', 'float16'),
+        ('--modes=infer', 'infer'),
+        ('--batch_sizes=3', 'does not divide'),
+        ('--input_pipeline', 'ImageNet --config'),
+        ('--repeats=0', 'repeats'),
+        ('--seeds=2,0', 'seeds'),
+        ('--placements=pmap', 'pmap'),
+    ],
+)
 def test_benchmark_bad_flags(flag, message):
   result = benchmark(flag, '--torch=off')
   assert result.returncode == 2
@@ -56,35 +71,51 @@ def test_benchmark_bad_flags(flag, message):
 
 
 def test_benchmark_input_pipeline_rows():
-  result = benchmark('--input_pipeline', '--input_images=2',
-                     '--input_threads=1,2', '--min_seconds=0',
-                     config='configs/imagenet_resnet18.py')
+  result = benchmark(
+      '--input_pipeline',
+      '--input_images=2',
+      '--input_threads=1,2',
+      '--min_seconds=0',
+      config='configs/imagenet_resnet18.py',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = [json.loads(l) for l in result.stdout.splitlines()
-          if l.startswith('{')]
+  rows = [
+      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
+  ]
   assert [(r['stage'], r['threads']) for r in rows] == [
-      (stage, threads) for stage in ('decode', 'decode+resize', 'augment')
-      for threads in (1, 2)]
+      (stage, threads)
+      for stage in ('decode', 'decode+resize', 'augment')
+      for threads in (1, 2)
+  ]
   for row in rows:
     assert row['images_per_s'] > 0 and row['images_per_cpu_s'] > 0
     # JPEGs as heavy as ImageNet's (about 110 KB on average), so decoding
     # costs what it does there.
     assert 80 < row['jpeg_kb'] < 150 and row['pca_lighting'] == 0.1
   # The printed table has a line per row.
-  assert len(re.findall(r'^(decode|decode\+resize|augment) +[12] +\d',
-                        result.stdout, re.M)) == 6
+  assert (
+      len(
+          re.findall(
+              r'^(decode|decode\+resize|augment) +[12] +\d', result.stdout, re.M
+          )
+      )
+      == 6
+  )
 
 
 def test_one_cpu_device_per_core_unless_chosen():
-  probe = ('from resnet_jax import devices; import jax, os; '
-           'devices.use_cpu_cores([128, 1000]); '
-           'print(jax.device_count(), len(os.sched_getaffinity(0)))')
+  probe = (
+      'from resnet_jax import devices; import jax, os; '
+      'devices.use_cpu_cores([128, 1000]); '
+      'print(jax.device_count(), len(os.sched_getaffinity(0)))'
+  )
   cpu = dict(os.environ, JAX_PLATFORMS='cpu')
   cpu.pop('XLA_FLAGS', None)
   out = finish([sys.executable, '-c', probe], environment=cpu).stdout
   devices, cores = map(int, out.split())
-  assert devices == max(d for d in range(1, cores + 1)
-                        if 128 % d == 0 and 1000 % d == 0)
+  assert devices == max(
+      d for d in range(1, cores + 1) if 128 % d == 0 and 1000 % d == 0
+  )
   cpu['XLA_FLAGS'] = '--xla_force_host_platform_device_count=3'
   out = finish([sys.executable, '-c', probe], environment=cpu).stdout
   assert out.split()[0] == '3'
@@ -92,34 +123,47 @@ def test_one_cpu_device_per_core_unless_chosen():
 
 def residual_bytes(model, variables, x, capsys):
   """Bytes of the activations the backward pass keeps (what remat cuts)."""
+
   def loss(params):
     logits, _ = model.apply(
-        {'params': params, 'batch_stats': variables['batch_stats']}, x,
-        train=True, mutable=['batch_stats'])
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+    )
     return logits.sum()
+
   capsys.readouterr()
   ad_checkpoint.print_saved_residuals(loss, variables['params'])
   shapes = re.findall(r'f32\[([\d,]*)\]', capsys.readouterr().out)
-  return sum(4 * int(np.prod([int(d) for d in s.split(',') if d]))
-             for s in shapes)
+  return sum(
+      4 * int(np.prod([int(d) for d in s.split(',') if d])) for s in shapes
+  )
 
 
 def test_remat_same_gradients_fewer_saved_activations(capsys):
   x = jax.random.normal(jax.random.key(1), (16, 32, 32, 3))
   plain_model = models.create_model(model='cifar', depth=20, num_classes=10)
-  remat_model = models.create_model(model='cifar', depth=20, num_classes=10,
-                                    remat=True)
+  remat_model = models.create_model(
+      model='cifar', depth=20, num_classes=10, remat=True
+  )
   variables = plain_model.init(jax.random.key(0), x, train=False)
-  assert (jax.tree.structure(remat_model.init(jax.random.key(0), x,
-                                              train=False)) ==
-          jax.tree.structure(variables))  # Checkpoints are interchangeable.
+  assert jax.tree.structure(
+      remat_model.init(jax.random.key(0), x, train=False)
+  ) == jax.tree.structure(
+      variables
+  )  # Checkpoints are interchangeable.
 
   def grads(model):
     def loss(params):
       logits, updates = model.apply(
-          {'params': params, 'batch_stats': variables['batch_stats']}, x,
-          train=True, mutable=['batch_stats'])
-      return jnp.sum(logits ** 2), updates
+          {'params': params, 'batch_stats': variables['batch_stats']},
+          x,
+          train=True,
+          mutable=['batch_stats'],
+      )
+      return jnp.sum(logits**2), updates
+
     return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
 
   # The same arithmetic, recomputed: equal but for fusion choices (bitwise
@@ -133,13 +177,18 @@ def test_remat_same_gradients_fewer_saved_activations(capsys):
 def test_pytorch_baseline_is_the_same_network():
   torch = pytest.importorskip('torch')
   from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
+
   model = models.create_model(model='cifar', depth=20, num_classes=10)
   x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32)
   variables = model.init(jax.random.key(0), x, train=False)
   # Non-trivial BN statistics, so inference really uses them.
-  variables = {'params': variables['params'], 'batch_stats': jax.tree.map(
-      lambda s: s + 0.1 * jax.random.uniform(jax.random.key(2), s.shape),
-      variables['batch_stats'])}
+  variables = {
+      'params': variables['params'],
+      'batch_stats': jax.tree.map(
+          lambda s: s + 0.1 * jax.random.uniform(jax.random.key(2), s.shape),
+          variables['batch_stats'],
+      ),
+  }
   net = torch_baseline.CifarResNet(20).eval()
   assert sum(p.numel() for p in net.parameters()) == 269_722
   # From the scanned form (the configs' default), as the benchmark does.
@@ -167,25 +216,35 @@ runpy.run_module(module, run_name='__main__')
 
 def run_blocked(module, blocked, *flags):
   """``python -m module`` on 2 CPU devices, with ``blocked`` unimportable."""
-  return finish([sys.executable, '-c', BLOCK_IMPORTS, module,
-                 ','.join(blocked), *flags])
+  return finish(
+      [sys.executable, '-c', BLOCK_IMPORTS, module, ','.join(blocked), *flags]
+  )
 
 
 def test_benchmark_runs_without_tensorflow_tfds_or_clu():
   # An accelerator machine may have only jax, flax, optax, orbax and
   # ml_collections: the models, the train step and the benchmark need no more.
   result = run_blocked(
-      'resnet_jax.benchmark', ('tensorflow', 'tensorflow_datasets', 'clu'),
-      '--config=configs/default.py', '--depths=14', '--batch_sizes=8',
-      '--dtypes=float32', '--modes=train', '--min_seconds=0', '--torch=off',
-      '--plain')
+      'resnet_jax.benchmark',
+      ('tensorflow', 'tensorflow_datasets', 'clu'),
+      '--config=configs/default.py',
+      '--depths=14',
+      '--batch_sizes=8',
+      '--dtypes=float32',
+      '--modes=train',
+      '--min_seconds=0',
+      '--torch=off',
+      '--plain',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  rows = [json.loads(l) for l in result.stdout.splitlines()
-          if l.startswith('{')]
+  rows = [
+      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
+  ]
   assert [r['model'] for r in rows] == ['ResNet-14', 'plain-14']
   assert all(r['scan_blocks'] for r in rows)
   assert rows[0]['residual_tax'] == pytest.approx(
-      rows[1]['images_per_s'] / rows[0]['images_per_s'])
+      rows[1]['images_per_s'] / rows[0]['images_per_s']
+  )
 
 
 def test_tensorflow_is_imported_in_one_place():
@@ -193,8 +252,10 @@ def test_tensorflow_is_imported_in_one_place():
   # anything else can touch them; TFDS, ImageNet and the TensorBoard writer
   # go through it.
   importers = sorted(
-      path.name for path in (ROOT / 'resnet_jax').glob('*.py')
-      if re.search(r'^\s*(import|from) tensorflow', path.read_text(), re.M))
+      path.name
+      for path in (ROOT / 'resnet_jax').glob('*.py')
+      if re.search(r'^\s*(import|from) tensorflow', path.read_text(), re.M)
+  )
   assert importers == ['data.py']
 
 
@@ -206,34 +267,51 @@ def test_accelerator_benchmark_without_tensorflow_clu_or_torch(tmp_path):
   result = run_blocked(
       'resnet_jax.accelerator_benchmark',
       ('tensorflow', 'tensorflow_datasets', 'clu', 'torch'),
-      f'--out={tmp_path}', '--depths=8', '--batch_sizes=8',
-      '--dtypes=float32', '--steps_per_dispatch=2,4', '--seeds=2',
-      '--repeats=2', '--min_seconds=0', '--max_seconds=0.001')
+      f'--out={tmp_path}',
+      '--depths=8',
+      '--batch_sizes=8',
+      '--dtypes=float32',
+      '--steps_per_dispatch=2,4',
+      '--seeds=2',
+      '--repeats=2',
+      '--min_seconds=0',
+      '--max_seconds=0.001',
+  )
   # (1 seed: test_benchmark_rows.)
   assert result.returncode == 0, result.stderr[-3000:]
   written = json.loads((tmp_path / 'benchmark.json').read_text())
   rows = written['rows']
   (skipped,) = written['skipped']
-  assert skipped.startswith('ResNet-8, batch 8, float32, train, K=4, '
-                            'vmap/shard_map/data x 2 seeds: estimated ')
+  assert skipped.startswith(
+      'ResNet-8, batch 8, float32, train, K=4, '
+      'vmap/shard_map/data x 2 seeds: estimated '
+  )
   assert [(r['seeds'], r['placement']) for r in rows] == [
-      (2, 'vmap'), (2, 'shard_map'), (2, 'data')]
+      (2, 'vmap'),
+      (2, 'shard_map'),
+      (2, 'data'),
+  ]
   for row in rows:
     assert row['model'] == 'ResNet-8' and row['steps_per_dispatch'] == 2
     assert len(row['images_per_s_repeats']) == 2
-    assert (row['images_per_s_min'] <= row['images_per_s'] <=
-            row['images_per_s_max'])
+    assert (
+        row['images_per_s_min']
+        <= row['images_per_s']
+        <= row['images_per_s_max']
+    )
     assert row['images_per_s_per_seed'] == pytest.approx(
-        row['images_per_s'] / row['seeds'])
+        row['images_per_s'] / row['seeds']
+    )
     assert 'pytorch_images_per_s' not in row  # No torch: no PyTorch rows.
   # 2 seeds on 2 devices: one each.
   assert [r['devices'] for r in rows] == [1, 2, 2]
   table = (tmp_path / 'benchmark.md').read_text()
-  assert re.findall(r'^\| ResNet-8 \| float32 \| 2 \| (\d) \| (\w+) \|',
-                    table, re.M) == [('2', 'vmap'), ('2', 'shard_map'),
-                                     ('2', 'data')]
-  assert table.endswith('Skipped to end within --max_seconds=0.001:\n\n'
-                        f'- {skipped}\n')
+  assert re.findall(
+      r'^\| ResNet-8 \| float32 \| 2 \| (\d) \| (\w+) \|', table, re.M
+  ) == [('2', 'vmap'), ('2', 'shard_map'), ('2', 'data')]
+  assert table.endswith(
+      'Skipped to end within --max_seconds=0.001:\n\n' f'- {skipped}\n'
+  )
 
 
 @pytest.mark.parametrize('placement', ['vmap', 'shard_map'])
@@ -241,17 +319,25 @@ def test_each_seed_side_by_side_is_its_step_alone(placement):
   from configs import smoke  # pylint: disable=g-import-not-at-top
   from resnet_jax import benchmark  # pylint: disable=g-import-not-at-top
   from resnet_jax import train  # pylint: disable=g-import-not-at-top
+
   seeds = 2  # shard_map: one per device, on 2 of the 8 simulated.
   # One seed per device is that seed's own program: bitwise equal (measured).
   rtol = 1e-5 if placement == 'vmap' else 0
   for per_dispatch in (1, 2):
-    config = benchmark.benchmark_config(smoke.get_config(), 8, 8, 'float32',
-                                        remat=False,
-                                        steps_per_dispatch=per_dispatch)
-    fn, stacked, images, labels = benchmark.batched_seeds(config, placement,
-                                                          seeds)
+    config = benchmark.benchmark_config(
+        smoke.get_config(),
+        8,
+        8,
+        'float32',
+        remat=False,
+        steps_per_dispatch=per_dispatch,
+    )
+    fn, stacked, images, labels = benchmark.batched_seeds(
+        config, placement, seeds
+    )
     assert len(stacked.params['head']['bias'].sharding.device_set) == (
-        1 if placement == 'vmap' else 2)
+        1 if placement == 'vmap' else 2
+    )
     together, metrics = fn(stacked, images, labels)
     for i in range(seeds):
       alone_config = config.copy_and_resolve_references()
@@ -270,5 +356,9 @@ def test_each_seed_side_by_side_is_its_step_alone(placement):
       assert_trees_close(metrics['loss'][i], alone_metrics['loss'], rtol)
       if per_dispatch == 1 or not rtol:
         assert_trees_close(
-            *((s.step, s.params, s.batch_stats, s.opt_state)
-              for s in (seed, alone)), rtol)
+            *(
+                (s.step, s.params, s.batch_stats, s.opt_state)
+                for s in (seed, alone)
+            ),
+            rtol,
+        )

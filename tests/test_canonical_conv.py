@@ -11,14 +11,22 @@ conv = canonical_conv.conv_general_dilated
 
 
 def lax_conv(x, w, strides, padding):
-  return jax.lax.conv_general_dilated(x, w, strides, padding,
-                                      dimension_numbers=('NHWC', 'HWIO',
-                                                         'NHWC'))
+  return jax.lax.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
 
 
-@pytest.mark.parametrize('kernel, stride, pad, size', [
-    (3, 1, 1, 8), (3, 2, 1, 8), (3, 2, 1, 9), (1, 1, 0, 7), (1, 2, 0, 8),
-    (7, 2, 3, 15)])
+@pytest.mark.parametrize(
+    'kernel, stride, pad, size',
+    [
+        (3, 1, 1, 8),
+        (3, 2, 1, 8),
+        (3, 2, 1, 9),
+        (1, 1, 0, 7),
+        (1, 2, 0, 8),
+        (7, 2, 3, 15),
+    ],
+)
 def test_gradients_equal_lax(kernel, stride, pad, size):
   x = jax.random.normal(jax.random.key(0), (3, size, size, 5))
   w = jax.random.normal(jax.random.key(1), (kernel, kernel, 5, 4))
@@ -31,8 +39,9 @@ def test_gradients_equal_lax(kernel, stride, pad, size):
   # for dx and batch*h*w for dw. Summed in another order in float32, two
   # results differ by at most ~2 n eps times the sum of the products'
   # magnitudes, which the same gradient of |x|, |w| and |dy| gives.
-  magnitudes = jax.vjp(lambda x, w: lax_conv(x, w, *args), jnp.abs(x),
-                       jnp.abs(w))[1](jnp.abs(y))
+  magnitudes = jax.vjp(
+      lambda x, w: lax_conv(x, w, *args), jnp.abs(x), jnp.abs(w)
+  )[1](jnp.abs(y))
   terms = (kernel * kernel * w.shape[3], x.shape[0] * size * size)
   eps = np.finfo(np.float32).eps
   for a, b, m, n in zip(found, expected, magnitudes, terms):
@@ -44,13 +53,20 @@ def test_gradients_inside_a_loop_use_canonical_convolutions():
   # XLA:CPU runs a convolution with its fast kernels only as NHWC x HWIO ->
   # NHWC; inside a loop it would keep lax's transposed forms, ~50x slower.
   def loss(w, x):
-    x, _ = jax.lax.scan(lambda x, k: (jax.nn.relu(conv(
-        x, k, (1, 1), ((1, 1), (1, 1)))), None), x, w)
+    x, _ = jax.lax.scan(
+        lambda x, k: (jax.nn.relu(conv(x, k, (1, 1), ((1, 1), (1, 1)))), None),
+        x,
+        w,
+    )
     return x.sum()
+
   w = jnp.ones((3, 3, 3, 4, 4))
   x = jnp.ones((2, 8, 8, 4))
   hlo = jax.jit(jax.grad(loss, (0, 1))).lower(w, x).compile().as_text()
-  labels = [line.split('dim_labels=')[1].split(',')[0]
-            for line in hlo.splitlines() if ' convolution(' in line]
+  labels = [
+      line.split('dim_labels=')[1].split(',')[0]
+      for line in hlo.splitlines()
+      if ' convolution(' in line
+  ]
   assert len(labels) >= 3  # Forward, input and kernel gradients.
   assert set(labels) == {'b01f_01io->b01f'}, labels

@@ -42,14 +42,17 @@ def write_tar(path, members):
 
 
 def cifar10_binary(tmp_path, name='cifar-10-binary.tar.gz'):
-  return write_tar(tmp_path / name, {
-      f'cifar-10-batches-bin/{f}': binary_record(IMAGES[i], LABELS[i])
-      for i, f in enumerate(BINARY)})
+  return write_tar(
+      tmp_path / name,
+      {
+          f'cifar-10-batches-bin/{f}': binary_record(IMAGES[i], LABELS[i])
+          for i, f in enumerate(BINARY)
+      },
+  )
 
 
 def check_splits(train, test):
-  np.testing.assert_array_equal(train.images, IMAGES[:5].reshape(-1, 32, 32,
-                                                                 3))
+  np.testing.assert_array_equal(train.images, IMAGES[:5].reshape(-1, 32, 32, 3))
   np.testing.assert_array_equal(train.labels, LABELS[:5].reshape(-1))
   np.testing.assert_array_equal(test.images, IMAGES[5])
   np.testing.assert_array_equal(test.labels, LABELS[5])
@@ -57,22 +60,28 @@ def check_splits(train, test):
 
 def test_binary_archive_round_trips_with_a_warning_if_not_official(tmp_path):
   with pytest.warns(UserWarning, match='not the official CIFAR release'):
-    check_splits(*cifar.read_archive(cifar10_binary(tmp_path),
-                                              'cifar10'))
+    check_splits(*cifar.read_archive(cifar10_binary(tmp_path), 'cifar10'))
 
 
 def test_official_sha256_is_silent(tmp_path, monkeypatch, recwarn):
   path = cifar10_binary(tmp_path)
-  monkeypatch.setitem(cifar.OFFICIAL_SHA256, path.name,
-                      hashlib.sha256(path.read_bytes()).hexdigest())
+  monkeypatch.setitem(
+      cifar.OFFICIAL_SHA256,
+      path.name,
+      hashlib.sha256(path.read_bytes()).hexdigest(),
+  )
   cifar.read_archive(path, 'cifar10')
   assert not recwarn.list
 
 
 def test_python_archive_and_extracted_folder(tmp_path):
-  path = write_tar(tmp_path / 'cifar-10-python.tar.gz', {
-      f'cifar-10-batches-py/{f}': python_batch(IMAGES[i], LABELS[i])
-      for i, f in enumerate(PYTHON)})
+  path = write_tar(
+      tmp_path / 'cifar-10-python.tar.gz',
+      {
+          f'cifar-10-batches-py/{f}': python_batch(IMAGES[i], LABELS[i])
+          for i, f in enumerate(PYTHON)
+      },
+  )
   with pytest.warns(UserWarning):
     check_splits(*cifar.read_archive(path, 'cifar10'))
   folder = tmp_path / 'extracted'
@@ -84,37 +93,48 @@ def test_python_archive_and_extracted_folder(tmp_path):
 
 def test_cifar100_python_archive(tmp_path):
   labels = RNG.integers(0, 100, (2, 7))
-  path = write_tar(tmp_path / 'cifar-100-python.tar.gz', {
-      'cifar-100-python/train': python_batch(IMAGES[0], labels[0],
-                                             b'fine_labels'),
-      'cifar-100-python/test': python_batch(IMAGES[1], labels[1],
-                                            b'fine_labels')})
+  path = write_tar(
+      tmp_path / 'cifar-100-python.tar.gz',
+      {
+          'cifar-100-python/train': python_batch(
+              IMAGES[0], labels[0], b'fine_labels'
+          ),
+          'cifar-100-python/test': python_batch(
+              IMAGES[1], labels[1], b'fine_labels'
+          ),
+      },
+  )
   with pytest.warns(UserWarning):
     train, test = cifar.read_archive(path, 'cifar100')
   np.testing.assert_array_equal(train.labels, labels[0])
   np.testing.assert_array_equal(test.images, IMAGES[1])
 
 
-@pytest.mark.parametrize('damage, message', [
-    (lambda data: data[:len(data) // 2], 'truncated or malformed'),
-    (lambda data: b'not a tar file' * 100, 'truncated or malformed')])
+@pytest.mark.parametrize(
+    'damage, message',
+    [
+        (lambda data: data[: len(data) // 2], 'truncated or malformed'),
+        (lambda data: b'not a tar file' * 100, 'truncated or malformed'),
+    ],
+)
 def test_damaged_archives_are_clear_errors(tmp_path, damage, message):
   path = cifar10_binary(tmp_path)
   path.write_bytes(damage(path.read_bytes()))
-  with pytest.warns(UserWarning), pytest.raises(data.DataError,
-                                                match=message):
+  with pytest.warns(UserWarning), pytest.raises(data.DataError, match=message):
     cifar.read_archive(path, 'cifar10')
 
 
 def test_wrong_or_missing_data_are_clear_errors(tmp_path):
   path = write_tar(tmp_path / 'other.tar.gz', {'readme.txt': b'hello'})
-  with pytest.warns(UserWarning), pytest.raises(data.DataError,
-                                                match='holds no cifar10'):
+  with pytest.warns(UserWarning), pytest.raises(
+      data.DataError, match='holds no cifar10'
+  ):
     cifar.read_archive(path, 'cifar10')
   members = {f'cifar-10-batches-bin/{f}': b'x' * 100 for f in BINARY}
   path = write_tar(tmp_path / 'bad.tar.gz', members)
-  with pytest.warns(UserWarning), pytest.raises(data.DataError,
-                                                match='3073-byte'):
+  with pytest.warns(UserWarning), pytest.raises(
+      data.DataError, match='3073-byte'
+  ):
     cifar.read_archive(path, 'cifar10')
   with pytest.raises(data.DataError, match='does not exist'):
     cifar.read_archive(tmp_path / 'missing.tar.gz', 'cifar10')
@@ -141,8 +161,7 @@ def test_tfds_failure_says_how_to_use_an_archive(monkeypatch):
   monkeypatch.setattr(tfds, 'load', offline)
   config = smoke.get_config()
   config.data_source = 'tfds'
-  with pytest.raises(data.DataError,
-                     match='--config.data_source=archive'):
+  with pytest.raises(data.DataError, match='--config.data_source=archive'):
     cifar.load(config)
 
 
@@ -163,11 +182,11 @@ def test_normalization_comes_from_the_training_split():
   np.testing.assert_allclose(mean, images.mean(0) / 255, rtol=1e-6)
   np.testing.assert_array_equal(std, 1)
   mean, std = data.normalization(images, 'per_channel')
-  np.testing.assert_allclose(mean[5, 7], images.reshape(-1, 3).mean(0) / 255,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      mean[5, 7], images.reshape(-1, 3).mean(0) / 255, rtol=1e-6
+  )
   assert mean.shape == (32, 32, 3) and np.ptp(mean, axis=(0, 1)).max() == 0
-  np.testing.assert_allclose(std, images.reshape(-1, 3).std(0) / 255,
-                             rtol=1e-6)
+  np.testing.assert_allclose(std, images.reshape(-1, 3).std(0) / 255, rtol=1e-6)
 
 
 def test_augmentation_is_a_padded_crop_and_maybe_a_flip():
@@ -176,9 +195,18 @@ def test_augmentation_is_a_padded_crop_and_maybe_a_flip():
   padded = np.pad(np.asarray(images), ((0, 0), (4, 4), (4, 4), (0, 0)))
   flips, offsets = 0, set()
   for i in range(len(images)):
-    found = [(y, x, f) for y in range(9) for x in range(9) for f in (0, 1)
-             if np.array_equal(out[i], (lambda c: c[:, ::-1] if f else c)(
-                 padded[i, y:y + 32, x:x + 32]))]
+    found = [
+        (y, x, f)
+        for y in range(9)
+        for x in range(9)
+        for f in (0, 1)
+        if np.array_equal(
+            out[i],
+            (lambda c: c[:, ::-1] if f else c)(
+                padded[i, y : y + 32, x : x + 32]
+            ),
+        )
+    ]
     assert found, f'image {i} is not a crop of the padded image'
     flips += found[0][2]
     offsets.add(found[0][:2])
@@ -190,18 +218,29 @@ def test_batches_derive_from_seed_and_step_and_cover_each_epoch():
   images = jnp.zeros((n, 32, 32, 3), jnp.uint8)
   labels = jnp.arange(n)  # Labels identify the examples.
   rng = jax.random.key(3)
-  draw = lambda step: np.asarray(cifar.train_batch(
-      images, labels, rng, step, batch, augment=False)[1])
+  draw = lambda step: np.asarray(
+      cifar.train_batch(images, labels, rng, step, batch, augment=False)[1]
+  )
   epoch = np.concatenate([draw(s) for s in range(3)])
   assert sorted(epoch) == list(range(n))
   np.testing.assert_array_equal(draw(1), draw(1))
-  assert not np.array_equal(np.concatenate([draw(s) for s in range(3, 6)]),
-                            epoch)  # A new order next epoch.
+  assert not np.array_equal(
+      np.concatenate([draw(s) for s in range(3, 6)]), epoch
+  )  # A new order next epoch.
   # A batch that straddles two epochs takes the rest of one and the start of
   # the next.
   labels = jnp.arange(80)
-  straddle = np.asarray(cifar.train_batch(
-      images[:80], labels, rng, 2, batch, augment=False)[1])
-  first = np.concatenate([np.asarray(cifar.train_batch(
-      images[:80], labels, rng, s, batch, augment=False)[1]) for s in (0, 1)])
+  straddle = np.asarray(
+      cifar.train_batch(images[:80], labels, rng, 2, batch, augment=False)[1]
+  )
+  first = np.concatenate(
+      [
+          np.asarray(
+              cifar.train_batch(
+                  images[:80], labels, rng, s, batch, augment=False
+              )[1]
+          )
+          for s in (0, 1)
+      ]
+  )
   assert sorted(np.concatenate([first, straddle[:16]])) == list(range(80))

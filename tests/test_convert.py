@@ -35,7 +35,8 @@ class BasicBlock(nn.Module):
     self.downsample = None
     if stride != 1 or cin != width:
       self.downsample = nn.Sequential(
-          nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width))
+          nn.Conv2d(cin, width, 1, stride, bias=False), nn.BatchNorm2d(width)
+      )
     self.convs = [(self.conv1, self.bn1), (self.conv2, self.bn2)]
 
   def forward(self, x):
@@ -60,9 +61,13 @@ class Bottleneck(BasicBlock):
     if stride != 1 or cin != 4 * width:
       self.downsample = nn.Sequential(
           nn.Conv2d(cin, 4 * width, 1, stride, bias=False),
-          nn.BatchNorm2d(4 * width))
-    self.convs = [(self.conv1, self.bn1), (self.conv2, self.bn2),
-                  (self.conv3, self.bn3)]
+          nn.BatchNorm2d(4 * width),
+      )
+    self.convs = [
+        (self.conv1, self.bn1),
+        (self.conv2, self.bn2),
+        (self.conv3, self.bn3),
+    ]
 
 
 class TorchvisionResNet(nn.Module):
@@ -92,6 +97,7 @@ class TorchvisionResNet(nn.Module):
 def torchvision_resnet(depth):
   try:
     import torchvision  # pylint: disable=g-import-not-at-top
+
     return getattr(torchvision.models, f'resnet{depth}')(weights=None)
   except (ImportError, RuntimeError):
     return TorchvisionResNet(depth)
@@ -113,33 +119,54 @@ def jax_logits(workdir, x):
   config = workdir_lib.saved_config(workdir)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   state = workdir_lib.load(
-      workdir, workdir_lib.abstract(train.state_shapes(config), device))
-  model = models.from_config(config, 1000 if config.model == 'imagenet'
-                             else 10)
-  return np.asarray(model.apply(
-      {'params': state.params, 'batch_stats': state.batch_stats}, x,
-      train=False))
+      workdir, workdir_lib.abstract(train.state_shapes(config), device)
+  )
+  model = models.from_config(config, 1000 if config.model == 'imagenet' else 10)
+  return np.asarray(
+      model.apply(
+          {'params': state.params, 'batch_stats': state.batch_stats},
+          x,
+          train=False,
+      )
+  )
 
 
-@pytest.mark.parametrize('config, make_net, layout, size', [
-    (imagenet_resnet18.get_config(), lambda: torchvision_resnet(18),
-     'torchvision', 32),
-    (imagenet_resnet50.get_config(), lambda: torchvision_resnet(50),
-     'torchvision', 32),
-    (resnet20.get_config(), None, 'baseline', 32),
-])
-def test_same_logits_and_back_bit_for_bit(config, make_net, layout, size,
-                                          tmp_path):
+@pytest.mark.parametrize(
+    'config, make_net, layout, size',
+    [
+        (
+            imagenet_resnet18.get_config(),
+            lambda: torchvision_resnet(18),
+            'torchvision',
+            32,
+        ),
+        (
+            imagenet_resnet50.get_config(),
+            lambda: torchvision_resnet(50),
+            'torchvision',
+            32,
+        ),
+        (resnet20.get_config(), None, 'baseline', 32),
+    ],
+)
+def test_same_logits_and_back_bit_for_bit(
+    config, make_net, layout, size, tmp_path
+):
   if make_net is None:
     from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
+
     make_net = lambda: torch_baseline.CifarResNet(20)
   net = randomized(make_net())
   original = net.state_dict()
   torch.save(original, tmp_path / 'net.pth')
-  convert.to_jax(config, tmp_path / 'net.pth', tmp_path / 'run',
-                 [0.5] * 3, [0.25] * 3)
-  x = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(
-      np.float32)
+  convert.to_jax(
+      config, tmp_path / 'net.pth', tmp_path / 'run', [0.5] * 3, [0.25] * 3
+  )
+  x = (
+      np.random.default_rng(0)
+      .normal(size=(2, size, size, 3))
+      .astype(np.float32)
+  )
   with torch.no_grad():
     expected = net(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
   # Other convolution algorithms (as test_benchmark's PyTorch test): a
@@ -156,6 +183,7 @@ def test_same_logits_and_back_bit_for_bit(config, make_net, layout, size,
 
 def test_common_cifar_layout_with_data_parallel_prefix(tmp_path):
   from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
+
   net = randomized(torch_baseline.CifarResNet(20))
   # The layout of most public CIFAR repositories: conv1, bn1, layerS.J, linear.
   renamed = {}
@@ -168,8 +196,13 @@ def test_common_cifar_layout_with_data_parallel_prefix(tmp_path):
       parts[0] = {'conv': 'conv1', 'bn': 'bn1', 'head': 'linear'}[parts[0]]
     renamed['module.' + '.'.join(parts)] = tensor
   torch.save({'epoch': 182, 'state_dict': renamed}, tmp_path / 'net.th')
-  convert.to_jax(resnet20.get_config(), tmp_path / 'net.th', tmp_path / 'run',
-                 [0.5] * 3, [0.25] * 3)
+  convert.to_jax(
+      resnet20.get_config(),
+      tmp_path / 'net.th',
+      tmp_path / 'run',
+      [0.5] * 3,
+      [0.25] * 3,
+  )
   x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
   with torch.no_grad():
     expected = net(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
@@ -181,28 +214,36 @@ def test_common_cifar_layout_with_data_parallel_prefix(tmp_path):
 
 def test_a_checkpoint_that_does_not_fit_is_one_error_line(tmp_path):
   from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
+
   torch.save(torch_baseline.CifarResNet(20).state_dict(), tmp_path / 'r20.pth')
-  result = python('resnet_jax.convert', '--config=configs/resnet32.py',
-                  f'--torch={tmp_path / "r20.pth"}',
-                  f'--workdir={tmp_path / "run"}')
+  result = python(
+      'resnet_jax.convert',
+      '--config=configs/resnet32.py',
+      f'--torch={tmp_path / "r20.pth"}',
+      f'--workdir={tmp_path / "run"}',
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   # ResNet-20's fourth block starts stage 2 (32 filters); ResNet-32's is
   # still in stage 1 (16).
-  assert errors == ['error: blocks.3.bn1.weight has shape (32,); ResNet-32 '
-                    'needs (16,)']
+  assert errors == [
+      'error: blocks.3.bn1.weight has shape (32,); ResNet-32 ' 'needs (16,)'
+  ]
   assert not (tmp_path / 'run').exists()  # Nothing written.
 
 
 def test_fine_tuning_starts_from_the_converted_weights(tmp_path, capsys):
   from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
   # A ResNet-8 of torch_baseline's, fine-tuned for 100 classes.
-  torch.save(randomized(torch_baseline.CifarResNet(8)).state_dict(),
-             tmp_path / 'r8.pth')
+  torch.save(
+      randomized(torch_baseline.CifarResNet(8)).state_dict(),
+      tmp_path / 'r8.pth',
+  )
   config = resnet20.get_config()
   config.depth = 8
-  convert.to_jax(config, tmp_path / 'r8.pth', tmp_path / 'converted',
-                 [0.5] * 3, [0.25] * 3)
+  convert.to_jax(
+      config, tmp_path / 'r8.pth', tmp_path / 'converted', [0.5] * 3, [0.25] * 3
+  )
   config = resnet20.get_config()
   config.depth = 8
   config.dataset = 'cifar100'  # Another classifier: 100 classes.
@@ -216,47 +257,67 @@ def test_fine_tuning_starts_from_the_converted_weights(tmp_path, capsys):
   train.train_and_evaluate(config, str(tmp_path / 'tuned'))
   assert 'head) keeps its initialisation' in capsys.readouterr().out
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  states = [workdir_lib.load(tmp_path / run, workdir_lib.abstract(
-      train.state_shapes(workdir_lib.saved_config(tmp_path / run)), device))
-            for run in ('converted', 'tuned')]
-  params = [models.unroll_blocks({'params': s.params})['params']
-            for s in states]
+  states = [
+      workdir_lib.load(
+          tmp_path / run,
+          workdir_lib.abstract(
+              train.state_shapes(workdir_lib.saved_config(tmp_path / run)),
+              device,
+          ),
+      )
+      for run in ('converted', 'tuned')
+  ]
+  params = [
+      models.unroll_blocks({'params': s.params})['params'] for s in states
+  ]
   assert params[1]['head']['kernel'].shape == (64, 100)
   for name in params[0]:
     if name != 'head':
-      for a, b in zip(jax.tree.leaves(params[0][name]),
-                      jax.tree.leaves(params[1][name])):
+      for a, b in zip(
+          jax.tree.leaves(params[0][name]), jax.tree.leaves(params[1][name])
+      ):
         np.testing.assert_array_equal(a, b)
 
 
 def test_an_existing_file_or_run_is_not_overwritten(tmp_path):
   from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
+
   torch.save(torch_baseline.CifarResNet(8).state_dict(), tmp_path / 'r8.pth')
   original = (tmp_path / 'r8.pth').read_bytes()
   config = resnet20.get_config()
   config.depth = 8
-  convert.to_jax(config, tmp_path / 'r8.pth', tmp_path / 'run', [0.5] * 3,
-                 [0.25] * 3)
+  convert.to_jax(
+      config, tmp_path / 'r8.pth', tmp_path / 'run', [0.5] * 3, [0.25] * 3
+  )
   # Back to the file the weights came from (the user's download).
-  result = python('resnet_jax.convert', '--to=torch',
-                  f'--workdir={tmp_path / "run"}',
-                  f'--torch={tmp_path / "r8.pth"}')
+  result = python(
+      'resnet_jax.convert',
+      '--to=torch',
+      f'--workdir={tmp_path / "run"}',
+      f'--torch={tmp_path / "r8.pth"}',
+  )
   assert result.returncode == 2, result.stderr[-2000:]
-  assert [l for l in result.stderr.splitlines() if l.startswith('error: ')
-          ] == [f'error: {tmp_path / "r8.pth"} exists; --overwrite replaces '
-                'it']
+  assert [l for l in result.stderr.splitlines() if l.startswith('error: ')] == [
+      f'error: {tmp_path / "r8.pth"} exists; --overwrite replaces ' 'it'
+  ]
   assert (tmp_path / 'r8.pth').read_bytes() == original
-  result = python('resnet_jax.convert', '--to=torch',
-                  f'--workdir={tmp_path / "run"}',
-                  f'--torch={tmp_path / "r8.pth"}', '--overwrite')
+  result = python(
+      'resnet_jax.convert',
+      '--to=torch',
+      f'--workdir={tmp_path / "run"}',
+      f'--torch={tmp_path / "r8.pth"}',
+      '--overwrite',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'num_batches_tracked' in ''.join(
-      torch.load(tmp_path / 'r8.pth', weights_only=True))
+      torch.load(tmp_path / 'r8.pth', weights_only=True)
+  )
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []
   # A workdir with a run's checkpoints but no config.json (lost): a step-0
   # checkpoint would not be kept beside them, and eval would test theirs.
   (tmp_path / 'trained' / 'checkpoints' / '125').mkdir(parents=True)
   with pytest.raises(convert.ConvertError, match='already holds a run'):
-    convert.to_jax(config, tmp_path / 'r8.pth', tmp_path / 'trained',
-                   [0.5] * 3, [0.25] * 3)
+    convert.to_jax(
+        config, tmp_path / 'r8.pth', tmp_path / 'trained', [0.5] * 3, [0.25] * 3
+    )
   assert [p.name for p in (tmp_path / 'trained').iterdir()] == ['checkpoints']

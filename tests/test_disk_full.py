@@ -76,15 +76,17 @@ runpy.run_module('resnet_jax.main', run_name='__main__')
 
 
 @pytest.mark.parametrize('path', HOOKS)
-def test_a_full_disk_is_one_line_and_the_same_command_goes_on(path,
-                                                              tmp_path):
-  full = finish([sys.executable, '-c', HOOKS[path] + MAIN,
-                 *command(tmp_path)[3:]])
+def test_a_full_disk_is_one_line_and_the_same_command_goes_on(path, tmp_path):
+  full = finish(
+      [sys.executable, '-c', HOOKS[path] + MAIN, *command(tmp_path)[3:]]
+  )
   message = error_line(full)
-  assert message.startswith('error: ' + (
-      'checkpoint 20: ' if path == 'checkpoints' else '') +
-      'no space left on the device of ' +
-      f'{tmp_path if path == "events" else tmp_path / path} (')
+  assert message.startswith(
+      'error: '
+      + ('checkpoint 20: ' if path == 'checkpoints' else '')
+      + 'no space left on the device of '
+      + f'{tmp_path if path == "events" else tmp_path / path} ('
+  )
   assert 'MiB free); what was written before is intact' in message
   names = {p.name for p in tmp_path.iterdir()}
   assert not [n for n in names if n.startswith('.')]  # No temporary file.
@@ -100,8 +102,9 @@ def test_a_full_disk_is_one_line_and_the_same_command_goes_on(path,
   if path != 'config.json':
     assert 'Resuming from checkpoint at step 10.' in result.stdout
   assert workdir_lib.checkpoint_steps(tmp_path) == {10, 20}
-  assert [r['step'] for r in metrics.read(tmp_path)
-          if r['split'] == 'train'] == [5, 10, 15, 20]
+  assert [
+      r['step'] for r in metrics.read(tmp_path) if r['split'] == 'train'
+  ] == [5, 10, 15, 20]
 
 
 def test_a_background_save_that_finds_the_disk_full(tmp_path):
@@ -111,14 +114,18 @@ def test_a_background_save_that_finds_the_disk_full(tmp_path):
     directory = tmp_path / 'checkpoints'
 
     def wait_until_finished(self):
-      raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.head" in '
-                       'OCDBT database: No space left on device')
+      raise ValueError(
+          'RESOURCE_EXHAUSTED: Error writing "params.head" in '
+          'OCDBT database: No space left on device'
+      )
 
   partial = Manager.directory / '20.orbax-checkpoint-tmp-1' / 'default'
   partial.mkdir(parents=True)
   (Manager.directory / '10').mkdir()
-  with pytest.raises(workdir_lib.WorkdirError,
-                     match='^saving a checkpoint: no space left on the device '
-                     f'of {Manager.directory} '):
+  with pytest.raises(
+      workdir_lib.WorkdirError,
+      match='^saving a checkpoint: no space left on the device '
+      f'of {Manager.directory} ',
+  ):
     workdir_lib.finish(Manager())
   assert [p.name for p in Manager.directory.iterdir()] == ['10']

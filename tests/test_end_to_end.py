@@ -27,10 +27,14 @@ from commands import start
 # ResNet-14: two blocks per stage, so blocks 2..n run scanned, and their
 # stacked parameters, statistics and momenta go through the checkpoints.
 # Killed after the first checkpoint, it resumes across both rate drops.
-LONG = ('--config.depth=14', '--config.train_length=60',
-        '--config.lr_boundaries=(30, 50)',
-        '--config.checkpoint_every_steps=20', '--config.eval_every_steps=20',
-        '--config.log_every_steps=10')
+LONG = (
+    '--config.depth=14',
+    '--config.train_length=60',
+    '--config.lr_boundaries=(30, 50)',
+    '--config.checkpoint_every_steps=20',
+    '--config.eval_every_steps=20',
+    '--config.log_every_steps=10',
+)
 
 
 @pytest.fixture(scope='module')
@@ -71,9 +75,14 @@ def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
 def test_plateau_decisions_resume_exactly_after_sigkill(tmp_path):
   # §3.4's "divided by 10 when the error plateaus", decided on the
   # validation error every 2 steps with patience 1.
-  flags = ('--config.lr_schedule=plateau', '--config.lr_patience=1',
-           '--config.train_length=20', '--config.eval_every_steps=2',
-           '--config.log_every_steps=2', '--config.checkpoint_every_steps=10')
+  flags = (
+      '--config.lr_schedule=plateau',
+      '--config.lr_patience=1',
+      '--config.train_length=20',
+      '--config.eval_every_steps=2',
+      '--config.log_every_steps=2',
+      '--config.checkpoint_every_steps=10',
+  )
   straight, killed = tmp_path / 'straight', tmp_path / 'killed'
   ok(run(straight, *flags))
   rates = [(r['step'], r['learning_rate']) for r in records(straight, 'train')]
@@ -83,32 +92,48 @@ def test_plateau_decisions_resume_exactly_after_sigkill(tmp_path):
   kill_after_checkpoint(killed, 10, *flags)
   assert not (killed / 'checkpoints' / '20').exists()
   assert 'Resuming from checkpoint' in ok(run(killed, *flags)).stdout
-  assert [(r['step'], r['learning_rate'])
-          for r in records(killed, 'train')] == rates
-  for x, y in zip(jax.tree.leaves(params(straight, 20)),
-                  jax.tree.leaves(params(killed, 20))):
+  assert [
+      (r['step'], r['learning_rate']) for r in records(killed, 'train')
+  ] == rates
+  for x, y in zip(
+      jax.tree.leaves(params(straight, 20)), jax.tree.leaves(params(killed, 20))
+  ):
     np.testing.assert_array_equal(x, y)
 
 
 def test_a_run_keeps_its_learning_rate_schedule(trained, tmp_path):
   workdir = tmp_path / 'schedule'
   shutil.copytree(trained, workdir)
-  message = error_line(run(workdir, '--config.lr_schedule=plateau',
-                           '--allow_config_changes', devices=8))
+  message = error_line(
+      run(
+          workdir,
+          '--config.lr_schedule=plateau',
+          '--allow_config_changes',
+          devices=8,
+      )
+  )
   assert 'trained with another learning-rate schedule' in message
 
 
 def assert_one_record_per_step_and_split(workdir):
-  keys = [(r['step'], r['split']) for r in map(
-      json.loads, (workdir / 'metrics.jsonl').read_text().splitlines())]
+  keys = [
+      (r['step'], r['split'])
+      for r in map(
+          json.loads, (workdir / 'metrics.jsonl').read_text().splitlines()
+      )
+  ]
   assert len(keys) == len(set(keys)), keys
   assert [k[0] for k in keys] == sorted(k[0] for k in keys), keys
   assert [k[1] for k in keys].count('final_test') == 1
 
 
 def test_metrics_exact_after_a_kill_before_the_first_checkpoint(tmp_path):
-  flags = ('--config.train_length=60', '--config.log_every_steps=1',
-           '--config.eval_every_steps=30', '--config.checkpoint_every_steps=60')
+  flags = (
+      '--config.train_length=60',
+      '--config.log_every_steps=1',
+      '--config.eval_every_steps=30',
+      '--config.checkpoint_every_steps=60',
+  )
   process = start(command(tmp_path, *flags))
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 300
@@ -131,10 +156,13 @@ def test_a_finished_run_is_not_run_again(trained, tmp_path):
   assert 'holds a finished run (step 20); nothing to do' in result.stdout
   (final,) = records(trained, 'final_test')
   assert f'final test error {final["error"]:.2f}% on 64 images' in (
-      result.stdout)
-  assert {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()
-          and p.name != 'run.lock'} == {
-              p: b for p, b in before.items() if p.name != 'run.lock'}
+      result.stdout
+  )
+  assert {
+      p: p.read_bytes()
+      for p in workdir.rglob('*')
+      if p.is_file() and p.name != 'run.lock'
+  } == {p: b for p, b in before.items() if p.name != 'run.lock'}
 
 
 def test_lost_checkpoints_are_refused_unless_starting_over(trained, tmp_path):
@@ -158,13 +186,15 @@ def test_resuming_with_other_settings_needs_a_flag(trained, tmp_path):
   flags = ('--config.batch_size=64', '--config.train_length=30')
   message = error_line(run(workdir, *flags, devices=8))
   assert 'trained with other settings (batch_size: 32 there, 64 here)' in (
-      message)
+      message
+  )
   assert (workdir / 'config.json').read_text() == saved
   assert not (workdir / 'checkpoints' / '30').exists()
   ok(run(workdir, *flags, '--allow_config_changes', devices=8))
   assert json.loads((workdir / 'config.json').read_text())['batch_size'] == 64
-  (change,) = map(json.loads, (workdir / 'config_changes.jsonl').read_text()
-                  .splitlines())
+  (change,) = map(
+      json.loads, (workdir / 'config_changes.jsonl').read_text().splitlines()
+  )
   assert change['changes'] == {'batch_size': [32, 64]}
   assert (workdir / 'checkpoints' / '30').is_dir()
 
@@ -174,7 +204,9 @@ def test_workdir_contents_and_checkpoint_policy(trained):
   assert {'config.json', 'metrics.jsonl', 'checkpoints'} <= names
   assert any(n.startswith('events.out.tfevents') for n in names)
   assert sorted(int(p.name) for p in (trained / 'checkpoints').iterdir()) == [
-      10, 20]
+      10,
+      20,
+  ]
   (final,) = records(trained, 'final_test')
   assert final['images'] == 64 and 0 <= final['error'] <= 100
 
@@ -182,18 +214,25 @@ def test_workdir_contents_and_checkpoint_policy(trained):
 def test_eval_restores_on_another_device_count(trained):
   result = ok(run(trained, mode='eval', devices=1))
   (final,) = records(trained, 'final_test')
-  assert (f'at step 20: test error {final["error"]:.2f}% (top-1)'
-          in result.stdout)
+  assert (
+      f'at step 20: test error {final["error"]:.2f}% (top-1)' in result.stdout
+  )
   # Nothing about orbax opening the checkpoints read-only: eval never writes.
   assert 'read only' not in result.stderr, result.stderr
-  result = ok(run(trained, '--config.eval_checkpoint_step=10', mode='eval',
-                  devices=1))
+  result = ok(
+      run(trained, '--config.eval_checkpoint_step=10', mode='eval', devices=1)
+  )
   assert 'at step 10:' in result.stdout
 
 
 def test_eval_uses_the_runs_own_data_settings(tmp_path):
-  ok(run(tmp_path, '--config.synthetic_train_size=512',
-         '--config.train_length=5'))
+  ok(
+      run(
+          tmp_path,
+          '--config.synthetic_train_size=512',
+          '--config.train_length=5',
+      )
+  )
   (final,) = records(tmp_path, 'final_test')
   assert final['images'] == 128  # Not smoke's 64: the run's own test set.
   result = ok(run(tmp_path, mode='eval'))  # Without the data flag.
@@ -207,9 +246,11 @@ def test_eval_uses_the_runs_own_data_settings(tmp_path):
 def test_eval_errors(trained, tmp_path):
   assert 'holds no run' in error_line(run(tmp_path / 'empty', mode='eval'))
   assert 'another model' in error_line(
-      run(trained, '--config.depth=14', mode='eval'))
+      run(trained, '--config.depth=14', mode='eval')
+  )
   assert 'no checkpoint at step 15' in error_line(
-      run(trained, '--config.eval_checkpoint_step=15', mode='eval'))
+      run(trained, '--config.eval_checkpoint_step=15', mode='eval')
+  )
   broken = tmp_path / 'broken'
   shutil.copytree(trained, broken)
   for f in (broken / 'checkpoints' / '20').rglob('*'):
@@ -220,13 +261,19 @@ def test_eval_errors(trained, tmp_path):
 
 def flip_bytes(workdir, step):
   """Silent corruption: 4 bytes inside a checkpoint's array data change."""
-  data = max((p for p in (workdir / 'checkpoints' / str(step)).rglob('*')
-              if p.parent.name == 'd' and 'ocdbt' in str(p)),
-             key=lambda p: p.stat().st_size)
+  data = max(
+      (
+          p
+          for p in (workdir / 'checkpoints' / str(step)).rglob('*')
+          if p.parent.name == 'd' and 'ocdbt' in str(p)
+      ),
+      key=lambda p: p.stat().st_size,
+  )
   content = bytearray(data.read_bytes())
   middle = len(content) // 2
-  content[middle:middle + 4] = bytes(b ^ 0x10 for b in
-                                     content[middle:middle + 4])
+  content[middle : middle + 4] = bytes(
+      b ^ 0x10 for b in content[middle : middle + 4]
+  )
   data.write_bytes(bytes(content))
 
 
@@ -236,11 +283,16 @@ def test_training_falls_back_from_a_corrupt_checkpoint(trained, tmp_path):
   flip_bytes(workdir, 20)
   # The arrays still parse: only the checksum saved with them tells.
   message = error_line(run(workdir, mode='eval'))
-  assert 'checkpoint 20 in' in message and 'is corrupt: its arrays do not ' \
-      'match the checksum saved with them' in message, message
+  assert (
+      'checkpoint 20 in' in message
+      and 'is corrupt: its arrays do not '
+      'match the checksum saved with them' in message
+  ), message
   result = ok(run(workdir, '--config.train_length=30', devices=8))
-  assert ('warning: checkpoint 20 is unreadable (its arrays do not match'
-          in result.stderr)
+  assert (
+      'warning: checkpoint 20 is unreadable (its arrays do not match'
+      in result.stderr
+  )
   assert 'Resuming from checkpoint at step 10' in result.stdout
   assert (workdir / 'corrupt_checkpoints' / '20').is_dir()  # Kept, aside.
   assert (workdir / 'checkpoints' / '30').is_dir()
@@ -252,7 +304,8 @@ def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
   # It diverged before the first checkpoint (step 10): none to speak of.
   assert 'No checkpoint was written' in message, message
   assert not (tmp_path / 'checkpoints').exists() or not list(
-      (tmp_path / 'checkpoints').iterdir())
+      (tmp_path / 'checkpoints').iterdir()
+  )
 
 
 def test_bad_training_settings_write_nothing(tmp_path):
@@ -262,13 +315,15 @@ def test_bad_training_settings_write_nothing(tmp_path):
 
 
 def test_bad_workdir_input(trained, tmp_path):
-  assert 'needs --workdir' in error_line(python(
-      'resnet_jax.main', '--config=configs/smoke.py', devices=1))
+  assert 'needs --workdir' in error_line(
+      python('resnet_jax.main', '--config=configs/smoke.py', devices=1)
+  )
   assert 'another model' in error_line(run(trained, '--config.depth=14'))
   config = (trained / 'config.json').read_text()
   assert json.loads(config)['depth'] == 8  # Not overwritten.
   assert 'does not divide over 8' in error_line(
-      run(tmp_path, '--config.batch_size=36', devices=8))
+      run(tmp_path, '--config.batch_size=36', devices=8)
+  )
 
 
 def test_workdir_that_cannot_be_written(tmp_path):
@@ -293,17 +348,25 @@ def test_one_run_per_workdir_and_a_killed_run_does_not_block(tmp_path):
   finally:
     first.kill()  # SIGKILL: the lock goes with the process.
     first.wait()
-  assert json.loads((tmp_path / 'config.json').read_text())[
-      'train_length'] == 100000  # The second run wrote nothing.
+  assert (
+      json.loads((tmp_path / 'config.json').read_text())['train_length']
+      == 100000
+  )  # The second run wrote nothing.
   assert 'final test error' in ok(run(tmp_path)).stdout  # Not blocked.
 
 
 def test_two_processes_train_like_one(tmp_path):
   """Two JAX processes (one CPU device each) agree with a 2-device run."""
   port = free_port()
-  processes = [start(command(tmp_path / 'multi', *distributed(port, i)),
-                     devices=1, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-               for i in range(2)]
+  processes = [
+      start(
+          command(tmp_path / 'multi', *distributed(port, i)),
+          devices=1,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.PIPE,
+      )
+      for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600) for p in processes]
   for p, (out, err) in zip(processes, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -315,14 +378,21 @@ def test_two_processes_train_like_one(tmp_path):
   # in-process one: last-bit differences, carried through 20 steps. Measured
   # against what the last 10 steps changed, as in the 8-device step test.
   changes = jax.tree.map(np.subtract, params(single, 20), params(single, 10))
-  for x, y, c in zip(jax.tree.leaves(params(tmp_path / 'multi', 20)),
-                     jax.tree.leaves(params(single, 20)),
-                     jax.tree.leaves(changes)):
+  for x, y, c in zip(
+      jax.tree.leaves(params(tmp_path / 'multi', 20)),
+      jax.tree.leaves(params(single, 20)),
+      jax.tree.leaves(changes),
+  ):
     assert np.abs(x - y).max() <= 1e-3 * np.abs(c).max()
 
 
 def test_a_run_that_cannot_start_leaves_no_trace(tmp_path):
-  message = error_line(run(tmp_path / 'run', '--config.data_source=archive',
-                           f'--config.data_dir={tmp_path / "missing.tar.gz"}'))
+  message = error_line(
+      run(
+          tmp_path / 'run',
+          '--config.data_source=archive',
+          f'--config.data_dir={tmp_path / "missing.tar.gz"}',
+      )
+  )
   assert 'does not exist' in message
   assert not (tmp_path / 'run').exists()

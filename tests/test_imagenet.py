@@ -40,21 +40,38 @@ def mock_imagenet(tmp_path, request):
   builder_dir.mkdir(parents=True)
   rng = np.random.default_rng(0)
   splits = []
-  for name, size, first_label in (('train', TRAIN, 0),
-                                  ('validation', validation, 500)):
+  for name, size, first_label in (
+      ('train', TRAIN, 0),
+      ('validation', validation, 500),
+  ):
     template = tfds.core.ShardedFileTemplate(
-        data_dir=str(builder_dir), dataset_name='imagenet2012', split=name,
-        filetype_suffix='tfrecord')
-    with tf.io.TFRecordWriter(str(template.sharded_filepath(
-        shard_index=0, num_shards=1))) as writer:
+        data_dir=str(builder_dir),
+        dataset_name='imagenet2012',
+        split=name,
+        filetype_suffix='tfrecord',
+    )
+    with tf.io.TFRecordWriter(
+        str(template.sharded_filepath(shard_index=0, num_shards=1))
+    ) as writer:
       for i in range(size):
         image = rng.integers(64, 192, (*rng.integers(24, 48, 2), 3), np.uint8)
-        writer.write(builder.info.features.serialize_example(
-            {'image': image, 'label': first_label + i,
-             'file_name': f'{name}_{i}.JPEG'}))
-    splits.append(tfds.core.SplitInfo(
-        name=name, shard_lengths=[size], num_bytes=0,
-        filename_template=template))
+        writer.write(
+            builder.info.features.serialize_example(
+                {
+                    'image': image,
+                    'label': first_label + i,
+                    'file_name': f'{name}_{i}.JPEG',
+                }
+            )
+        )
+    splits.append(
+        tfds.core.SplitInfo(
+            name=name,
+            shard_lengths=[size],
+            num_bytes=0,
+            filename_template=template,
+        )
+    )
   builder.info.set_splits(tfds.core.SplitDict(splits))
   builder.info.write_to_directory(str(builder_dir))
   config = imagenet_resnet18.get_config()
@@ -64,8 +81,9 @@ def mock_imagenet(tmp_path, request):
 
 
 def test_training_batches_are_224_crops(mock_imagenet):
-  images, labels = next(imagenet.train_batches(
-      mock_imagenet, seed=0, batch_size=4))
+  images, labels = next(
+      imagenet.train_batches(mock_imagenet, seed=0, batch_size=4)
+  )
   assert images.shape == (4, 224, 224, 3) and images.dtype == np.uint8
   assert labels.dtype == np.int32 and np.all((labels >= 0) & (labels < 1000))
 
@@ -81,15 +99,16 @@ def test_validation_images_are_held_out_of_training(mock_imagenet):
   # The first HELD_OUT training images are the validation set; TFDS's
   # validation split stays the test set.
   np.testing.assert_array_equal(
-      labels_of(inputs.eval('validation')), np.arange(HELD_OUT))
+      labels_of(inputs.eval('validation')), np.arange(HELD_OUT)
+  )
   np.testing.assert_array_equal(
-      labels_of(inputs.eval('test')), 500 + np.arange(VALIDATION))
+      labels_of(inputs.eval('test')), 500 + np.arange(VALIDATION)
+  )
   # Training sees every other training image (4 epochs' worth), and never a
   # held-out one.
   batches = imagenet.train_batches(mock_imagenet, seed=0, batch_size=8)
   trained = np.concatenate([next(batches)[1] for _ in range(16)])
-  np.testing.assert_array_equal(np.unique(trained),
-                                np.arange(HELD_OUT, TRAIN))
+  np.testing.assert_array_equal(np.unique(trained), np.arange(HELD_OUT, TRAIN))
 
 
 def test_normalization_is_of_the_images_trained_on(mock_imagenet):
@@ -104,18 +123,25 @@ def test_normalization_is_of_the_images_trained_on(mock_imagenet):
 def test_colour_augmentation_is_along_the_principal_components():
   tf = data.import_tensorflow()
   std = 0.1
-  noise = np.stack([imagenet.lighting_noise(
-      tf.constant([i, 7], tf.int64), std).numpy() for i in range(2000)])
+  noise = np.stack(
+      [
+          imagenet.lighting_noise(tf.constant([i, 7], tf.int64), std).numpy()
+          for i in range(2000)
+      ]
+  )
   # eigvec @ (alpha * eigval) per image, alpha ~ N(0, std) per component:
   # the weights recovered from the noise have mean 0 and std ``std``, each
   # (a wrong eigenvalue scale moves a component's std by a factor).
-  alpha = np.linalg.solve(np.array(imagenet.PCA_EIGVEC),
-                          noise.T / 255).T / np.array(imagenet.PCA_EIGVAL)
+  alpha = np.linalg.solve(
+      np.array(imagenet.PCA_EIGVEC), noise.T / 255
+  ).T / np.array(imagenet.PCA_EIGVAL)
   # 2000 draws: std of the mean std/45, of the std std/63; 5 of those.
   np.testing.assert_array_less(np.abs(alpha.mean(0)), 5 * std / 45)
   np.testing.assert_array_less(np.abs(alpha.std(0) - std), 5 * std / 63)
-  assert np.all(noise[0] == imagenet.lighting_noise(
-      tf.constant([0, 7], tf.int64), std).numpy())  # Stateless.
+  assert np.all(
+      noise[0]
+      == imagenet.lighting_noise(tf.constant([0, 7], tf.int64), std).numpy()
+  )  # Stateless.
 
 
 def test_colour_augmentation_shifts_each_image_by_one_colour(mock_imagenet):
@@ -146,10 +172,14 @@ def test_no_colour_augmentation_when_off():
   assert np.all(image.numpy() == decoded[0, 0])
 
 
-@pytest.mark.parametrize('field, value, message', [
-    ('pca_lighting', -0.1, 'pca_lighting must not be negative'),
-    ('validation_size', 1_281_167, 'validation_size must be in'),
-    ('validation_size', -1, 'validation_size must be in')])
+@pytest.mark.parametrize(
+    'field, value, message',
+    [
+        ('pca_lighting', -0.1, 'pca_lighting must not be negative'),
+        ('validation_size', 1_281_167, 'validation_size must be in'),
+        ('validation_size', -1, 'validation_size must be in'),
+    ],
+)
 def test_bad_values_are_refused(field, value, message):
   config = imagenet_resnet18.get_config()
   config[field] = value
@@ -159,17 +189,18 @@ def test_bad_values_are_refused(field, value, message):
 
 def test_colour_augmentation_is_for_imagenet():
   from configs import default  # pylint: disable=g-import-not-at-top
+
   config = default.get_config()
   config.pca_lighting = 0.1
   with pytest.raises(data.DataError, match='for ImageNet'):
     train.dataset_inputs(config, mesh=None)
 
 
-@pytest.mark.parametrize('ten_crop, shape', [(False, (224, 224, 3)),
-                                             (True, (10, 224, 224, 3))])
+@pytest.mark.parametrize(
+    'ten_crop, shape', [(False, (224, 224, 3)), (True, (10, 224, 224, 3))]
+)
 def test_eval_batches_are_padded_and_masked(mock_imagenet, ten_crop, shape):
-  batches = list(imagenet.eval_batches(mock_imagenet, 'test',
-                                                      4, ten_crop))
+  batches = list(imagenet.eval_batches(mock_imagenet, 'test', 4, ten_crop))
   assert len(batches) == 3  # ceil(10 / 4).
   assert all(images.shape == (4,) + shape for images, _, _ in batches)
   masks = np.concatenate([mask for _, _, mask in batches])
@@ -186,13 +217,13 @@ def test_no_held_out_split(mock_imagenet):
   inputs = imagenet.inputs(mock_imagenet, mesh=None)
   assert inputs.eval_split == 'test' and inputs.train_size == 1_281_167
   with pytest.raises(data.DataError, match="no 'validation' split"):
-    next(imagenet.eval_batches(mock_imagenet, 'validation', 4,
-                                              False))
+    next(imagenet.eval_batches(mock_imagenet, 'validation', 4, False))
 
 
 @pytest.mark.parametrize('validation_size', [0, HELD_OUT])
-def test_imagenet_resnet18_trains_and_evaluates(mock_imagenet, tmp_path,
-                                                monkeypatch, validation_size):
+def test_imagenet_resnet18_trains_and_evaluates(
+    mock_imagenet, tmp_path, monkeypatch, validation_size
+):
   config = mock_imagenet
   config.validation_size = validation_size
   if not validation_size:  # The plateau schedule needs a validation split.
@@ -204,8 +235,11 @@ def test_imagenet_resnet18_trains_and_evaluates(mock_imagenet, tmp_path,
   config.checkpoint_every_steps = 2
   evaluations = []
   evaluate = train.evaluate
-  monkeypatch.setattr(train, 'evaluate', lambda *args: evaluations.append(
-      evaluate(*args)) or evaluations[-1])
+  monkeypatch.setattr(
+      train,
+      'evaluate',
+      lambda *args: evaluations.append(evaluate(*args)) or evaluations[-1],
+  )
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   if validation_size:
     # The held-out images are evaluated after steps 1 and 2, the test set
@@ -224,17 +258,20 @@ SCALES = (32, 48)  # Tiny shorter sides: the images are 24-47 pixels.
 # Each image shape compiles once: four images at two scales are at most 8.
 FEW = 4
 
+
 def fake_run(config, workdir, seed):
   """A run that was never trained: its config.json and a step-0 checkpoint
   of a fresh network, with a normalisation whose mean image is not flat."""
   model = models.from_config(config, 1000)
   tx = train.create_optimizer(config, train.learning_rate_schedule(config, []))
-  state = jax.jit(functools.partial(train.create_train_state, model, tx, seed,
-                                    224))()
+  state = jax.jit(
+      functools.partial(train.create_train_state, model, tx, seed, 224)
+  )()
   rng = np.random.default_rng(seed)
   state = state.replace(
       mean=jnp.asarray(rng.uniform(0.2, 0.7, (224, 224, 3)), jnp.float32),
-      std=jnp.asarray(rng.uniform(0.2, 0.3, 3), jnp.float32))
+      std=jnp.asarray(rng.uniform(0.2, 0.3, 3), jnp.float32),
+  )
   workdir_lib.record_config(config, workdir)
   manager = workdir_lib.checkpoint_manager(workdir, 1)
   workdir_lib.save(manager, state, None)
@@ -245,37 +282,50 @@ def fake_run(config, workdir, seed):
 def test_imagenet_nets_take_images_of_any_size():
   # Fully convolutional (§3.4): global average pooling before the classifier.
   for shortcut in ('A', 'B'):
-    model = models.create_model(model='imagenet', depth=18, num_classes=1000,
-                                shortcut=shortcut)
+    model = models.create_model(
+        model='imagenet', depth=18, num_classes=1000, shortcut=shortcut
+    )
     for shape in ((1, 224, 299, 3), (1, 37, 53, 3), (1, 640, 480, 3)):
       variables = jax.eval_shape(
-          functools.partial(model.init, train=False), jax.random.key(0),
-          jnp.zeros(shape))
-      out = jax.eval_shape(functools.partial(model.apply, train=False),
-                           variables, jnp.zeros(shape))
+          functools.partial(model.init, train=False),
+          jax.random.key(0),
+          jnp.zeros(shape),
+      )
+      out = jax.eval_shape(
+          functools.partial(model.apply, train=False),
+          variables,
+          jnp.zeros(shape),
+      )
       assert out.shape == (1, 1000)
 
 
 # Shorter sides of 1 and 2 pixels give images of the same shape to batch.
-@pytest.mark.parametrize('scales, batch_size, devices', [
-    (SCALES, 12, 2), ((1, 2), 12, 2), ((1, 2), 2, 1)])
-def test_multiscale_batches_hold_one_shape_each(mock_imagenet, scales,
-                                                batch_size, devices):
+@pytest.mark.parametrize(
+    'scales, batch_size, devices',
+    [(SCALES, 12, 2), ((1, 2), 12, 2), ((1, 2), 2, 1)],
+)
+def test_multiscale_batches_hold_one_shape_each(
+    mock_imagenet, scales, batch_size, devices
+):
   seen, sizes = [], collections.defaultdict(set)
   for images, labels, mask, index in imagenet.multiscale_batches(
-      mock_imagenet, 'test', batch_size, scales, devices):
+      mock_imagenet, 'test', batch_size, scales, devices
+  ):
     n = int(mask.sum())
     # A full batch, or the fewest of devices x 2^k rows that hold the rest.
-    assert len(images) == min(batch_size, devices * 2 ** max(
-        0, math.ceil(math.log2(n / devices))))
+    assert len(images) == min(
+        batch_size, devices * 2 ** max(0, math.ceil(math.log2(n / devices)))
+    )
     assert images.dtype == np.uint8 and min(images.shape[1:3]) in scales
     assert np.all(mask[:n] == 1) and np.all(mask[n:] == 0)  # Padding last.
     sizes[images.shape[1:]].add(len(images))
-    seen += [(i, min(images.shape[1:3]), l) for i, l in
-             zip(index[:n], labels[:n])]
+    seen += [
+        (i, min(images.shape[1:3]), l) for i, l in zip(index[:n], labels[:n])
+    ]
   # Each image once at each scale, with its label every time.
   assert sorted((i, s) for i, s, _ in seen) == [
-      (i, s) for i in range(VALIDATION) for s in scales]
+      (i, s) for i in range(VALIDATION) for s in scales
+  ]
   assert len({(i, l) for i, _, l in seen}) == VALIDATION
   # Each shape compiles at most twice: full batches, and its last images.
   assert all(len(s) <= 2 for s in sizes.values())
@@ -283,19 +333,27 @@ def test_multiscale_batches_hold_one_shape_each(mock_imagenet, scales,
     assert len(sizes) < len(seen)
 
 
-@pytest.mark.parametrize('change, message', [
-    ({'ten_crop': True}, 'two ways to test'),
-    ({'test_scales': (224, 0)}, 'positive shorter sides')])
+@pytest.mark.parametrize(
+    'change, message',
+    [
+        ({'ten_crop': True}, 'two ways to test'),
+        ({'test_scales': (224, 0)}, 'positive shorter sides'),
+    ],
+)
 def test_multiscale_bad_settings(mock_imagenet, change, message):
   mock_imagenet.update(change)
   with pytest.raises(data.DataError, match=message):
-    next(imagenet.multiscale_batches(
-        mock_imagenet, 'test', 4, mock_imagenet.test_scales or SCALES))
+    next(
+        imagenet.multiscale_batches(
+            mock_imagenet, 'test', 4, mock_imagenet.test_scales or SCALES
+        )
+    )
 
 
 @pytest.mark.parametrize('mock_imagenet', [FEW], indirect=True)
-def test_multiscale_score_is_the_mean_over_scales_and_flips(mock_imagenet,
-                                                            tmp_path):
+def test_multiscale_score_is_the_mean_over_scales_and_flips(
+    mock_imagenet, tmp_path
+):
   # A fully-convolutional ResNet-8 (CIFAR form: fast) for 1000 classes.
   config = mock_imagenet
   config.model, config.depth, config.shortcut = 'cifar', 8, 'A'
@@ -307,21 +365,24 @@ def test_multiscale_score_is_the_mean_over_scales_and_flips(mock_imagenet,
   # By hand: each image resized to each shorter side, whole, and its flip;
   # normalised by the mean image's average colour.
   tf = data.import_tensorflow()
-  builder = data.import_tfds().builder('imagenet2012',
-                                       data_dir=config.data_dir)
+  builder = data.import_tfds().builder('imagenet2012', data_dir=config.data_dir)
   mean, std = np.asarray(state.mean).mean((0, 1)), np.asarray(state.std)
   apply = jax.jit(functools.partial(model.apply, train=False))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   expected = []
-  for i, (image, label) in enumerate(builder.as_dataset(
-      split='validation', as_supervised=True).as_numpy_iterator()):
+  for i, (image, label) in enumerate(
+      builder.as_dataset(
+          split='validation', as_supervised=True
+      ).as_numpy_iterator()
+  ):
     assert labels[i] == label
     h, w = image.shape[:2]
     views = []
     for scale in SCALES:
       size = (round(h * scale / min(h, w)), round(w * scale / min(h, w)))
-      view = np.clip(np.round(tf.image.resize(image, size, antialias=True)),
-                     0, 255).astype(np.uint8)
+      view = np.clip(
+          np.round(tf.image.resize(image, size, antialias=True)), 0, 255
+      ).astype(np.uint8)
       assert min(view.shape[:2]) == scale
       x = np.stack([view, view[:, ::-1]]).astype(np.float32) / 255
       views += list(jax.nn.softmax(apply(variables, (x - mean) / std)))
@@ -335,11 +396,17 @@ def test_multiscale_score_is_the_mean_over_scales_and_flips(mock_imagenet,
   # The same through the command line.
   top1 = 100 * np.mean(probs.argmax(1) != labels)
   result = python(
-      'resnet_jax.main', '--config=configs/imagenet_resnet18.py',
-      f'--workdir={workdir}', '--mode=eval', '--config.model=cifar',
-      '--config.depth=8', '--config.shortcut=A',
-      '--config.test_scales=(32,48)')
+      'resnet_jax.main',
+      '--config=configs/imagenet_resnet18.py',
+      f'--workdir={workdir}',
+      '--mode=eval',
+      '--config.model=cifar',
+      '--config.depth=8',
+      '--config.shortcut=A',
+      '--config.test_scales=(32,48)',
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert (f'ResNet-8 at step 0: test error {top1:.2f}% (top-1)' in
-          result.stdout), result.stdout
+  assert (
+      f'ResNet-8 at step 0: test error {top1:.2f}% (top-1)' in result.stdout
+  ), result.stdout
   assert f'on {FEW} images at scales 32, 48 and their flips' in result.stdout

@@ -18,13 +18,23 @@ CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
 # Paper §4.2 / Table 1 counts (option A for CIFAR and plain nets, option B for
 # the ImageNet ResNets, as their configs choose).
 PARAMETERS = {
-    'default': 269_722, 'smoke': 75_290,
-    'resnet20': 269_722, 'resnet32': 464_154, 'resnet44': 658_586,
-    'resnet56': 853_018, 'resnet110': 1_727_962, 'resnet1202': 19_421_274,
-    'plain20': 269_722, 'plain32': 464_154, 'plain44': 658_586,
-    'plain56': 853_018, 'plain110': 1_727_962,
-    'imagenet_resnet18': 11_689_512, 'imagenet_resnet34': 21_797_672,
-    'imagenet_resnet50': 25_557_032, 'imagenet_resnet101': 44_549_160,
+    'default': 269_722,
+    'smoke': 75_290,
+    'resnet20': 269_722,
+    'resnet32': 464_154,
+    'resnet44': 658_586,
+    'resnet56': 853_018,
+    'resnet110': 1_727_962,
+    'resnet1202': 19_421_274,
+    'plain20': 269_722,
+    'plain32': 464_154,
+    'plain44': 658_586,
+    'plain56': 853_018,
+    'plain110': 1_727_962,
+    'imagenet_resnet18': 11_689_512,
+    'imagenet_resnet34': 21_797_672,
+    'imagenet_resnet50': 25_557_032,
+    'imagenet_resnet101': 44_549_160,
     'imagenet_resnet152': 60_192_808,
     # Option B minus its three projections (1x1 conv + BN at 64->128->256->512).
     'imagenet_plain18': 11_689_512 - 173_824,
@@ -32,8 +42,10 @@ PARAMETERS = {
     'cifar_resnet18': 11_173_962,
     # Identity Mappings (2016): 1.7M and 10.2M in its text (rounded); the
     # counts are checked against a PyTorch definition in test_models.py.
-    'preact_resnet110': 1_730_522, 'preact_resnet164': 1_703_258,
-    'preact_resnet1001': 10_327_706, 'imagenet_preact_resnet200': 64_666_152,
+    'preact_resnet110': 1_730_522,
+    'preact_resnet164': 1_703_258,
+    'preact_resnet1001': 10_327_706,
+    'imagenet_preact_resnet200': 64_666_152,
 }
 
 
@@ -71,8 +83,9 @@ def test_readme_table_is_the_summary_output(summaries):
 
 
 def test_summary_command():
-  result = python('resnet_jax.main', '--config=configs/resnet56.py',
-                  '--mode=summary')
+  result = python(
+      'resnet_jax.main', '--config=configs/resnet56.py', '--mode=summary'
+  )
   assert result.returncode == 0, result.stderr
   assert 'Parameters: 853,018 ' in result.stdout
   assert 'Multiply-adds per image: 125,485,696 ' in result.stdout
@@ -83,8 +96,10 @@ def test_summary_command():
 def test_no_line_about_accelerators_the_machine_lacks():
   # Without JAX_PLATFORMS, jax looks for a TPU first and logs its absence.
   env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  result = finish(module('resnet_jax.main', '--config=configs/smoke.py',
-                         '--mode=summary'), environment=env)
+  result = finish(
+      module('resnet_jax.main', '--config=configs/smoke.py', '--mode=summary'),
+      environment=env,
+  )
   assert result.returncode == 0, result.stderr
   assert 'Unable to initialize backend' not in result.stderr
 
@@ -107,22 +122,28 @@ def test_every_command_says_errors_and_warnings_in_one_line():
   result = finish([sys.executable, '-c', COMMAND], environment=env)
   assert result.returncode == 2
   assert result.stderr.splitlines() == [
-      'warning: a re-encoded copy of the data', 'error: the data are gone']
+      'warning: a re-encoded copy of the data',
+      'error: the data are gone',
+  ]
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--config.depth=57'], 'depth 6n+2'),
-    (['--config.shortcut=D'], 'shortcut must be one of A, B, C'),
-    (['--config.model=vgg'], "unknown model 'vgg'"),
-    (['--config.dataset=mnist'], "unknown dataset 'mnist'"),
-    (['--config.no_such_field=1'], "unknown config field 'no_such_field'"),
-    (['--config.depth=deep'], 'invalid literal'),
-    (['--config=configs/missing.py'], 'No such file'),
-    (['--mode=sumary'], 'value should be one of'),
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--config.depth=57'], 'depth 6n+2'),
+        (['--config.shortcut=D'], 'shortcut must be one of A, B, C'),
+        (['--config.model=vgg'], "unknown model 'vgg'"),
+        (['--config.dataset=mnist'], "unknown dataset 'mnist'"),
+        (['--config.no_such_field=1'], "unknown config field 'no_such_field'"),
+        (['--config.depth=deep'], 'invalid literal'),
+        (['--config=configs/missing.py'], 'No such file'),
+        (['--mode=sumary'], 'value should be one of'),
+    ],
+)
 def test_bad_input_is_one_error_line_and_exit_2(args, message):
-  result = python('resnet_jax.main', '--config=configs/resnet56.py',
-                  '--mode=summary', *args)
+  result = python(
+      'resnet_jax.main', '--config=configs/resnet56.py', '--mode=summary', *args
+  )
   assert result.returncode == 2
   errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   assert len(errors) == 1 and message in errors[0], result.stderr

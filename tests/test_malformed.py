@@ -27,12 +27,16 @@ def test_bad_lr_boundaries(value, tmp_path):
 
 def test_a_config_file_without_get_config(tmp_path):
   (tmp_path / 'notes.py').write_text('depth = 20\n')
-  message = error_line(python('resnet_jax.main',
-                              f'--config={tmp_path}/notes.py',
-                              '--mode=summary'))
-  assert message == ('error: the config file defines no get_config() (a '
-                     'function returning the ConfigDict, as in '
-                     'configs/default.py)')
+  message = error_line(
+      python(
+          'resnet_jax.main', f'--config={tmp_path}/notes.py', '--mode=summary'
+      )
+  )
+  assert message == (
+      'error: the config file defines no get_config() (a '
+      'function returning the ConfigDict, as in '
+      'configs/default.py)'
+  )
 
 
 @pytest.fixture(scope='module')
@@ -57,8 +61,9 @@ def test_a_config_json_field_of_the_wrong_type(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
   saved = json.loads((workdir / 'config.json').read_text())
-  (workdir / 'config.json').write_text(json.dumps(saved | {
-      'eval_batch_size': 'sixty-four'}))
+  (workdir / 'config.json').write_text(
+      json.dumps(saved | {'eval_batch_size': 'sixty-four'})
+  )
   message = error_line(run(workdir, mode='eval'))
   assert "has eval_batch_size='sixty-four', not a int" in message
 
@@ -77,22 +82,33 @@ def test_checkpoints_that_are_a_file(trained, tmp_path):
   assert not list(workdir.glob('metrics.replaced-*'))
 
 
-@pytest.mark.parametrize('name, content, expected', [
-    ('empty.pth', b'', 'is empty (0 bytes): not a PyTorch checkpoint'),
-    ('garbage.pth', b'garbage\n', 'holds more than tensors, or is no '
-     'PyTorch file: only a state_dict is read'),
-    ('folder', None, 'is a directory, not a state_dict file'),
-])
+@pytest.mark.parametrize(
+    'name, content, expected',
+    [
+        ('empty.pth', b'', 'is empty (0 bytes): not a PyTorch checkpoint'),
+        (
+            'garbage.pth',
+            b'garbage\n',
+            'holds more than tensors, or is no '
+            'PyTorch file: only a state_dict is read',
+        ),
+        ('folder', None, 'is a directory, not a state_dict file'),
+    ],
+)
 def test_a_pytorch_file_that_is_none(name, content, expected, tmp_path):
   path = tmp_path / name
   if content is None:
     path.mkdir()
   else:
     path.write_bytes(content)
-  message = error_line(python('resnet_jax.convert',
-                              '--config=configs/resnet20.py',
-                              f'--torch={path}',
-                              f'--workdir={tmp_path / "run"}'))
+  message = error_line(
+      python(
+          'resnet_jax.convert',
+          '--config=configs/resnet20.py',
+          f'--torch={path}',
+          f'--workdir={tmp_path / "run"}',
+      )
+  )
   assert expected in message
   assert 'weights_only' not in message  # Not torch's unsafe advice.
   assert not (tmp_path / 'run').exists()
@@ -102,8 +118,13 @@ def test_metrics_lines_that_are_not_records(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
   good = (workdir / 'metrics.jsonl').read_bytes()
-  bad = [b'\xff\xfe{"step": 3}', b'[1, 2]', b'{"step": "3", "split": "train"}',
-         b'{"step": 3, "split": null}', b'{"step": true, "split": "train"}']
+  bad = [
+      b'\xff\xfe{"step": 3}',
+      b'[1, 2]',
+      b'{"step": "3", "split": "train"}',
+      b'{"step": 3, "split": null}',
+      b'{"step": true, "split": "train"}',
+  ]
   (workdir / 'metrics.jsonl').write_bytes(b'\n'.join(bad) + b'\n' + good)
   result = ok(run(workdir, '--config.train_length=20'))  # Resumes from 10.
   assert 'Traceback' not in result.stderr
@@ -111,12 +132,13 @@ def test_metrics_lines_that_are_not_records(trained, tmp_path):
   # The resume kept the records up to its checkpoint, and only them.
   kept = [l for l in good.splitlines() if b'final_test' not in l]
   lines = (workdir / 'metrics.jsonl').read_bytes().splitlines()
-  assert lines[:len(kept)] == kept
+  assert lines[: len(kept)] == kept
   assert not set(bad) & set(lines)
 
 
-def test_an_eval_that_races_the_deletion_of_its_checkpoint(trained, tmp_path,
-                                                           monkeypatch):
+def test_an_eval_that_races_the_deletion_of_its_checkpoint(
+    trained, tmp_path, monkeypatch
+):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
   restore = workdir_lib.restore
@@ -129,15 +151,19 @@ def test_an_eval_that_races_the_deletion_of_its_checkpoint(trained, tmp_path,
   monkeypatch.setattr(workdir_lib, 'restore', deleted_meanwhile)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shapes = workdir_lib.abstract(
-      train.state_shapes(workdir_lib.saved_config(workdir)), device)
-  with pytest.raises(workdir_lib.WorkdirError,
-                     match='checkpoint 10 in .* was deleted while it was read'):
+      train.state_shapes(workdir_lib.saved_config(workdir)), device
+  )
+  with pytest.raises(
+      workdir_lib.WorkdirError,
+      match='checkpoint 10 in .* was deleted while it was read',
+  ):
     workdir_lib.load(workdir, shapes)
 
 
 @pytest.mark.parametrize('damage', ['removed', 'zeroed'])
-def test_a_checkpoint_without_its_checksum_is_reported(damage, trained,
-                                                       tmp_path):
+def test_a_checkpoint_without_its_checksum_is_reported(
+    damage, trained, tmp_path
+):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
   metadata = workdir / 'checkpoints' / '10' / '_CHECKPOINT_METADATA'
@@ -147,11 +173,14 @@ def test_a_checkpoint_without_its_checksum_is_reported(damage, trained,
     metadata.write_bytes(b'')
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shapes = workdir_lib.abstract(
-      train.state_shapes(workdir_lib.saved_config(workdir)), device)
+      train.state_shapes(workdir_lib.saved_config(workdir)), device
+  )
   with pytest.warns(UserWarning) as said:
     workdir_lib.load(workdir, shapes)
-  assert ('checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is missing '
-          'or empty); restored unchecked') in [str(w.message) for w in said]
+  assert (
+      'checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is missing '
+      'or empty); restored unchecked'
+  ) in [str(w.message) for w in said]
 
 
 def test_a_half_deleted_checkpoint_is_ignored_and_removed(trained, tmp_path):
@@ -162,8 +191,10 @@ def test_a_half_deleted_checkpoint_is_ignored_and_removed(trained, tmp_path):
   shutil.copytree(workdir / 'checkpoints' / '10', half)
   (half / '_CHECKPOINT_METADATA').unlink()
   shutil.rmtree(half / 'default' / 'ocdbt.process_0')
-  for result in (ok(run(workdir, mode='eval')),
-                 ok(run(workdir, '--config.train_length=30'))):
+  for result in (
+      ok(run(workdir, mode='eval')),
+      ok(run(workdir, '--config.train_length=30')),
+  ):
     said = result.stderr + result.stdout
     assert 'etadata' not in said and '\nwarning:' not in said, said
   assert workdir_lib.checkpoint_steps(workdir) == {10, 20, 30}
@@ -175,12 +206,16 @@ def test_an_unreadable_checkpoint_is_one_short_line(trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
   (workdir / 'checkpoints' / '10' / 'default' / 'manifest.ocdbt').write_bytes(
-      b'')
+      b''
+  )
   message = error_line(run(workdir, mode='eval'))
-  assert message.startswith(f'error: checkpoint 10 in {workdir} is '
-                            'unreadable: ValueError: DATA_LOSS: ')
-  assert message.endswith('Encoded length (0) is less than minimum length '
-                          '(16)')
+  assert message.startswith(
+      f'error: checkpoint 10 in {workdir} is '
+      'unreadable: ValueError: DATA_LOSS: '
+  )
+  assert message.endswith(
+      'Encoded length (0) is less than minimum length ' '(16)'
+  )
 
 
 def test_a_sweep_whose_run_is_refused_says_it_once(tmp_path):
@@ -190,6 +225,7 @@ def test_a_sweep_whose_run_is_refused_says_it_once(tmp_path):
     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # Another run trains.
     lock.write('pid 1 on elsewhere\n')
     lock.flush()
-    result = python('resnet_jax.sweep', f'--root={tmp_path}',
-                    '--configs=configs/smoke.py')
+    result = python(
+        'resnet_jax.sweep', f'--root={tmp_path}', '--configs=configs/smoke.py'
+    )
   assert 'in use by another run (pid 1 on elsewhere)' in error_line(result)

@@ -16,13 +16,15 @@ from resnet_jax import models
 
 
 def cifar(depth, **kwargs):
-  return models.create_model(model='cifar', depth=depth, num_classes=10,
-                             **kwargs)
+  return models.create_model(
+      model='cifar', depth=depth, num_classes=10, **kwargs
+  )
 
 
 def imagenet(depth, **kwargs):
-  return models.create_model(model='imagenet', depth=depth, num_classes=1000,
-                             **kwargs)
+  return models.create_model(
+      model='imagenet', depth=depth, num_classes=1000, **kwargs
+  )
 
 
 def count(model, image_size=32):
@@ -34,16 +36,26 @@ def init(model, x):
   return model.init(jax.random.key(0), x, train=False)
 
 
-@pytest.mark.parametrize('depth, params', [
-    (20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018),
-    (110, 1_727_962), (1202, 19_421_274)])
+@pytest.mark.parametrize(
+    'depth, params',
+    [
+        (20, 269_722),
+        (32, 464_154),
+        (44, 658_586),
+        (56, 853_018),
+        (110, 1_727_962),
+        (1202, 19_421_274),
+    ],
+)
 def test_cifar_parameter_counts(depth, params):
   def param_count(model):  # Scanned: shapes in a time independent of depth.
-    variables = jax.eval_shape(functools.partial(model.init, train=False),
-                               jax.random.key(0),
-                               jax.ShapeDtypeStruct((1, 32, 32, 3),
-                                                    jnp.float32))
+    variables = jax.eval_shape(
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32),
+    )
     return models.param_count(variables['params'])
+
   assert param_count(cifar(depth, scan_blocks=True)) == params
   # The plain twin.
   assert param_count(cifar(depth, residual=False, scan_blocks=True)) == params
@@ -58,28 +70,38 @@ def test_projection_shortcuts_add_exactly_their_parameters():
   assert count(cifar(20, shortcut='C'))[0] == 269_722 + b + c
 
 
-@pytest.mark.parametrize('depth, params, paper_gmacs', [
-    (18, 11_689_512, 1.8), (34, 21_797_672, 3.6), (50, 25_557_032, 3.8),
-    (101, 44_549_160, 7.6), (152, 60_192_808, 11.3)])
+@pytest.mark.parametrize(
+    'depth, params, paper_gmacs',
+    [
+        (18, 11_689_512, 1.8),
+        (34, 21_797_672, 3.6),
+        (50, 25_557_032, 3.8),
+        (101, 44_549_160, 7.6),
+        (152, 60_192_808, 11.3),
+    ],
+)
 def test_imagenet_parameters_and_multiply_adds(depth, params, paper_gmacs):
   n, macs = count(imagenet(depth, shortcut='B'), 224)
   assert n == params
   assert macs / 1e9 == pytest.approx(paper_gmacs, rel=0.05)
   if depth >= 50:  # v1.5 moves the stride to the 3x3 conv: same parameters,
     n15, macs15 = count(  # more work.
-        imagenet(depth, shortcut='B', bottleneck_stride='3x3'), 224)
+        imagenet(depth, shortcut='B', bottleneck_stride='3x3'), 224
+    )
     assert n15 == params and macs15 > macs * 1.02
 
 
 def test_imagenet_plain_nets_match_their_resnets():
   for depth in (18, 34):
     assert count(imagenet(depth, residual=False), 224) == count(
-        imagenet(depth, shortcut='A'), 224)
+        imagenet(depth, shortcut='A'), 224
+    )
 
 
 def test_cifar_resnet18_of_the_reproductions():
-  model = models.create_model(model='imagenet', depth=18, num_classes=10,
-                              shortcut='B', stem='3x3')
+  model = models.create_model(
+      model='imagenet', depth=18, num_classes=10, shortcut='B', stem='3x3'
+  )
   rows, variables = layers.layer_table(model, 32)
   assert models.param_count(variables['params']) == 11_173_962
   assert rows[-2]['output'] == (4, 4, 512)  # No max pool: 32 -> 4 px.
@@ -93,13 +115,19 @@ def test_stage_shapes_follow_table_1():
   assert outputs['stage4_block3'] == (7, 7, 2048)
 
 
-@pytest.mark.parametrize('kwargs', [
-    dict(model='cifar', depth=21), dict(model='cifar', depth=2),
-    dict(model='imagenet', depth=20), dict(model='vgg', depth=16),
-    dict(model='cifar', depth=20, shortcut='D'),
-    dict(model='cifar', depth=20, stem='7x7'),
-    dict(model='cifar', depth=20, bottleneck_stride='2x2'),
-    dict(model='cifar', depth=20, dtype='float16')])
+@pytest.mark.parametrize(
+    'kwargs',
+    [
+        dict(model='cifar', depth=21),
+        dict(model='cifar', depth=2),
+        dict(model='imagenet', depth=20),
+        dict(model='vgg', depth=16),
+        dict(model='cifar', depth=20, shortcut='D'),
+        dict(model='cifar', depth=20, stem='7x7'),
+        dict(model='cifar', depth=20, bottleneck_stride='2x2'),
+        dict(model='cifar', depth=20, dtype='float16'),
+    ],
+)
 def test_invalid_models_are_rejected(kwargs):
   with pytest.raises(models.ModelError):
     models.create_model(num_classes=10, **kwargs)
@@ -108,10 +136,14 @@ def test_invalid_models_are_rejected(kwargs):
 def block(**kwargs):
   """One block in inference mode, with the model's conv and BN."""
   defaults = dict(
-      bottleneck=False, residual=True, shortcut='A', bottleneck_stride='1x1',
+      bottleneck=False,
+      residual=True,
+      shortcut='A',
+      bottleneck_stride='1x1',
       zero_init_residual=False,
       conv=functools.partial(models.conv_layer, dtype=jnp.float32),
-      norm=functools.partial(nn.BatchNorm, use_running_average=True))
+      norm=functools.partial(nn.BatchNorm, use_running_average=True),
+  )
   return models.Block(**(defaults | kwargs))
 
 
@@ -154,14 +186,22 @@ def test_batchnorm_uses_pytorch_momentum_and_epsilon():
   model = cifar(8)
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   variables = init(model, x)
-  _, state = model.apply(variables, x, mutable=['batch_stats', 'intermediates'],
-                         capture_intermediates=True)
+  _, state = model.apply(
+      variables,
+      x,
+      mutable=['batch_stats', 'intermediates'],
+      capture_intermediates=True,
+  )
   conv_out = state['intermediates']['conv_init']['__call__'][0]
   mean = state['batch_stats']['bn_init']['mean']
   # Means of 4096 float32 values, summed in other orders: apart by far less
   # than 1e-5 of the largest value (a few ulps per level of a tree sum).
-  assert_close(mean, 0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-5,
-               scale=0.1 * float(np.abs(conv_out).max()))
+  assert_close(
+      mean,
+      0.1 * conv_out.mean(axis=(0, 1, 2)),
+      rtol=1e-5,
+      scale=0.1 * float(np.abs(conv_out).max()),
+  )
   # Training-mode output is (h - mean) / sqrt(var + 1e-5).
   response = state['intermediates']['response'][0]
   var = conv_out.var(axis=(0, 1, 2))
@@ -176,11 +216,13 @@ def test_layer_responses_in_network_order():
   responses = layers.layer_responses(model, variables, x)
   assert len(responses) == 19  # The stem and the 18 convs of 9 blocks.
   assert [r.shape[1:] for r in responses] == (
-      [(32, 32, 16)] * 7 + [(16, 16, 32)] * 6 + [(8, 8, 64)] * 6)
+      [(32, 32, 16)] * 7 + [(16, 16, 32)] * 6 + [(8, 8, 64)] * 6
+  )
   # The read-out leaves the model's output unchanged.
   np.testing.assert_array_equal(
       model.apply(variables, x, train=False),
-      model.apply(variables, x, train=False, mutable=['intermediates'])[0])
+      model.apply(variables, x, train=False, mutable=['intermediates'])[0],
+  )
   # Bottlenecks have one 3x3 conv per block; the 7x7 stem is not 3x3.
   model = imagenet(50)
   x = jnp.ones((1, 64, 64, 3))
@@ -191,8 +233,9 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   f32, bf16 = cifar(20), cifar(20, dtype='bfloat16')
   variables = init(f32, x)
-  assert all(p.dtype == jnp.float32
-             for p in jax.tree.leaves(init(bf16, x)['params']))
+  assert all(
+      p.dtype == jnp.float32 for p in jax.tree.leaves(init(bf16, x)['params'])
+  )
   responses = layers.layer_responses(bf16, variables, x)
   assert responses[0].dtype == jnp.bfloat16
   out32 = f32.apply(variables, x, train=False)
@@ -200,8 +243,6 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
   assert out16.dtype == jnp.float32
   assert not np.array_equal(out16, out32)
   np.testing.assert_allclose(out16, out32, atol=0.1 * np.abs(out32).max())
-
-
 
 
 # Float32 has 24-bit significands (eps 1.2e-7). The two forms run the same
@@ -219,32 +260,45 @@ def test_scanned_blocks_compute_what_unrolled_blocks_do(remat):
   variables = init(unrolled, x)
   stacked = models.stack_blocks(variables)
   # The stacked tree is exactly the scanned model's.
-  assert (jax.tree.structure(stacked) ==
-          jax.tree.structure(init(scanned, x)))
+  assert jax.tree.structure(stacked) == jax.tree.structure(init(scanned, x))
   assert jax.tree.map(jnp.shape, stacked) == jax.tree.map(
-      jnp.shape, init(scanned, x))
+      jnp.shape, init(scanned, x)
+  )
   assert stacked['params']['stage1_blocks']['conv1']['kernel'].shape == (
-      2, 3, 3, 16, 16)
+      2,
+      3,
+      3,
+      16,
+      16,
+  )
 
   def loss(model, params, batch_stats):
     logits, updates = model.apply(
-        {'params': params, 'batch_stats': batch_stats}, x, train=True,
-        mutable=['batch_stats'])
-    return jnp.sum(logits ** 2), (logits, updates['batch_stats'])
+        {'params': params, 'batch_stats': batch_stats},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+    )
+    return jnp.sum(logits**2), (logits, updates['batch_stats'])
 
   def grads(model, v):
     return jax.jit(jax.grad(functools.partial(loss, model), has_aux=True))(
-        v['params'], v['batch_stats'])
+        v['params'], v['batch_stats']
+    )
 
   g_unrolled, (logits_unrolled, stats_unrolled) = grads(unrolled, variables)
   g_scanned, (logits_scanned, stats_scanned) = grads(scanned, stacked)
   assert_close(logits_scanned, logits_unrolled, FORMS_RTOL)
-  assert_trees_close(models.unroll_blocks({'params': g_scanned,
-                                           'batch_stats': stats_scanned}),
-                     {'params': g_unrolled, 'batch_stats': stats_unrolled},
-                     FORMS_RTOL)
-  assert_close(scanned.apply(stacked, x, train=False),
-               unrolled.apply(variables, x, train=False), FORMS_RTOL)
+  assert_trees_close(
+      models.unroll_blocks({'params': g_scanned, 'batch_stats': stats_scanned}),
+      {'params': g_unrolled, 'batch_stats': stats_unrolled},
+      FORMS_RTOL,
+  )
+  assert_close(
+      scanned.apply(stacked, x, train=False),
+      unrolled.apply(variables, x, train=False),
+      FORMS_RTOL,
+  )
 
 
 def test_scanned_bottlenecks_with_projections():
@@ -257,7 +311,12 @@ def test_scanned_bottlenecks_with_projections():
   # Stage 3 of ResNet-50: block 1 projects, blocks 2-6 are stacked.
   assert 'proj_conv' in stacked['params']['stage3_block1']
   assert stacked['params']['stage3_blocks']['conv2']['kernel'].shape == (
-      5, 3, 3, 256, 256)
+      5,
+      3,
+      3,
+      256,
+      256,
+  )
   out_unrolled, _ = unrolled.apply(variables, x, mutable=['batch_stats'])
   out_scanned, _ = scanned.apply(stacked, x, mutable=['batch_stats'])
   assert_close(out_scanned, out_unrolled, FORMS_RTOL)
@@ -268,11 +327,16 @@ def test_block_forms_convert_both_ways_exactly():
   variables = init(cifar(32), x)  # n = 5: blocks 2-5 of each stage stacked.
   stacked = models.stack_blocks(variables)
   assert set(stacked['params']) == {
-      'conv_init', 'bn_init', 'head', *(f'stage{i}_block1' for i in (1, 2, 3)),
-      *(f'stage{i}_blocks' for i in (1, 2, 3))}
+      'conv_init',
+      'bn_init',
+      'head',
+      *(f'stage{i}_block1' for i in (1, 2, 3)),
+      *(f'stage{i}_blocks' for i in (1, 2, 3)),
+  }
   np.testing.assert_array_equal(
       stacked['batch_stats']['stage2_blocks']['bn1']['mean'][2],
-      variables['batch_stats']['stage2_block4']['bn1']['mean'])
+      variables['batch_stats']['stage2_block4']['bn1']['mean'],
+  )
   back = models.unroll_blocks(stacked)
   assert jax.tree.structure(back) == jax.tree.structure(variables)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(variables)):
@@ -282,8 +346,9 @@ def test_block_forms_convert_both_ways_exactly():
 
 def test_summary_and_layer_responses_are_the_same_in_both_forms():
   unrolled, scanned = cifar(20), cifar(20, scan_blocks=True)
-  assert layers.layer_table(scanned, 32)[0] == layers.layer_table(
-      unrolled, 32)[0]
+  assert (
+      layers.layer_table(scanned, 32)[0] == layers.layer_table(unrolled, 32)[0]
+  )
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   variables = init(unrolled, x)
   expected = layers.layer_responses(unrolled, variables, x)
@@ -299,13 +364,20 @@ def test_scanned_program_does_not_grow_with_depth():
   def operations(depth):
     model = cifar(depth, scan_blocks=True)
     x = jnp.zeros((2, 32, 32, 3))
-    variables = jax.eval_shape(functools.partial(model.init, train=False),
-                               jax.random.key(0), x)
+    variables = jax.eval_shape(
+        functools.partial(model.init, train=False), jax.random.key(0), x
+    )
     loss = lambda params, batch_stats: model.apply(
-        {'params': params, 'batch_stats': batch_stats}, x,
-        mutable=['batch_stats'])[0].sum()
-    return len(jax.make_jaxpr(jax.grad(loss))(
-        variables['params'], variables['batch_stats']).eqns)
+        {'params': params, 'batch_stats': batch_stats},
+        x,
+        mutable=['batch_stats'],
+    )[0].sum()
+    return len(
+        jax.make_jaxpr(jax.grad(loss))(
+            variables['params'], variables['batch_stats']
+        ).eqns
+    )
+
   assert operations(1202) == operations(20)
   assert operations(8) < operations(20)  # n = 1: nothing to scan.
 
@@ -315,8 +387,9 @@ def test_layer_responses_of_scanned_rematerialised_blocks():
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   variables = init(cifar(20), x)
   expected = layers.layer_responses(cifar(20), variables, x)
-  found = layers.layer_responses(cifar(20, scan_blocks=True, remat=True),
-                                 models.stack_blocks(variables), x)
+  found = layers.layer_responses(
+      cifar(20, scan_blocks=True, remat=True), models.stack_blocks(variables), x
+  )
   assert len(found) == len(expected)
   for a, b in zip(found, expected):
     assert_close(a, b, FORMS_RTOL)
@@ -332,14 +405,19 @@ def test_batchnorm_groups_of_64_are_two_independent_batchnorms(num_devices):
   whole = cifar(14, scan_blocks=True)
   grouped = cifar(14, scan_blocks=True, bn_group_size=64)
   variables = init(whole, x[:1])
-  train = lambda model, v, x: model.apply(v, x, train=True,
-                                          mutable=['batch_stats'])
-  mesh = jax.make_mesh((num_devices,), ('data',),
-                       devices=jax.devices()[:num_devices],
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  train = lambda model, v, x: model.apply(
+      v, x, train=True, mutable=['batch_stats']
+  )
+  mesh = jax.make_mesh(
+      (num_devices,),
+      ('data',),
+      devices=jax.devices()[:num_devices],
+      axis_types=(jax.sharding.AxisType.Auto,),
+  )
   batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   logits, updates = jax.jit(functools.partial(train, grouped))(
-      variables, jax.device_put(x, batch))
+      variables, jax.device_put(x, batch)
+  )
   halves = [train(whole, variables, half) for half in (x[:64], x[64:])]
   expected = jnp.concatenate([logits for logits, _ in halves])
   # Each BN's output is the same normalisation with its sums taken in
@@ -348,10 +426,14 @@ def test_batchnorm_groups_of_64_are_two_independent_batchnorms(num_devices):
   assert_close(logits, expected, FORMS_RTOL)
   assert np.abs(train(whole, variables, x)[0] - expected).max() > 0.1
   # The running statistics move towards the mean of the groups' statistics.
-  assert_trees_close(updates, jax.tree.map(lambda a, b: (a + b) / 2,
-                                           halves[0][1], halves[1][1]),
-                     FORMS_RTOL)
+  assert_trees_close(
+      updates,
+      jax.tree.map(lambda a, b: (a + b) / 2, halves[0][1], halves[1][1]),
+      FORMS_RTOL,
+  )
   # Evaluation is unchanged: the same variables, nn.BatchNorm's running
   # averages.
-  np.testing.assert_array_equal(grouped.apply(variables, x, train=False),
-                                whole.apply(variables, x, train=False))
+  np.testing.assert_array_equal(
+      grouped.apply(variables, x, train=False),
+      whole.apply(variables, x, train=False),
+  )

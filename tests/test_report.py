@@ -25,6 +25,7 @@ from resnet_jax import report
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 
+
 def read_csv(path):
   with open(path, newline='') as f:
     return list(csv.DictReader(f))
@@ -34,13 +35,22 @@ def read_csv(path):
 def sweep(tmp_path_factory):
   """Two seeds of the smoke config, the second interrupted and resumed."""
   root = tmp_path_factory.mktemp('sweep')
-  flags = ('resnet_jax.sweep', '--configs=configs/smoke.py', '--seeds=0,1',
-           f'--root={root}')
+  flags = (
+      'resnet_jax.sweep',
+      '--configs=configs/smoke.py',
+      '--seeds=0,1',
+      f'--root={root}',
+  )
   ok(python(*flags))
   # Interrupt seed 1 after its last checkpoint: drop its final test result.
   path = root / 'smoke' / 'seed1' / 'metrics.jsonl'
-  path.write_text(''.join(l + '\n' for l in path.read_text().splitlines()
-                          if json.loads(l)['split'] != 'final_test'))
+  path.write_text(
+      ''.join(
+          l + '\n'
+          for l in path.read_text().splitlines()
+          if json.loads(l)['split'] != 'final_test'
+      )
+  )
   out = ok(python(*flags)).stdout
   assert 'smoke/seed0: finished, skipped' in out
   assert 'smoke/seed1: training' in out
@@ -49,59 +59,103 @@ def sweep(tmp_path_factory):
 
 
 def test_sweep_bad_input(tmp_path):
-  assert 'no config file' in error_line(python(
-      'resnet_jax.sweep', '--configs=configs/nope.py', f'--root={tmp_path}'))
-  assert 'unknown config field' in python(
-      'resnet_jax.sweep', '--configs=configs/smoke.py', f'--root={tmp_path}',
-      '--set=nonsense=1').stderr
+  assert 'no config file' in error_line(
+      python(
+          'resnet_jax.sweep', '--configs=configs/nope.py', f'--root={tmp_path}'
+      )
+  )
+  assert (
+      'unknown config field'
+      in python(
+          'resnet_jax.sweep',
+          '--configs=configs/smoke.py',
+          f'--root={tmp_path}',
+          '--set=nonsense=1',
+      ).stderr
+  )
 
 
 def fake_run(workdir, config_name, errors_by_split):
   """A finished run's config.json and metrics.jsonl, without training."""
   config = subprocess.run(
-      [sys.executable, '-c', f'from configs import {config_name}; '
-       f'print({config_name}.get_config().to_json())'],
-      cwd=ROOT, capture_output=True, text=True, check=True).stdout
+      [
+          sys.executable,
+          '-c',
+          f'from configs import {config_name}; '
+          f'print({config_name}.get_config().to_json())',
+      ],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      check=True,
+  ).stdout
   workdir.mkdir(parents=True)
   (workdir / 'config.json').write_text(config)
-  (workdir / 'metrics.jsonl').write_text(''.join(
-      json.dumps({'step': step, 'split': split, 'error': error}) + '\n'
-      for split, step, error in errors_by_split))
+  (workdir / 'metrics.jsonl').write_text(
+      ''.join(
+          json.dumps({'step': step, 'split': split, 'error': error}) + '\n'
+          for split, step, error in errors_by_split
+      )
+  )
 
 
 def test_table_best_mean_std_beside_the_paper(tmp_path):
   for seed, error in enumerate((9.0, 8.0, 10.0)):
-    fake_run(tmp_path / 'runs' / 'resnet20' / f'seed{seed}', 'resnet20',
-             [('validation', 64000, 1.0), ('final_test', 64000, error)])
-  fake_run(tmp_path / 'runs' / 'plain20' / 'seed0', 'plain20',
-           [('final_test', 64000, 12.5)])
+    fake_run(
+        tmp_path / 'runs' / 'resnet20' / f'seed{seed}',
+        'resnet20',
+        [('validation', 64000, 1.0), ('final_test', 64000, error)],
+    )
+  fake_run(
+      tmp_path / 'runs' / 'plain20' / 'seed0',
+      'plain20',
+      [('final_test', 64000, 12.5)],
+  )
   markdown = report.table(tmp_path / 'runs', 'final', tmp_path / 'out')
-  assert ('| ResNet-20 | 20 | 0.27M | 8.00 (9.00 ± 1.00) | 3 | 64000 | 8.75 |'
-          in markdown)
-  assert '| plain-20 | 20 | 0.27M | 12.50 (12.50 ± 0.00) | 1 | 64000 | - |' \
+  assert (
+      '| ResNet-20 | 20 | 0.27M | 8.00 (9.00 ± 1.00) | 3 | 64000 | 8.75 |'
       in markdown
+  )
+  assert (
+      '| plain-20 | 20 | 0.27M | 12.50 (12.50 ± 0.00) | 1 | 64000 | - |'
+      in markdown
+  )
   assert 'final step' in markdown
   rows = {r['config']: r for r in read_csv(tmp_path / 'out' / 'table.csv')}
   assert rows['resnet20']['params'] == '269722'
   assert rows['resnet20']['errors'] == '9.0000;8.0000;10.0000'
   assert (tmp_path / 'out' / 'table.md').read_text() == markdown
   # An unfinished run is an error, not a silently smaller sample.
-  fake_run(tmp_path / 'runs' / 'resnet56' / 'seed0', 'resnet56',
-           [('validation', 2000, 30.0)])
+  fake_run(
+      tmp_path / 'runs' / 'resnet56' / 'seed0',
+      'resnet56',
+      [('validation', 2000, 30.0)],
+  )
   with pytest.raises(report.ReportError, match='not finished'):
     report.table(tmp_path / 'runs', 'final', tmp_path / 'out')
 
 
-def test_table_by_validation_uses_the_best_validation_checkpoint(sweep,
-                                                                 tmp_path):
-  out = ok(python('resnet_jax.report', 'table', f'--root={sweep}',
-                  '--selection=validation', f'--out={tmp_path}')).stdout
+def test_table_by_validation_uses_the_best_validation_checkpoint(
+    sweep, tmp_path
+):
+  out = ok(
+      python(
+          'resnet_jax.report',
+          'table',
+          f'--root={sweep}',
+          '--selection=validation',
+          f'--out={tmp_path}',
+      )
+  ).stdout
   assert 'lowest validation error' in out
   row = read_csv(tmp_path / 'table.csv')[0]
   steps = []
   for seed in (0, 1):
-    validation = [r for r in records(sweep / 'smoke' / f'seed{seed}')
-                  if r['split'] == 'validation']
+    validation = [
+        r
+        for r in records(sweep / 'smoke' / f'seed{seed}')
+        if r['split'] == 'validation'
+    ]
     steps.append(min(validation, key=lambda r: (r['error'], r['step']))['step'])
   assert row['steps'] == ';'.join(map(str, sorted(set(steps))))
   assert row['selection'] == 'validation'
@@ -112,13 +166,15 @@ def test_validation_ties_pick_the_checkpoint_orbax_keeps(sweep, tmp_path):
   # an earlier tied one may be deleted.
   run = tmp_path / 'smoke' / 'seed0'
   shutil.copytree(sweep / 'smoke' / 'seed0', run)
-  lines = [json.loads(l) for l in (run / 'metrics.jsonl').read_text()
-           .splitlines()]
+  lines = [
+      json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()
+  ]
   for r in lines:
     if r['split'] == 'validation':
       r['error'] = 5.0
-  (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n'
-                                             for r in lines))
+  (run / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in lines)
+  )
   shutil.rmtree(run / 'checkpoints' / '10')
   assert report.test_error(run, 'validation')[1] == 20
 
@@ -126,13 +182,23 @@ def test_validation_ties_pick_the_checkpoint_orbax_keeps(sweep, tmp_path):
 def test_figures_write_their_numbers(sweep, tmp_path):
   run = sweep / 'smoke' / 'seed0'
   for command in ('fig6', 'fig7', 'curve', 'filters', 'deconv'):
-    ok(python('resnet_jax.report', command, f'--workdirs={run}',
-              f'--out={tmp_path}', '--image=5'))
+    ok(
+        python(
+            'resnet_jax.report',
+            command,
+            f'--workdirs={run}',
+            f'--out={tmp_path}',
+            '--image=5',
+        )
+    )
     for suffix in ('png', 'pdf', 'csv'):
       assert (tmp_path / f'{command}.{suffix}').stat().st_size > 0
   fig6 = read_csv(tmp_path / 'fig6.csv')
-  logged = [(r['split'], r['step']) for r in records(run)
-            if r['split'] in ('train', 'validation')]
+  logged = [
+      (r['split'], r['step'])
+      for r in records(run)
+      if r['split'] in ('train', 'validation')
+  ]
   assert sorted((r['split'], int(r['step'])) for r in fig6) == sorted(logged)
   fig7 = read_csv(tmp_path / 'fig7.csv')
   assert len(fig7) == 7  # ResNet-8: the stem and two 3x3 convs per block.
@@ -147,8 +213,12 @@ def test_figures_write_their_numbers(sweep, tmp_path):
     rows = [r for r in deconv if r['layer'] == layer]
     assert len(rows) == 9 * 32 * 32 * 3
     # One channel per rank, strongest first.
-    chosen[layer] = sorted({(int(r['rank']), int(r['channel']),
-                             float(r['activation'])) for r in rows})
+    chosen[layer] = sorted(
+        {
+            (int(r['rank']), int(r['channel']), float(r['activation']))
+            for r in rows
+        }
+    )
     assert [rank for rank, _, _ in chosen[layer]] == list(range(9))
     activations = [a for _, _, a in chosen[layer]]
     assert activations == sorted(activations, reverse=True)
@@ -157,10 +227,12 @@ def test_figures_write_their_numbers(sweep, tmp_path):
   for r in filters:
     if r['layer'] == 'stage3_block1':
       channel = int(r['channel'])
-      maxima[channel] = max(float(r['value']),
-                            maxima.get(channel, float('-inf')))
+      maxima[channel] = max(
+          float(r['value']), maxima.get(channel, float('-inf'))
+      )
   assert [c for _, c, _ in chosen['stage3']] == sorted(
-      maxima, key=maxima.get, reverse=True)[:9]
+      maxima, key=maxima.get, reverse=True
+  )[:9]
 
 
 def copy_run(source, workdir, **changes):
@@ -174,33 +246,49 @@ def copy_run(source, workdir, **changes):
 def softmax_by_hand(workdir, step):
   """A run's test-set softmax and labels, its network applied here."""
   config = workdir_lib.saved_config(workdir)
-  state = workdir_lib.load(workdir, workdir_lib.abstract(
-      train.state_shapes(config),
-      jax.sharding.SingleDeviceSharding(jax.local_devices()[0])), step)
+  state = workdir_lib.load(
+      workdir,
+      workdir_lib.abstract(
+          train.state_shapes(config),
+          jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+      ),
+      step,
+  )
   test = cifar.load(config).test
   x = (test.images.astype(np.float32) / 255 - state.mean) / state.std
   logits = models.from_config(config, 10).apply(
-      {'params': state.params, 'batch_stats': state.batch_stats}, x,
-      train=False)
+      {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
+  )
   return np.asarray(jax.nn.softmax(logits)), test.labels
 
 
 def test_ensemble_averages_the_members_softmax(sweep, tmp_path):
   # Step 10 (each run's config.eval_checkpoint_step): errors of ~50%, where
   # the ensemble differs from its members.
-  runs = [copy_run(sweep / 'smoke' / f'seed{seed}', tmp_path / f'seed{seed}',
-                   eval_checkpoint_step=10) for seed in (0, 1)]
-  out = ok(python('resnet_jax.report', 'ensemble',
-                  f'--workdirs={runs[0]},{runs[1]}',
-                  f'--out={tmp_path}')).stdout
+  runs = [
+      copy_run(
+          sweep / 'smoke' / f'seed{seed}',
+          tmp_path / f'seed{seed}',
+          eval_checkpoint_step=10,
+      )
+      for seed in (0, 1)
+  ]
+  out = ok(
+      python(
+          'resnet_jax.report',
+          'ensemble',
+          f'--workdirs={runs[0]},{runs[1]}',
+          f'--out={tmp_path}',
+      )
+  ).stdout
   rows = read_csv(tmp_path / 'ensemble.csv')
   assert (tmp_path / 'ensemble.md').read_text() == out
-  assert [r['model'] for r in rows] == ['ResNet-8', 'ResNet-8',
-                                        'ensemble of 2']
+  assert [r['model'] for r in rows] == ['ResNet-8', 'ResNet-8', 'ensemble of 2']
   members = [softmax_by_hand(run, 10) for run in runs]
   labels = members[0][1]
   step, probs, own_labels = evaluate.test_probabilities(
-      workdir_lib.saved_config(runs[0]), runs[0])
+      workdir_lib.saved_config(runs[0]), runs[0]
+  )
   assert step == 10 and np.array_equal(own_labels, labels)
   # The same float32 network on 2 devices or 1, in batches or not.
   assert_close(probs, members[0][0], 1e-4)
@@ -208,9 +296,11 @@ def test_ensemble_averages_the_members_softmax(sweep, tmp_path):
   for row, probs in zip(rows, [p for p, _ in members] + [average]):
     top5 = np.argsort(-probs, axis=1)[:, :5]
     assert float(row['error']) == pytest.approx(
-        100 * np.mean(top5[:, 0] != labels), abs=1e-4)
+        100 * np.mean(top5[:, 0] != labels), abs=1e-4
+    )
     assert float(row['top5_error']) == pytest.approx(
-        100 * np.mean(np.all(top5 != labels[:, None], 1)), abs=1e-4)
+        100 * np.mean(np.all(top5 != labels[:, None], 1)), abs=1e-4
+    )
     assert row['images'] == str(len(labels))
   assert [r['step'] for r in rows] == ['10', '10', '']
   assert [r['views'] for r in rows] == ['whole image', 'whole image', '']
@@ -221,56 +311,106 @@ def test_ensemble_averages_the_members_softmax(sweep, tmp_path):
 def test_ensemble_bad_input(sweep, tmp_path):
   run = sweep / 'smoke' / 'seed0'
   other = copy_run(run, tmp_path / 'cifar100', dataset='cifar100')
-  assert 'tested on the same images' in error_line(python(
-      'resnet_jax.report', 'ensemble', f'--workdirs={run},{other}'))
+  assert 'tested on the same images' in error_line(
+      python('resnet_jax.report', 'ensemble', f'--workdirs={run},{other}')
+  )
   fewer = copy_run(run, tmp_path / 'fewer', synthetic_train_size=128)
-  assert "test set (32 images) is not" in error_line(python(
-      'resnet_jax.report', 'ensemble', f'--workdirs={run},{fewer}',
-      f'--out={tmp_path}'))
-  assert 'not a resnet_jax run' in error_line(python(
-      'resnet_jax.report', 'ensemble', f'--workdirs={run},{tmp_path}',
-      f'--out={tmp_path}'))
-  assert "multi-scale testing" in error_line(python(
-      'resnet_jax.report', 'ensemble', f'--workdirs={run}',
-      '--test_scales=32,48', f'--out={tmp_path}'))
+  assert 'test set (32 images) is not' in error_line(
+      python(
+          'resnet_jax.report',
+          'ensemble',
+          f'--workdirs={run},{fewer}',
+          f'--out={tmp_path}',
+      )
+  )
+  assert 'not a resnet_jax run' in error_line(
+      python(
+          'resnet_jax.report',
+          'ensemble',
+          f'--workdirs={run},{tmp_path}',
+          f'--out={tmp_path}',
+      )
+  )
+  assert 'multi-scale testing' in error_line(
+      python(
+          'resnet_jax.report',
+          'ensemble',
+          f'--workdirs={run}',
+          '--test_scales=32,48',
+          f'--out={tmp_path}',
+      )
+  )
 
 
 def test_report_bad_input(tmp_path):
-  assert 'not a resnet_jax run' in error_line(python(
-      'resnet_jax.report', 'fig6', f'--workdirs={tmp_path}',
-      f'--out={tmp_path}'))
-  assert 'holds no runs' in error_line(python(
-      'resnet_jax.report', 'table', f'--root={tmp_path}', f'--out={tmp_path}'))
+  assert 'not a resnet_jax run' in error_line(
+      python(
+          'resnet_jax.report',
+          'fig6',
+          f'--workdirs={tmp_path}',
+          f'--out={tmp_path}',
+      )
+  )
+  assert 'holds no runs' in error_line(
+      python(
+          'resnet_jax.report',
+          'table',
+          f'--root={tmp_path}',
+          f'--out={tmp_path}',
+      )
+  )
   assert 'give one command' in error_line(python('resnet_jax.report', 'fig8'))
 
 
 def test_deconv_bad_input(sweep, tmp_path):
   run = sweep / 'smoke' / 'seed0'
-  for flag, message in (('--image=64', '--image must be in [0, 64)'),
-                        ('--channels=17', '--channels must be in [1, 16]'),
-                        ('--keep=all', 'flag --keep')):
-    assert message in error_line(python(
-        'resnet_jax.report', 'deconv', f'--workdirs={run}',
-        f'--out={tmp_path}', flag))
+  for flag, message in (
+      ('--image=64', '--image must be in [0, 64)'),
+      ('--channels=17', '--channels must be in [1, 16]'),
+      ('--keep=all', 'flag --keep'),
+  ):
+    assert message in error_line(
+        python(
+            'resnet_jax.report',
+            'deconv',
+            f'--workdirs={run}',
+            f'--out={tmp_path}',
+            flag,
+        )
+    )
   assert not any(tmp_path.iterdir())
 
 
 def test_colab_notebook_runs_top_to_bottom(tmp_path):
   notebook = nbformat.read(ROOT / 'colab' / 'resnet_jax.ipynb', as_version=4)
-  parameters = next(c for c in notebook.cells
-                    if 'parameters' in c.metadata.get('tags', []))
+  parameters = next(
+      c for c in notebook.cells if 'parameters' in c.metadata.get('tags', [])
+  )
   parameters.source += (  # As papermill would inject them.
       f"\nCONFIG = 'smoke'\nQUICK_STEPS = 10\nDATA_SOURCE = 'synthetic'"
-      f"\nWORKDIR = '{tmp_path}/workdirs'\nREPORT = '{tmp_path}/report'")
-  nbclient.NotebookClient(notebook, timeout=600, kernel_name='python3',
-                          resources={'metadata': {'path': str(ROOT)}}
-                          ).execute()
-  text = '\n'.join(o.get('text', '') for c in notebook.cells
-                   if c.cell_type == 'code' for o in c.outputs)
+      f"\nWORKDIR = '{tmp_path}/workdirs'\nREPORT = '{tmp_path}/report'"
+  )
+  nbclient.NotebookClient(
+      notebook,
+      timeout=600,
+      kernel_name='python3',
+      resources={'metadata': {'path': str(ROOT)}},
+  ).execute()
+  text = '\n'.join(
+      o.get('text', '')
+      for c in notebook.cells
+      if c.cell_type == 'code'
+      for o in c.outputs
+  )
   assert 'ResNet-8: final test error' in text
   assert 'plain-8 checkpoint at step 10' in text
-  images = [o for c in notebook.cells if c.cell_type == 'code'
-            for o in c.outputs if 'image/png' in o.get('data', {})]
+  images = [
+      o
+      for c in notebook.cells
+      if c.cell_type == 'code'
+      for o in c.outputs
+      if 'image/png' in o.get('data', {})
+  ]
   assert len(images) == 2  # Fig. 6 and Fig. 7, shown inline.
   for name in ('fig6', 'fig7'):
     assert (tmp_path / 'report' / f'{name}.png').exists()

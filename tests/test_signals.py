@@ -24,15 +24,19 @@ from commands import start
 
 # Checkpoints only far past where the signal comes: what is saved at the
 # stop is the stop's own.
-FLAGS = ('--config.log_every_steps=5', '--config.eval_every_steps=20',
-         '--config.checkpoint_every_steps=1000')
+FLAGS = (
+    '--config.log_every_steps=5',
+    '--config.eval_every_steps=20',
+    '--config.checkpoint_every_steps=1000',
+)
 
 
 def wait_for_training(process, workdir):
   """Until the run has logged its first training steps."""
   deadline = time.time() + 300
-  while not ((workdir / 'metrics.jsonl').exists() and
-             records(workdir, 'train')):
+  while not (
+      (workdir / 'metrics.jsonl').exists() and records(workdir, 'train')
+  ):
     assert process.poll() is None and time.time() < deadline
     time.sleep(0.05)
 
@@ -45,18 +49,23 @@ def stop_line(path):
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum,
-                                                             tmp_path):
+def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum, tmp_path):
   stopped = tmp_path / 'stopped'
   with open(tmp_path / 'stderr', 'w') as stderr:
-    process = start(command(stopped, *FLAGS, '--config.train_length=100000'),
-                    stderr=stderr)
+    process = start(
+        command(stopped, *FLAGS, '--config.train_length=100000'), stderr=stderr
+    )
     wait_for_training(process, stopped)
     process.send_signal(signum)
     assert process.wait(timeout=300) == 128 + signum
   line = stop_line(tmp_path / 'stderr')
-  step = int(re.search(r'at step (\d+), its checkpoint saved; the same '
-                       'command resumes the run', line).group(1))
+  step = int(
+      re.search(
+          r'at step (\d+), its checkpoint saved; the same '
+          'command resumes the run',
+          line,
+      ).group(1)
+  )
   assert line.startswith(f'stopped: {signal.Signals(signum).name} at step')
   assert workdir_lib.checkpoint_steps(stopped) == {step}
   assert records(stopped, 'train')[-1]['step'] == step  # Its metrics too.
@@ -65,8 +74,10 @@ def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum,
   resumed = ok(run(stopped, *FLAGS, end))
   assert f'Resuming from checkpoint at step {step}.' in resumed.stdout
   ok(run(tmp_path / 'straight', *FLAGS, end))
-  for x, y in zip(jax.tree.leaves(params(tmp_path / 'straight', step + 5)),
-                  jax.tree.leaves(params(stopped, step + 5))):
+  for x, y in zip(
+      jax.tree.leaves(params(tmp_path / 'straight', step + 5)),
+      jax.tree.leaves(params(stopped, step + 5)),
+  ):
     np.testing.assert_array_equal(x, y)
   # Every step's training metrics are in one record: none lost, none twice.
   steps = [r['step'] for r in records(stopped, 'train')]
@@ -81,9 +92,18 @@ def test_a_signal_to_one_host_stops_every_host_at_the_same_step(tmp_path):
   processes = []
   for i, log in enumerate(logs):
     with open(log, 'w') as stderr:
-      processes.append(start(
-          command(workdir, *FLAGS, '--config.train_length=100000',
-                  *distributed(port, i)), devices=1, stderr=stderr))
+      processes.append(
+          start(
+              command(
+                  workdir,
+                  *FLAGS,
+                  '--config.train_length=100000',
+                  *distributed(port, i),
+              ),
+              devices=1,
+              stderr=stderr,
+          )
+      )
   try:
     wait_for_training(processes[0], workdir)
     processes[1].send_signal(signal.SIGTERM)  # Not to process 0.
@@ -99,11 +119,16 @@ def test_a_signal_to_one_host_stops_every_host_at_the_same_step(tmp_path):
 
 def test_the_sweep_passes_a_signal_on_and_waits(tmp_path):
   with open(tmp_path / 'stderr', 'w') as stderr:
-    sweep = start(module(
-        'resnet_jax.sweep', f'--root={tmp_path}', '--configs=configs/smoke.py',
-        '--set=train_length=100000',
-        *(f'--set={f.removeprefix("--config.")}' for f in FLAGS)),
-                  stderr=stderr)
+    sweep = start(
+        module(
+            'resnet_jax.sweep',
+            f'--root={tmp_path}',
+            '--configs=configs/smoke.py',
+            '--set=train_length=100000',
+            *(f'--set={f.removeprefix("--config.")}' for f in FLAGS),
+        ),
+        stderr=stderr,
+    )
     workdir = tmp_path / 'smoke' / 'seed0'
     wait_for_training(sweep, workdir)
     sweep.send_signal(signal.SIGTERM)
@@ -119,9 +144,9 @@ def test_the_sweep_passes_a_signal_on_and_waits(tmp_path):
   err = (tmp_path / 'stderr').read_text()
   assert 'Traceback' not in err, err[-3000:]
   assert [l for l in err.splitlines() if l.startswith('stopped: ')][1] == (
-      'stopped: run the same sweep again to resume')
+      'stopped: run the same sweep again to resume'
+  )
   assert len(workdir_lib.checkpoint_steps(workdir)) == 1
-
 
 
 def test_a_run_started_from_another_thread_keeps_the_signals_default():
@@ -129,13 +154,15 @@ def test_a_run_started_from_another_thread_keeps_the_signals_default():
   # thread, a user's pool): there nothing is set, and nothing fails.
   import threading  # pylint: disable=g-import-not-at-top
   from resnet_jax import train  # pylint: disable=g-import-not-at-top
+
   handlers = {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
   seen = []
 
   def begin():
     with train.stop_requests() as received:
-      seen.append((received, {s: signal.getsignal(s)
-                              for s in train.STOP_SIGNALS}))
+      seen.append(
+          (received, {s: signal.getsignal(s) for s in train.STOP_SIGNALS})
+      )
 
   thread = threading.Thread(target=begin)
   thread.start()

@@ -23,8 +23,14 @@ def test_paper_schedule_in_iterations():
   total, boundaries = train.schedule_in_steps(config, 45_000)
   assert (total, boundaries) == (64_000, [32_000, 48_000])
   lr = train.learning_rate_schedule(config, boundaries)
-  for step, expected in [(0, 0.1), (31_999, 0.1), (32_000, 0.01),
-                         (47_999, 0.01), (48_000, 0.001), (63_999, 0.001)]:
+  for step, expected in [
+      (0, 0.1),
+      (31_999, 0.1),
+      (32_000, 0.01),
+      (47_999, 0.01),
+      (48_000, 0.001),
+      (63_999, 0.001),
+  ]:
     assert float(lr(step)) == pytest.approx(expected), step
 
 
@@ -49,8 +55,10 @@ def test_weight_decay_is_coupled_into_momentum_like_the_paper():
   # PyTorch / Caffe SGD: v = m * v + (g + wd * w); w -= lr * v.
   config = default_config.get_config()
   tx = train.create_optimizer(config, lambda step: 0.1)
-  params = {'conv': {'kernel': jnp.array([1.0, -2.0])},
-            'bn': {'scale': jnp.array([3.0])}}
+  params = {
+      'conv': {'kernel': jnp.array([1.0, -2.0])},
+      'bn': {'scale': jnp.array([3.0])},
+  }
   grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
   state = tx.init(params)
   w = jax.tree.map(np.asarray, params)
@@ -68,8 +76,10 @@ def test_weight_decay_mask_kernels_spares_batchnorm():
   config = default_config.get_config()
   config.weight_decay_mask = 'kernels'
   tx = train.create_optimizer(config, lambda step: 0.1)
-  params = {'conv': {'kernel': jnp.ones(2)}, 'bn': {'scale': jnp.ones(1),
-                                                    'bias': jnp.ones(1)}}
+  params = {
+      'conv': {'kernel': jnp.ones(2)},
+      'bn': {'scale': jnp.ones(1), 'bias': jnp.ones(1)},
+  }
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates['conv']['kernel'], -0.1 * 1e-4)
@@ -77,8 +87,10 @@ def test_weight_decay_mask_kernels_spares_batchnorm():
   np.testing.assert_array_equal(updates['bn']['bias'], 0)
 
 
-@pytest.mark.parametrize('field, value', [
-    ('schedule_unit', 'fortnights'), ('weight_decay_mask', 'biases')])
+@pytest.mark.parametrize(
+    'field, value',
+    [('schedule_unit', 'fortnights'), ('weight_decay_mask', 'biases')],
+)
 def test_bad_training_fields_are_rejected(field, value):
   config = smoke.get_config()
   config[field] = value
@@ -86,28 +98,48 @@ def test_bad_training_fields_are_rejected(field, value):
     train.setup(config)
 
 
-@pytest.mark.parametrize('field, value, message', [
-    ('batch_size', 0, 'batch_size must be positive'),
-    ('batch_size', -1, 'batch_size must be positive'),
-    ('eval_batch_size', 0, 'eval_batch_size must be positive'),
-    ('log_every_steps', 0, 'log_every_steps must be positive'),
-    ('eval_every_steps', 0, 'eval_every_steps must be positive'),
-    ('checkpoint_every_steps', 0, 'checkpoint_every_steps must be positive'),
-    ('train_length', 0, 'train_length must be positive'),
-    ('train_length', -5, 'train_length must be positive'),
-    ('learning_rate', -0.1, 'learning_rate must be positive'),
-    ('momentum', -1.0, r'momentum must be in \[0, 1\)'),
-    ('momentum', 1.0, r'momentum must be in \[0, 1\)'),
-    ('weight_decay', -0.5, 'weight_decay must not be negative'),
-    ('lr_boundaries', (15, 10), 'positive and increasing, got \\(15, 10\\)'),
-    ('lr_schedule', 'cosine', 'lr_schedule must be piecewise or plateau'),
-    ('lr_patience', 0, 'lr_patience must be positive'),
-    ('bn_group_size', 12, 'bn_group_size must be 0 .* or divide batch_size 32'),
-    ('bn_group_size', -16, 'bn_group_size must be 0'),
-    ('steps_per_dispatch', 0, 'steps_per_dispatch must be positive'),
-    ('steps_per_dispatch', 3, r'train_length \(20 steps\) is not a multiple '
-     'of steps_per_dispatch 3'),
-    ('batch_size', 512, r'larger than the training set \(192 images\)')])
+@pytest.mark.parametrize(
+    'field, value, message',
+    [
+        ('batch_size', 0, 'batch_size must be positive'),
+        ('batch_size', -1, 'batch_size must be positive'),
+        ('eval_batch_size', 0, 'eval_batch_size must be positive'),
+        ('log_every_steps', 0, 'log_every_steps must be positive'),
+        ('eval_every_steps', 0, 'eval_every_steps must be positive'),
+        (
+            'checkpoint_every_steps',
+            0,
+            'checkpoint_every_steps must be positive',
+        ),
+        ('train_length', 0, 'train_length must be positive'),
+        ('train_length', -5, 'train_length must be positive'),
+        ('learning_rate', -0.1, 'learning_rate must be positive'),
+        ('momentum', -1.0, r'momentum must be in \[0, 1\)'),
+        ('momentum', 1.0, r'momentum must be in \[0, 1\)'),
+        ('weight_decay', -0.5, 'weight_decay must not be negative'),
+        (
+            'lr_boundaries',
+            (15, 10),
+            'positive and increasing, got \\(15, 10\\)',
+        ),
+        ('lr_schedule', 'cosine', 'lr_schedule must be piecewise or plateau'),
+        ('lr_patience', 0, 'lr_patience must be positive'),
+        (
+            'bn_group_size',
+            12,
+            'bn_group_size must be 0 .* or divide batch_size 32',
+        ),
+        ('bn_group_size', -16, 'bn_group_size must be 0'),
+        ('steps_per_dispatch', 0, 'steps_per_dispatch must be positive'),
+        (
+            'steps_per_dispatch',
+            3,
+            r'train_length \(20 steps\) is not a multiple '
+            'of steps_per_dispatch 3',
+        ),
+        ('batch_size', 512, r'larger than the training set \(192 images\)'),
+    ],
+)
 def test_settings_no_run_can_train_with_are_refused(field, value, message):
   config = smoke.get_config()
   config[field] = value
@@ -133,8 +165,9 @@ def test_plateau_divides_the_rate_after_patience_evaluations_without_gain():
   for error in [50.0, 40.0, 45.0, 40.0, 30.0, 30.0, 30.0, 30.0, 20.0]:
     state = train.after_validation(state, error, patience=2, factor=0.1)
     scales.append(float(train.plateau(state).scale))
-  np.testing.assert_allclose(scales, [1, 1, 1, .1, .1, .1, .01, .01, .01],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      scales, [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01], rtol=1e-6
+  )
   assert float(train.plateau(state).best) == 20.0
   assert train.plateau(state).scale.sharding == state.step.sharding
   # The scale multiplies the whole update: the learning rate.
@@ -143,9 +176,10 @@ def test_plateau_divides_the_rate_after_patience_evaluations_without_gain():
   grads = {'w': jnp.array([0.5, 0.25])}
   fresh = tx.init(params)
   lowered = fresh[:-1] + (fresh[-1]._replace(scale=jnp.float32(0.1)),)
-  np.testing.assert_array_equal(tx.update(grads, lowered, params)[0]['w'],
-                                np.float32(0.1) *
-                                tx.update(grads, fresh, params)[0]['w'])
+  np.testing.assert_array_equal(
+      tx.update(grads, lowered, params)[0]['w'],
+      np.float32(0.1) * tx.update(grads, fresh, params)[0]['w'],
+  )
 
 
 def test_batch_must_divide_over_the_devices():
@@ -184,8 +218,11 @@ def test_eight_devices_step_like_one():
   for name in ('params', 'batch_stats'):
     expected = jax.device_get(getattr(one, name))
     change = jax.tree.map(np.subtract, expected, getattr(start, name))
-    for a, b, c in zip(jax.tree.leaves(jax.device_get(getattr(eight, name))),
-                       jax.tree.leaves(expected), jax.tree.leaves(change)):
+    for a, b, c in zip(
+        jax.tree.leaves(jax.device_get(getattr(eight, name))),
+        jax.tree.leaves(expected),
+        jax.tree.leaves(change),
+    ):
       assert np.abs(c).max() > 0, 'the steps changed nothing'
       assert np.abs(a - b).max() <= rtol * np.abs(c).max(), name
   # The batch really is split: each device computes on its share and the
@@ -198,9 +235,13 @@ def test_eight_devices_step_like_one():
 def test_checkpoints_kept_are_the_latest_and_the_best(tmp_path):
   manager = workdir.checkpoint_manager(tmp_path, keep=2)
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   for step, error in enumerate([5.0, 1.0, 4.0, 3.0, 2.5], start=1):
-    manager.save(step, args=ocp.args.StandardSave({'w': np.zeros(2)}),
-                 metrics={'validation_error': error})
+    manager.save(
+        step,
+        args=ocp.args.StandardSave({'w': np.zeros(2)}),
+        metrics={'validation_error': error},
+    )
   manager.wait_until_finished()
   assert manager.all_steps() == [2, 4, 5]  # Best (2) and the latest two.
 
@@ -211,8 +252,11 @@ def test_a_run_keeps_the_block_form_it_was_written_in(tmp_path, capsys):
   config.train_length = config.eval_every_steps = 10
   config.scan_blocks = False
   # Smoke's boundaries (10, 15) do not fall inside 10 steps: said, not fatal.
-  with pytest.warns(UserWarning, match=r'^lr_boundaries 10, 15 are not '
-                    r'before the end of training \(10 steps\)'):
+  with pytest.warns(
+      UserWarning,
+      match=r'^lr_boundaries 10, 15 are not '
+      r'before the end of training \(10 steps\)',
+  ):
     trained = train.train_and_evaluate(config, str(tmp_path))
   # A run recorded before scan_blocks existed: unrolled checkpoints.
   path = tmp_path / 'config.json'
@@ -224,7 +268,8 @@ def test_a_run_keeps_the_block_form_it_was_written_in(tmp_path, capsys):
   assert config.scan_blocks  # The default asks for the scanned form.
   result = evaluate.evaluate_checkpoint(config, str(tmp_path))
   assert 'holds unrolled blocks; using scan_blocks=False' in (
-      capsys.readouterr().out)
+      capsys.readouterr().out
+  )
   assert not config.scan_blocks
   assert result['step'] == 10
   assert result['error'] == trained['error']
@@ -239,8 +284,9 @@ def train_for(config, num_steps):
   for _ in range(num_steps // config.steps_per_dispatch):
     state, dispatched = steps.train(state, *steps.inputs(train_inputs))
     metrics.append(dispatched)
-  return jax.device_get(state), jax.device_get(jax.tree.map(
-      lambda *m: jnp.concatenate(m), *metrics))
+  return jax.device_get(state), jax.device_get(
+      jax.tree.map(lambda *m: jnp.concatenate(m), *metrics)
+  )
 
 
 def test_steps_per_dispatch_compute_what_single_steps_do():
@@ -258,14 +304,18 @@ def test_steps_per_dispatch_compute_what_single_steps_do():
   # counts (test_eight_devices_step_like_one).
   start = jax.device_get(train.setup(smoke.get_config())[2])
   for name in ('params', 'batch_stats'):
-    for a, b, c in zip(jax.tree.leaves(getattr(four, name)),
-                       jax.tree.leaves(getattr(one, name)),
-                       jax.tree.leaves(getattr(start, name))):
+    for a, b, c in zip(
+        jax.tree.leaves(getattr(four, name)),
+        jax.tree.leaves(getattr(one, name)),
+        jax.tree.leaves(getattr(start, name)),
+    ):
       assert np.abs(a - b).max() <= 1e-3 * np.abs(b - c).max(), name
-  np.testing.assert_allclose(four_metrics['loss'], one_metrics['loss'],
-                             rtol=1e-5)
-  np.testing.assert_array_equal(four_metrics['learning_rate'],
-                                one_metrics['learning_rate'])
+  np.testing.assert_allclose(
+      four_metrics['loss'], one_metrics['loss'], rtol=1e-5
+  )
+  np.testing.assert_array_equal(
+      four_metrics['learning_rate'], one_metrics['learning_rate']
+  )
 
 
 def test_host_batches_per_dispatch_are_each_steps_batch():
@@ -275,14 +325,20 @@ def test_host_batches_per_dispatch_are_each_steps_batch():
   inputs, steps, state, _ = train.setup(config)
   images, labels = next(inputs.train(0))
   key = jax.random.wrap_key_data(state.rng)
-  batches = [jax.device_put(inputs.draw(images, labels, key, step),
-                            steps.batch) for step in range(2)]
+  batches = [
+      jax.device_put(inputs.draw(images, labels, key, step), steps.batch)
+      for step in range(2)
+  ]
   host = train.make_steps(steps.mesh, lambda step: 0.1, None, 2)
   host_state, metrics = host.train(
-      jax.tree.map(jnp.copy, state), *host.inputs(iter(batches)))
+      jax.tree.map(jnp.copy, state), *host.inputs(iter(batches))
+  )
   assert metrics['loss'].shape == (2,)
   device_state = state
   for _ in range(2):
     device_state, _ = steps.train(device_state, images, labels)
-  assert_trees_close(jax.device_get(host_state.params),
-                     jax.device_get(device_state.params), rtol=1e-5)
+  assert_trees_close(
+      jax.device_get(host_state.params),
+      jax.device_get(device_state.params),
+      rtol=1e-5,
+  )
