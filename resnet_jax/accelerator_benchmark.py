@@ -14,10 +14,10 @@ ml_collections, absl and numpy; the PyTorch rows run when torch is installed
 and JAX is on the CPU. It is built to end within 5 minutes anywhere: a
 group of rows whose estimate (from the rows timed before it) would end past
 240 s (``--max_seconds``) is skipped and listed in both files; on a CPU
-most of the 5-seed and K=16 rows are. Every benchmark flag may be given after the
-preset ones and overrides them (e.g. ``--min_seconds`` and ``--repeats``
-shorten each row; ``--depths`` and ``--batch_sizes`` pick others;
-``--max_seconds=0`` times every row).
+most of the 5-seed and K=16 rows are. Every benchmark flag may be given
+after the preset ones and overrides them (e.g. ``--min_seconds`` and
+``--repeats`` shorten each row; ``--depths`` and ``--batch_sizes`` pick
+others; ``--max_seconds=0`` times every row).
 """
 
 import json

@@ -889,7 +889,7 @@ def benchmark_rows(depths, batch_sizes, per_dispatch, seed_counts, baseline):
               depth,
               (row['placement'], row['seeds']),
               1 / row['images_per_s'],
-              row.get('setup_s', 0) + row['compile_s'],
+              row['setup_s'] + row['compile_s'],
           )
       )
     rows += group_rows

@@ -47,7 +47,6 @@ import numpy as np
 
 from resnet_jax import atomic
 from resnet_jax import cli
-from resnet_jax import evaluate
 from resnet_jax import models
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
@@ -325,7 +324,7 @@ def to_torch(
     raise ConvertError(f'{torch_path} exists; --overwrite replaces it')
   config = workdir_lib.saved_config(workdir)
   layout = layout or ('torchvision' if config.model == 'imagenet' else 'cifar')
-  state = evaluate.first_device_checkpoint(config, workdir)
+  state = train.latest_checkpoint(workdir)
   variables = models.unroll_blocks(
       jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   )

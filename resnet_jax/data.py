@@ -1,10 +1,11 @@
 """What training needs of a dataset, whichever it is.
 
 The datasets of the paper (``DATASETS``), the ``Inputs`` a run reads them
-through (made by ``cifar.py`` and ``imagenet.py``; ``train.inputs`` picks),
-and what both share: the input normalisation and TensorFlow, kept off the
-accelerators. It imports neither of them: they import it. TensorFlow is needed only to read TFDS datasets, to stream
-ImageNet and to write TensorBoard summaries; nothing else imports it.
+through (made by ``cifar.py`` and ``imagenet.py``, which import this module;
+``train.dataset_inputs`` picks one), and what both share: the input
+normalisation and TensorFlow, kept off the accelerators. TensorFlow is
+needed only to read TFDS datasets, to stream ImageNet and to write
+TensorBoard summaries; nothing else imports it.
 """
 
 from collections.abc import Callable, Iterable, Iterator

@@ -44,16 +44,6 @@ def restore_checkpoint(config, workdir: str, step: int = -1):
   return inputs, steps, state
 
 
-def first_device_checkpoint(config, workdir):
-  """A run's latest checkpoint on this machine's first device: its weights
-  to read (the report's figures, the converter)."""
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return workdir_lib.load(
-      pathlib.Path(workdir),
-      workdir_lib.abstract(train.state_shapes(config), device),
-  )
-
-
 def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   """Test metrics of a workdir's checkpoint (config.eval_checkpoint_step).
 

@@ -246,16 +246,11 @@ class PreActBlock(Block):
 
   @nn.compact
   def __call__(self, x):
-    grows = self.strides != 1 or x.shape[-1] != self.out_features
-    if self.first:  # Activated after conv1, before the split.
-      y = self.residual_function(x, last_norm=False)
-    elif grows:  # One pre-activation for both paths.
-      x = self.act(self.norm(name='bn0')(x))
-      y = self.residual_function(x, last_norm=False)
-    else:
-      y = self.residual_function(
-          self.act(self.norm(name='bn0')(x)), last_norm=False
-      )
+    # The first unit's input was activated after conv1, before the split.
+    pre = x if self.first else self.act(self.norm(name='bn0')(x))
+    if self.strides != 1 or x.shape[-1] != self.out_features:
+      x = pre  # Where dimensions grow: one pre-activation for both paths.
+    y = self.residual_function(pre, last_norm=False)
     if not self.residual:
       return y
     return y + shortcut(

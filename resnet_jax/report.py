@@ -366,7 +366,7 @@ def load_checkpoint(workdir):
   on this machine's first device; the batches are (images as stored, the
   network's normalised input) pairs."""
   config, _ = load_run(workdir)
-  state = evaluate.first_device_checkpoint(config, workdir)
+  state = train.latest_checkpoint(workdir)
   info = data.dataset_info(config.dataset)
   model = models.from_config(config, info.num_classes)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}

@@ -525,6 +525,22 @@ def state_shapes(config) -> TrainState:
   )
 
 
+def latest_checkpoint(workdir, sharding=None) -> TrainState:
+  """A run's latest checkpoint as its config.json describes it, with
+  ``sharding`` (default: on this machine's first device, to read its
+  weights), without data or compiling."""
+  workdir = pathlib.Path(workdir)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(
+      jax.local_devices()[0]
+  )
+  return workdir_lib.load(
+      workdir,
+      workdir_lib.abstract(
+          state_shapes(workdir_lib.saved_config(workdir)), sharding
+      ),
+  )
+
+
 def dataset_inputs(config, mesh) -> data.Inputs:
   """The inputs of config.dataset, on ``mesh``."""
   data.dataset_info(config.dataset)
@@ -626,8 +642,8 @@ def train_and_evaluate(
         f'before the end of training ({config.train_length} '
         f'{config.schedule_unit}): no learning-rate drop there'
     )
-  # A full disk that a writer reports without the file's name (TensorBoard's
-  # events, from clu's thread) names the workdir.
+  # A full disk that a writer reports without the file's name (TensorFlow's,
+  # for TensorBoard's events) names the workdir.
   with workdir_lib.lock(workdir), stop_requests() as received, atomic.naming(
       workdir
   ):
@@ -660,17 +676,10 @@ def train_and_evaluate(
           std=devices_lib.replicate(np.asarray(std), steps.replicated),
       )
       if config.init_from:
-        source = pathlib.Path(config.init_from)
         state = workdir_lib.initial_weights(
             state,
-            source,
-            workdir_lib.load(
-                source,
-                workdir_lib.abstract(
-                    state_shapes(workdir_lib.saved_config(source)),
-                    steps.replicated,
-                ),
-            ),
+            pathlib.Path(config.init_from),
+            latest_checkpoint(config.init_from, steps.replicated),
             steps.replicated,
         )
     writer = writers.create(workdir, jax.process_index() == 0)
