@@ -286,6 +286,12 @@ class ResNet(nn.Module):
       over their stacked parameters, so that tracing and compiling do not
       grow with depth. The same network: ``unroll_blocks`` and
       ``stack_blocks`` convert between the two forms of its variables.
+    unroll_scan: with ``scan_blocks``, write the loop out in full in the
+      program (``nn.scan``'s ``unroll``): the scanned form's variables, the
+      unrolled form's program. The accelerators' form (``from_config``): a
+      TPU keeps a loop's activations for the backward pass in stacked
+      buffers laid out for the loop, 3.4x the unrolled program's memory
+      (BENCHMARKS.md), while the CPU runs the loop fastest.
     preactivation: full pre-activation units (``PreActBlock``; Identity
       Mappings, 2016), and a BN and ReLU after the last addition, before the
       pooling.
@@ -307,6 +313,7 @@ class ResNet(nn.Module):
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   scan_blocks: bool = False
+  unroll_scan: bool = False
   preactivation: bool = False
   bn_group_size: int = 0
   act: Callable[[jax.Array], jax.Array] = nn.relu
@@ -370,6 +377,7 @@ class ResNet(nn.Module):
             variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
             split_rngs={'params': True},
             length=size - 1,
+            unroll=self.unroll_scan,
         )
         x, _ = repeat(block(strides=1, name=scanned_name(i + 1)), x, None)
       else:
@@ -545,12 +553,16 @@ def unroll_blocks(variables):
   return {collection: unroll(tree) for collection, tree in variables.items()}
 
 
-def from_config(config, num_classes: int) -> ResNet:
-  """The network a config names (fields as in configs/default.py)."""
-  return create_model(
+def from_config(config, num_classes: int, platform: str = '') -> ResNet:
+  """The network a config names (fields as in configs/default.py), in the
+  form that runs best on ``platform`` ('cpu', 'tpu', 'gpu'; default: JAX's
+  backend): scanned blocks loop on the CPU and are unrolled in the program
+  elsewhere (``unroll_scan``). Both forms have the same variables."""
+  model = create_model(
       num_classes=num_classes,
       **{field: config[field] for field in CONFIG_FIELDS},
   )
+  return model.clone(unroll_scan=(platform or jax.default_backend()) != 'cpu')
 
 
 # The config fields that make the network: create_model's arguments. Those

@@ -503,22 +503,24 @@ def all_finite(tree) -> jax.Array:
   )
 
 
-def fresh_state(config) -> Callable[..., TrainState]:
-  """``create_train_state`` of a config's network at its input size: a
-  function of the optimiser and the seed, to jit, vmap or shape."""
+def fresh_state(config, platform: str = '') -> Callable[..., TrainState]:
+  """``create_train_state`` of a config's network at its input size, in its
+  form for ``platform`` (``models.from_config``): a function of the
+  optimiser and the seed, to jit, vmap or shape."""
   info = data.dataset_info(config.dataset)
   return functools.partial(
       create_train_state,
-      models.from_config(config, info.num_classes),
+      models.from_config(config, info.num_classes, platform),
       image_size=info.image_size,
   )
 
 
-def state_shapes(config) -> TrainState:
-  """The shapes of a config's training state, without data or compiling."""
+def state_shapes(config, platform: str = '') -> TrainState:
+  """The shapes of a config's training state (its network in the form for
+  ``platform``), without data or compiling."""
   return jax.eval_shape(
       functools.partial(
-          fresh_state(config),
+          fresh_state(config, platform),
           create_optimizer(config, learning_rate_schedule(config, [])),
           config.seed,
       )
@@ -565,7 +567,8 @@ def setup(config, devices=None):
   sets it from ``inputs.normalization()`` (a restored one brings its own).
   """
   check_config(config)
-  fresh = fresh_state(config)
+  devices = devices or jax.devices()
+  fresh = fresh_state(config, devices[0].platform)
   mesh = devices_lib.make_mesh(
       {
           'batch_size': config.batch_size,

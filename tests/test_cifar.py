@@ -215,7 +215,7 @@ def test_augmentation_is_a_padded_crop_and_maybe_a_flip():
 
 def test_batches_derive_from_seed_and_step_and_cover_each_epoch():
   n, batch = 96, 32  # Three steps an epoch.
-  images = jnp.zeros((n, 32, 32, 3), jnp.uint8)
+  images = cifar.pack(np.zeros((n, 32, 32, 3), np.uint8))
   labels = jnp.arange(n)  # Labels identify the examples.
   rng = jax.random.key(3)
   draw = lambda step: np.asarray(
@@ -244,3 +244,16 @@ def test_batches_derive_from_seed_and_step_and_cover_each_epoch():
       ]
   )
   assert sorted(np.concatenate([first, straddle[:16]])) == list(range(80))
+
+
+def test_the_devices_hold_packed_images_and_draw_them_whole():
+  # The training split is held as uint32 words (cifar.pack): a drawn batch
+  # is the uint8 images of its labels, bit for bit.
+  images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), np.uint8)
+  packed = cifar.pack(images)
+  assert packed.dtype == np.uint32 and packed.shape == (40, 32 * 32 * 3 // 4)
+  np.testing.assert_array_equal(cifar.unpack(jnp.asarray(packed)), images)
+  batch, labels = cifar.train_batch(
+      packed, jnp.arange(40), jax.random.key(0), 1, 16, augment=False
+  )
+  np.testing.assert_array_equal(batch, images[np.asarray(labels)])

@@ -93,12 +93,28 @@ def test_summary_command():
   assert len(re.findall(r'^(conv_init|stage|head)', result.stdout, re.M)) == 56
 
 
+# A machine without the TPU runtime, where jax looks for a TPU first and
+# logs its absence. (The test extra installs libtpu, which writes to stderr
+# whatever the command on a machine without a TPU, and whose import puts its
+# path in the environment.)
+WITHOUT_LIBTPU = 'import sys; sys.modules["libtpu"] = None\n'
+NO_JAX_PLATFORMS = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ('JAX_PLATFORMS', 'TPU_LIBRARY_PATH', 'TPU_SKIP_MDS_QUERY')
+}
+
+
 def test_no_line_about_accelerators_the_machine_lacks():
-  # Without JAX_PLATFORMS, jax looks for a TPU first and logs its absence.
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
   result = finish(
-      module('resnet_jax.main', '--config=configs/smoke.py', '--mode=summary'),
-      environment=env,
+      [
+          sys.executable,
+          '-c',
+          WITHOUT_LIBTPU + 'import runpy; sys.argv[1:] = '
+          '["--config=configs/smoke.py", "--mode=summary"]; '
+          'runpy.run_module("resnet_jax.main", run_name="__main__")',
+      ],
+      environment=NO_JAX_PLATFORMS,
   )
   assert result.returncode == 0, result.stderr
   assert 'Unable to initialize backend' not in result.stderr
@@ -118,8 +134,10 @@ cli.run(main)
 
 
 def test_every_command_says_errors_and_warnings_in_one_line():
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  result = finish([sys.executable, '-c', COMMAND], environment=env)
+  result = finish(
+      [sys.executable, '-c', WITHOUT_LIBTPU + COMMAND],
+      environment=NO_JAX_PLATFORMS,
+  )
   assert result.returncode == 2
   assert result.stderr.splitlines() == [
       'warning: a re-encoded copy of the data',

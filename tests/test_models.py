@@ -11,6 +11,7 @@ import pytest
 from numerics import assert_close
 from numerics import assert_trees_close
 
+from configs import default
 from resnet_jax import layers
 from resnet_jax import models
 
@@ -252,10 +253,17 @@ def test_bfloat16_computes_in_bfloat16_with_float32_parameters():
 FORMS_RTOL = 1e-5
 
 
-@pytest.mark.parametrize('remat', [False, True])
-def test_scanned_blocks_compute_what_unrolled_blocks_do(remat):
+@pytest.mark.parametrize(
+    'remat, platform', [(False, 'cpu'), (True, 'cpu'), (False, 'tpu')]
+)
+def test_scanned_blocks_compute_what_unrolled_blocks_do(remat, platform):
+  # On an accelerator the scanned form's loop is written out in the program
+  # (unroll_scan): the same variables, the same network.
   unrolled = cifar(20, remat=remat)
-  scanned = cifar(20, remat=remat, scan_blocks=True)
+  config = default.get_config()
+  config.remat = remat
+  scanned = models.from_config(config, 10, platform)
+  assert scanned.scan_blocks and scanned.unroll_scan == (platform != 'cpu')
   x = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
   variables = init(unrolled, x)
   stacked = models.stack_blocks(variables)

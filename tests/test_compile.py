@@ -1,0 +1,164 @@
+"""The compile command: a run's steps compiled for TPU topologies on this CPU.
+
+XLA's TPU compiler takes minutes per training step on two cores: the tests
+compile ResNet-8 (configs/smoke.py) twice, once on a Colab runtime's single
+v5e chip (through the command line) and once on 16 chips of 4 hosts.
+"""
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from configs import smoke
+from resnet_jax import compile as compile_lib
+from resnet_jax import main as main_lib
+from tests import commands
+
+pytest.importorskip('libtpu')
+
+
+def rows(result) -> list[dict]:
+  return [json.loads(l) for l in result.stdout.splitlines() if l[:1] == '{']
+
+
+@pytest.mark.parametrize('scan_blocks', [True, False])
+@pytest.mark.parametrize('depth', [20, 32, 44, 56, 110])
+def test_flops_per_image_is_six_times_the_summary_multiply_adds(
+    depth, scan_blocks
+):
+  # Training costs a forward pass (2 FLOPs a multiply-add) and a backward
+  # pass of twice that. XLA counts the convolutions' multiply-adds that do
+  # not fall on padding, the summary every one (the paper's measure): 8% of
+  # a 3x3 conv's taps on CIFAR's 8x8 maps fall on padding.
+  config = default.get_config()
+  config.depth, config.scan_blocks = depth, scan_blocks
+  macs = int(
+      re.search(r'Multiply-adds per image: ([\d,]+)', main_lib.summary(config))[
+          1
+      ].replace(',', '')
+  )
+  program = compile_lib.programs(config, jax.devices()[:1], hosts=1)[0]
+  flops = program.flops() / program.images_per_chip
+  assert program.flops_from_layers == 6 * macs
+  assert 0.85 < flops / (6 * macs) < 1.0
+
+
+def test_a_single_v5e_chip_fits_and_an_impossible_batch_is_a_row():
+  result = commands.ok(
+      commands.python(
+          'resnet_jax.compile',
+          '--config=configs/smoke.py',
+          '--topology=v5e:1x1',
+          devices=1,
+      )
+  )
+  found = rows(result)
+  assert [r['step'] for r in found] == ['train', 'eval']
+  for row in found:
+    assert row['fits'] and row['chips'] == row['hosts'] == 1
+    assert 0 < row['bytes_per_chip'] < row['hbm_bytes_per_chip']
+    assert row['images_per_s_per_chip_bound'] > 0
+  assert found[0]['images_per_chip'] == smoke.get_config().batch_size
+  assert '| train | 32 |' in result.stdout  # The table.
+  # 2^17 images of a chip's 16 GB: the compiler's out-of-memory is a row.
+  result = commands.ok(
+      commands.python(
+          'resnet_jax.compile',
+          '--config=configs/smoke.py',
+          '--topology=v5e:1x1',
+          f'--config.batch_size={2**17}',
+          f'--config.eval_batch_size={2**21}',
+          devices=1,
+      )
+  )
+  for row in rows(result):
+    assert not row['fits'] and row['bytes_per_chip'] > row['hbm_bytes_per_chip']
+  assert 'Traceback' not in result.stderr
+
+
+def test_the_training_step_is_data_parallel_over_every_chip_of_every_host():
+  devices = compile_lib.topology('v5e:4x4')
+  assert len(devices) == 16 and len({d.process_index for d in devices}) == 4
+  config = smoke.get_config()  # 32 images: 2 per chip.
+  program = compile_lib.programs(config, devices, hosts=4)[0]
+  row, compiled = compile_lib.compile_row(
+      program, compile_lib.CHIPS['TPU v5 lite']
+  )
+  assert row['fits'] and row['images_per_chip'] == 2
+  state_in, *data_in = compiled.input_shardings[0]
+  for sharding in jax.tree.leaves(
+      (state_in, data_in, compiled.output_shardings)
+  ):
+    assert sharding.is_fully_replicated  # The state, and CIFAR's images.
+  # Every chip's activations hold its 2 images (the first conv's output).
+  batches = re.findall(r'f32\[(\d+),32,32,16\]', compiled.as_text())
+  assert batches and set(batches) == {'2'}
+
+
+@pytest.mark.parametrize(
+    'flag, subject',
+    [
+        ('--topology=v5e:3x7', 'v5e:3x7'),
+        ('--topology=v9:2x2', 'v9:2x2'),
+        ('--config.batch_size=30', 'batch_size'),
+    ],
+)
+def test_a_bad_topology_or_batch_is_one_error_line(flag, subject):
+  result = commands.python(
+      'resnet_jax.compile',
+      '--config=configs/smoke.py',
+      '--topology=v5e:2x2',
+      flag,
+      devices=1,
+  )
+  line = commands.error_line(result)
+  assert subject in line
+  assert result.stderr == line + '\n'  # Nothing of libtpu's start-up.
+
+
+def test_without_the_tpu_runtime_it_says_how_to_install_it(monkeypatch):
+  monkeypatch.setattr(
+      compile_lib.importlib.util, 'find_spec', lambda name: None
+  )
+  with pytest.raises(compile_lib.CompileError, match=r'\[tpu\]'):
+    compile_lib.topology('v5e:1x1')
+
+
+def test_the_largest_batch_search_stops_next_to_a_batch_that_fails():
+  # Memory affine in the batch: 1 GB + 0.1 GB an image, 15.75 GiB of HBM
+  # (the most that fits: 159 images).
+  chip = compile_lib.CHIPS['TPU v5 lite']
+  tried = []
+
+  def fake_row(program, chip):
+    del chip
+    tried.append(program.images_per_chip)
+    size = 1e9 + 1e8 * program.images_per_chip
+    return {
+        'images_per_chip': program.images_per_chip,
+        'bytes_per_chip': size,
+        'fits': size <= compile_lib.CHIPS['TPU v5 lite'].hbm_bytes,
+    }, None
+
+  class Program:
+
+    def __init__(self, per_chip):
+      self.images_per_chip = per_chip
+
+  config = smoke.get_config()
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(compile_lib, 'compile_row', fake_row)
+    patch.setattr(
+        compile_lib,
+        'programs',
+        lambda trial, devices, hosts: [Program(trial.batch_size)],
+    )
+    first, _ = fake_row(Program(32), chip)
+    best = compile_lib.largest_batch(config, [None], 1, chip, first)
+  assert best['images_per_chip'] == 152  # Multiples of 8.
+  assert len(tried) <= 6, tried
+  assert np.all(np.diff(sorted(set(tried))) > 0)
