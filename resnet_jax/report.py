@@ -619,6 +619,15 @@ def ensemble(
 ) -> str:
   """Table 5 as Markdown (also written with its CSV): each run's test error
   and the error of their ensemble; see the module doc."""
+  seen = {}
+  for workdir in workdirs:
+    real = pathlib.Path(workdir).resolve()
+    if real in seen:
+      raise ReportError(
+          f'--workdirs names {real} twice ({seen[real]}, {workdir}): an '
+          'ensemble is of different runs'
+      )
+    seen[real] = workdir
   runs = []
   for workdir in workdirs:
     config, _ = load_run(workdir)

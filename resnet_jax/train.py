@@ -122,7 +122,6 @@ POSITIVE_FIELDS = (
     'eval_batch_size',
     'train_length',
     'learning_rate',
-    'lr_factor',
     'lr_patience',
     'log_every_steps',
     'eval_every_steps',
@@ -131,6 +130,11 @@ POSITIVE_FIELDS = (
     'steps_per_dispatch',
 )
 LR_SCHEDULES = ('piecewise', 'plateau')
+# Shorter sides that multi-scale testing (§3.4) may resize test images to:
+# from the network's total stride (a smaller image leaves its last stage no
+# whole pixel) to 4096 (there one image's stem output alone,
+# 2048 x 2731 x 64 float32, is 1.4 GB: larger sides outgrow a device).
+TEST_SCALES = (32, 4096)
 
 
 def check_config(config):
@@ -138,6 +142,12 @@ def check_config(config):
   for name in POSITIVE_FIELDS:
     if not config[name] > 0:
       raise TrainingError(f'{name} must be positive, got {config[name]!r}')
+  if not 0 < config.lr_factor < 1:
+    raise TrainingError(
+        f'lr_factor must be in (0, 1) (it lowers the rate), got '
+        f'{config.lr_factor!r}'
+    )
+  check_test_scales(config)
   if not 0 <= config.momentum < 1:
     raise TrainingError(f'momentum must be in [0, 1), got {config.momentum!r}')
   if config.weight_decay < 0:
@@ -179,6 +189,32 @@ def check_config(config):
         f'bn_group_size must be 0 (the whole batch) or divide '
         f'batch_size {config.batch_size}, got '
         f'{config.bn_group_size!r}'
+    )
+
+
+def check_test_scales(config):
+  """Raises TrainingError unless ``config.test_scales`` can test the run:
+  ImageNet's shorter sides, within TEST_SCALES."""
+  scales = config.test_scales
+  if not scales:
+    return
+  if config.dataset != 'imagenet2012':
+    raise TrainingError(
+        "test_scales is ImageNet's multi-scale testing (§3.4); "
+        f'{config.dataset} is tested on its images as they are: '
+        "--config.test_scales='()'"
+    )
+  low, high = TEST_SCALES
+  if not (
+      isinstance(scales, (tuple, list))
+      and all(
+          isinstance(s, int) and not isinstance(s, bool) and low <= s <= high
+          for s in scales
+      )
+  ):
+    raise TrainingError(
+        f'test_scales must be shorter sides in pixels, integers from {low} '
+        f"to {high}, got {scales!r} (e.g. '(224, 256, 384, 480, 640)')"
     )
 
 

@@ -3,16 +3,21 @@ is one ``error:`` line and exit status 2, saying what is wrong and what to
 do; nothing already written changes."""
 
 import fcntl
+import functools
 import json
 import shutil
+import warnings
 
 import jax
+import ml_collections
+import optax
 import pytest
 
 from commands import error_line
 from commands import ok
 from commands import python
 from commands import run
+from configs import imagenet_resnet50 as imagenet_config
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 
@@ -22,6 +27,42 @@ def test_bad_lr_boundaries(value, tmp_path):
   message = error_line(run(tmp_path / 'run', f'--config.lr_boundaries={value}'))
   assert 'lr_boundaries must be positive and increasing, got ' in message
   assert 'numbers of steps or epochs' in message
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize(
+    'field, value',
+    [
+        ('test_scales', 'abc'),
+        ('test_scales', (0,)),
+        ('test_scales', (-224,)),
+        ('test_scales', (224.0,)),
+        ('test_scales', (True,)),
+        ('test_scales', (16,)),  # Below the network's total stride.
+        ('test_scales', (100000,)),
+        ('lr_factor', 1.5),
+        ('lr_factor', 1.0),
+        ('lr_factor', 0.0),
+        ('lr_factor', float('nan')),
+    ],
+)
+def test_bad_values_are_refused_where_they_are_given(field, value):
+  # As the command line may set them (a string where a tuple belongs).
+  config = ml_collections.ConfigDict(
+      imagenet_config.get_config().to_dict() | {field: value}
+  )
+  with pytest.raises(train.TrainingError, match=f'^{field} '):
+    train.check_config(config)
+
+
+def test_test_scales_are_imagenet_only_and_refused_when_a_run_starts(
+    tmp_path,
+):
+  config = imagenet_config.get_config()
+  config.test_scales = (224, 256, 384, 480, 640)  # The paper's (Table 4).
+  train.check_config(config)
+  message = error_line(run(tmp_path / 'run', '--config.test_scales=(224,)'))
+  assert 'test_scales' in message and 'cifar10' in message, message
   assert not (tmp_path / 'run').exists()
 
 

@@ -331,6 +331,16 @@ def test_ensemble_bad_input(sweep, tmp_path):
           f'--out={tmp_path}',
       )
   )
+  (tmp_path / 'again').symlink_to(run)
+  message = error_line(
+      python(
+          'resnet_jax.report',
+          'ensemble',
+          f'--workdirs={run},{tmp_path / "again"}',
+          f'--out={tmp_path}',
+      )
+  )
+  assert f'{run} twice' in message, message
   assert 'multi-scale testing' in error_line(
       python(
           'resnet_jax.report',
