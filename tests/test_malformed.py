@@ -184,10 +184,10 @@ def test_an_eval_that_races_the_deletion_of_its_checkpoint(
   shutil.copytree(trained, workdir)
   restore = workdir_lib.restore
 
-  def deleted_meanwhile(manager, abstract_state, step):
+  def deleted_meanwhile(manager, abstract_state, step, **kwargs):
     # The training run's policy removes it while orbax reads it.
     shutil.rmtree(workdir / 'checkpoints' / str(step))
-    return restore(manager, abstract_state, step)
+    return restore(manager, abstract_state, step, **kwargs)
 
   monkeypatch.setattr(workdir_lib, 'restore', deleted_meanwhile)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -222,6 +222,49 @@ def test_a_checkpoint_without_its_checksum_is_reported(
       'checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is missing '
       'or empty); restored unchecked'
   ) in [str(w.message) for w in said]
+
+
+def test_a_checkpoint_with_one_checksum_of_its_whole_state(trained, tmp_path):
+  # Checkpoints written before the checksum of each field have one of the
+  # whole state: it is checked where this code reads the whole state.
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  config = workdir_lib.saved_config(workdir)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = workdir_lib.abstract(train.state_shapes(config), device)
+  manager = workdir_lib.checkpoint_manager(workdir, 1, read_only=True)
+  whole = workdir_lib.checksum(workdir_lib.restore(manager, shapes, 10))
+  path = workdir / 'checkpoints' / '10' / '_CHECKPOINT_METADATA'
+  metadata = json.loads(path.read_text())
+
+  def saved_checksum(digest):
+    path.write_text(
+        json.dumps(metadata | {'custom_metadata': {'state_sha256': digest}})
+    )
+
+  saved_checksum(whole)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    workdir_lib.load(workdir, shapes)
+  # Code whose optimiser clips first reads the weights alone: unchecked.
+  clipped = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      train.create_optimizer(config, train.learning_rate_schedule(config, [])),
+  )
+  other = workdir_lib.abstract(
+      jax.eval_shape(
+          functools.partial(train.fresh_state(config), clipped, config.seed)
+      ),
+      device,
+  )
+  with pytest.warns(UserWarning, match='weights are restored unchecked'):
+    assert workdir_lib.load(workdir, other).opt_state is None
+  saved_checksum('0' * 64)
+  with pytest.raises(
+      workdir_lib.WorkdirError,
+      match='checkpoint 10 in .* is corrupt: its arrays do not match',
+  ):
+    workdir_lib.load(workdir, shapes)
 
 
 def test_a_half_deleted_checkpoint_is_ignored_and_removed(trained, tmp_path):
