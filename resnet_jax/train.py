@@ -830,6 +830,8 @@ def train_and_evaluate(
       if stop:
         workdir_lib.finish(manager)
         writer.flush()
+        if is_last:
+          raise Stopped(stop, step, FINAL_TEST)
         raise Stopped(stop, step)
     workdir_lib.finish(manager)
     writer.flush()
