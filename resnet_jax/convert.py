@@ -263,6 +263,7 @@ def variables_from_torch(state_dict, config) -> tuple[dict, str]:
 
 def to_jax(config, torch_path: pathlib.Path, workdir: pathlib.Path, mean, std):
   """Writes ``workdir``: config.json and the converted weights at step 0."""
+  train.check_config(config)  # What a run of the workdir would refuse.
   workdir_lib.check_writable(workdir)
   # Orbax keeps no step 0 beside later steps, and evaluation would test the
   # run's own checkpoint with the converted normalisation: a new workdir.

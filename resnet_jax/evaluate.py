@@ -77,12 +77,7 @@ def test_batches(config):
   """This process's test batches: (images, labels, mask[, index])."""
   if not config.test_scales:
     return train.dataset_inputs(config, mesh=None).eval(metrics.TEST)
-  if config.dataset != 'imagenet2012':
-    raise data.DataError(
-        f"test_scales is ImageNet's multi-scale testing "
-        f'(§3.4); {config.dataset} is tested on its images '
-        'as they are'
-    )
+  # ImageNet's (train.check_test_scales).
   from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
 
   return imagenet.multiscale_batches(

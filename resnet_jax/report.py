@@ -38,6 +38,7 @@ numbers next to them into ``--out``.
 """
 
 import csv
+import io
 import pathlib
 
 from absl import flags
@@ -46,6 +47,7 @@ from matplotlib import figure
 import ml_collections
 import numpy as np
 
+from resnet_jax import atomic
 from resnet_jax import cli
 from resnet_jax import data
 from resnet_jax import devices
@@ -121,18 +123,30 @@ def load_run(workdir) -> tuple[ml_collections.ConfigDict, list[dict]]:
   return config, records
 
 
-def write_csv(path: pathlib.Path, header: list[str], rows):
+# Every file a report writes appears whole or not at all (``atomic.write``):
+# a kill or a full disk leaves the earlier file, or none, never a part; a full
+# disk names the file in --out, and so its device.
+
+
+def write_text(path: pathlib.Path, text: str):
   path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open('w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(rows)
+  atomic.write(path, text)
+
+
+def write_csv(path: pathlib.Path, header: list[str], rows):
+  text = io.StringIO(newline='')
+  writer = csv.writer(text)
+  writer.writerow(header)
+  writer.writerows(rows)
+  write_text(path, text.getvalue())
 
 
 def save(fig: figure.Figure, out: pathlib.Path, name: str) -> figure.Figure:
   out.mkdir(parents=True, exist_ok=True)
   for suffix in ('png', 'pdf'):
-    fig.savefig(out / f'{name}.{suffix}', dpi=120, bbox_inches='tight')
+    image = io.BytesIO()
+    fig.savefig(image, format=suffix, dpi=120, bbox_inches='tight')
+    atomic.write(out / f'{name}.{suffix}', image.getvalue())
   return fig
 
 
@@ -231,8 +245,7 @@ def table(root, selection: str, out: pathlib.Path) -> str:
       *rows,
   ]
   markdown = '\n'.join(lines) + '\n'
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'table.md').write_text(markdown)
+  write_text(out / 'table.md', markdown)
   write_csv(
       out / 'table.csv',
       [
@@ -619,6 +632,15 @@ def ensemble(
 ) -> str:
   """Table 5 as Markdown (also written with its CSV): each run's test error
   and the error of their ensemble; see the module doc."""
+  seen = {}
+  for workdir in workdirs:
+    real = pathlib.Path(workdir).resolve()
+    if real in seen:
+      raise ReportError(
+          f'--workdirs names {real} twice ({seen[real]}, {workdir}): an '
+          'ensemble is of different runs'
+      )
+    seen[real] = workdir
   runs = []
   for workdir in workdirs:
     config, _ = load_run(workdir)
@@ -664,8 +686,7 @@ def ensemble(
       ),
   ]
   markdown = '\n'.join(lines) + '\n'
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'ensemble.md').write_text(markdown)
+  write_text(out / 'ensemble.md', markdown)
   write_csv(
       out / 'ensemble.csv',
       ['model', 'workdir', 'step', 'views', 'error', 'top5_error', 'images'],

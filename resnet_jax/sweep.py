@@ -9,8 +9,8 @@ Each (config, seed) trains with ``python -m resnet_jax.main`` in
 ``ROOT/<config name>/seed<N>``, one after another. A run whose metrics
 already hold its final test result is skipped; an interrupted one resumes from
 its checkpoints. ``--set=FIELD=VALUE`` overrides a config field in every run.
-SIGTERM or SIGINT to the sweep goes to the run in progress, which saves its
-step and stops; the sweep then exits with the run's status (143, 130).
+SIGTERM, SIGINT or SIGHUP to the sweep goes to the run in progress, which saves
+its step and stops; the sweep then exits with the run's status (143, 130, 129).
 Tables and figures come from the workdirs: ``python -m resnet_jax.report``.
 """
 

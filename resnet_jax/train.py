@@ -47,21 +47,28 @@ class TrainingError(cli.UserError):
 
 
 # What preemptible VMs, SLURM and Colab send before they end a job (SIGTERM),
-# and Ctrl-C (SIGINT): a run stops after the step in flight, with a
-# checkpoint. The command then exits with 128 + the signal's number (143,
-# 130), the status a shell gives a process the signal ended.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Ctrl-C (SIGINT) and a closed terminal or dropped ssh session (SIGHUP): a
+# run stops after the step in flight, with a checkpoint. The command then
+# exits with 128 + the signal's number (143, 130, 129), the status a shell
+# gives a process the signal ended. SIGQUIT stays the interpreter's.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Stopped(Exception):
-  """A run stopped by a signal, its state saved at ``step``."""
+  """A run stopped by a signal, its state saved at ``step``; ``then`` is
+  what the same command does next."""
 
-  def __init__(self, signum: int, step: int):
+  def __init__(self, signum: int, step: int, then: str = 'resumes the run'):
     super().__init__(
         f'{signal.Signals(signum).name} at step {step}, its '
-        'checkpoint saved; the same command resumes the run'
+        f'checkpoint saved; the same command {then}'
     )
     self.signum, self.step = signum, step
+
+
+# What a run stopped after its last step (during the final checkpoint's save
+# or the final test) has left to do.
+FINAL_TEST = 'runs the final test'
 
 
 @contextlib.contextmanager
@@ -122,7 +129,6 @@ POSITIVE_FIELDS = (
     'eval_batch_size',
     'train_length',
     'learning_rate',
-    'lr_factor',
     'lr_patience',
     'log_every_steps',
     'eval_every_steps',
@@ -131,6 +137,11 @@ POSITIVE_FIELDS = (
     'steps_per_dispatch',
 )
 LR_SCHEDULES = ('piecewise', 'plateau')
+# Shorter sides that multi-scale testing (§3.4) may resize test images to:
+# from the network's total stride (a smaller image leaves its last stage no
+# whole pixel) to 4096 (there one image's stem output alone,
+# 2048 x 2731 x 64 float32, is 1.4 GB: larger sides outgrow a device).
+TEST_SCALES = (32, 4096)
 
 
 def check_config(config):
@@ -138,6 +149,12 @@ def check_config(config):
   for name in POSITIVE_FIELDS:
     if not config[name] > 0:
       raise TrainingError(f'{name} must be positive, got {config[name]!r}')
+  if not 0 < config.lr_factor < 1:
+    raise TrainingError(
+        f'lr_factor must be in (0, 1) (it lowers the rate), got '
+        f'{config.lr_factor!r}'
+    )
+  check_test_scales(config)
   if not 0 <= config.momentum < 1:
     raise TrainingError(f'momentum must be in [0, 1), got {config.momentum!r}')
   if config.weight_decay < 0:
@@ -179,6 +196,32 @@ def check_config(config):
         f'bn_group_size must be 0 (the whole batch) or divide '
         f'batch_size {config.batch_size}, got '
         f'{config.bn_group_size!r}'
+    )
+
+
+def check_test_scales(config):
+  """Raises TrainingError unless ``config.test_scales`` can test the run:
+  ImageNet's shorter sides, within TEST_SCALES."""
+  scales = config.test_scales
+  if not scales:
+    return
+  if config.dataset != 'imagenet2012':
+    raise TrainingError(
+        "test_scales is ImageNet's multi-scale testing (§3.4); "
+        f'{config.dataset} is tested on its images as they are: '
+        "--config.test_scales='()'"
+    )
+  low, high = TEST_SCALES
+  if not (
+      isinstance(scales, (tuple, list))
+      and all(
+          isinstance(s, int) and not isinstance(s, bool) and low <= s <= high
+          for s in scales
+      )
+  ):
+    raise TrainingError(
+        f'test_scales must be shorter sides in pixels, integers from {low} '
+        f"to {high}, got {scales!r} (e.g. '(224, 256, 384, 480, 640)')"
     )
 
 
@@ -478,10 +521,20 @@ def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
   return Steps(mesh, train, evaluate, steps_per_dispatch, bool(draw))
 
 
-def evaluate(steps: Steps, state, batches) -> dict[str, float]:
-  """Top-1/top-5 error (%) and mean loss over per-process local batches."""
+def evaluate(
+    steps: Steps, state, batches, stop: Callable[[], int] | None = None
+) -> dict[str, float]:
+  """Top-1/top-5 error (%) and mean loss over per-process local batches.
+
+  ``stop`` (``stop_signal``'s) is asked before each batch: a signal ends the
+  evaluation there (Stopped, at the state's step; a final test on ImageNet
+  outlasts a preemption's grace period).
+  """
   totals = None
   for local in batches:
+    signum = stop() if stop else 0
+    if signum:
+      raise Stopped(signum, int(state.step), FINAL_TEST)
     sums = steps.eval(
         state, *(devices_lib.global_array(a, steps.batch) for a in local)
     )
@@ -704,6 +757,13 @@ def train_and_evaluate(
     report = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer
     )
+    # The training metrics since the last logged step: those the checkpoint
+    # carried across a stop or kill, then this process's dispatches.
+    carried = (
+        workdir_lib.train_window(manager, int(state.step))
+        if restored is not None
+        else {}
+    )
     train_metrics = []
     tested = None  # The last step's evaluation, when it is of the test set.
     step = int(state.step)
@@ -725,15 +785,13 @@ def train_and_evaluate(
       report(step)
       is_last = step == total_steps
       stop = stop_signal(received)
-      if step % config.log_every_steps == 0 or is_last or stop:
+      if step % config.log_every_steps == 0 or is_last:
         summary = {
             k: float(np.mean(v))
-            for k, v in jax.device_get(
-                jax.tree.map(lambda *x: jnp.stack(x), *train_metrics)
-            ).items()
+            for k, v in window(carried, train_metrics).items()
         }
         summary['learning_rate'] = float(train_metrics[-1]['learning_rate'][-1])
-        train_metrics = []
+        carried, train_metrics = {}, []
         if not math.isfinite(summary['loss']):
           raise TrainingError(
               f'the training loss is {summary["loss"]} at step '
@@ -762,17 +820,53 @@ def train_and_evaluate(
               f'parameters are not finite at step {step}; '
               f'stopped. {workdir_lib.kept(manager)}'
           )
-        workdir_lib.save(manager, state, checkpoint_metrics)
+        workdir_lib.save(
+            manager,
+            state,
+            checkpoint_metrics,
+            {
+                k: v.tolist()
+                for k, v in window(carried, train_metrics).items()
+                if len(v)
+            },
+        )
       if stop:
         workdir_lib.finish(manager)
         writer.flush()
+        if is_last:
+          raise Stopped(stop, step, FINAL_TEST)
         raise Stopped(stop, step)
     workdir_lib.finish(manager)
-
-    result = tested or evaluate(steps, state, inputs.eval(metrics.TEST))
+    writer.flush()
+    # A signal during the last checkpoint's save let it finish; the run then
+    # stops before its final test, and during the test, at once.
+    stop = stop_signal(received)
+    if stop:
+      raise Stopped(stop, step, FINAL_TEST)
+    result = tested or evaluate(
+        steps,
+        state,
+        inputs.eval(metrics.TEST),
+        functools.partial(stop_signal, received),
+    )
     write(writer, workdir, step, metrics.FINAL_TEST, result)
     writer.flush()
     return result
+
+
+def window(carried: dict, train_metrics: list) -> dict[str, np.ndarray]:
+  """The per-step training loss and error of a logging interval, in step
+  order: ``carried`` (from a checkpoint, as lists) and then the dispatches'
+  metrics. A record averages them, so a run resumed inside an interval
+  logs what an uninterrupted one does."""
+  fetched = jax.device_get(train_metrics)
+  return {
+      k: np.concatenate(
+          [np.asarray(carried.get(k, []), np.float32)]
+          + [np.ravel(m[k]) for m in fetched]
+      )
+      for k in ('loss', 'error')
+  }
 
 
 def write(

@@ -8,6 +8,7 @@ Restoring needs no dataset and no compiled step (``load_state``).
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -261,14 +262,34 @@ def checkpoint_manager(workdir: pathlib.Path, keep: int, read_only=False):
   )
 
 
-def checksum(state) -> str:
-  """sha256 of every array of a replicated state, saved with each checkpoint.
+# What evaluation reads of a checkpoint: the network's weights, its input's
+# normalisation and the step; not the optimiser or the data's RNG, so a
+# checkpoint of a run with another optimiser is evaluated as it is.
+WEIGHTS = ('step', 'params', 'batch_stats', 'mean', 'std')
+
+
+class OtherCodeError(WorkdirError):
+  """A checkpoint that is intact but holds other arrays than this code's
+  state (the code changed since it was written): never moved aside."""
+
+
+def fields(state) -> dict:
+  """A training state's fields that hold arrays, by name."""
+  return {
+      f.name: getattr(state, f.name)
+      for f in dataclasses.fields(state)
+      if f.metadata.get('pytree_node', True)
+  }
+
+
+def checksum(tree) -> str:
+  """sha256 of every array of a replicated tree, saved with each checkpoint.
 
   Bytes changed on disk after the save (bit rot, a bad copy) may still parse
   as arrays; restoring compares them with this.
   """
   digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(state):
+  for leaf in jax.tree.leaves(tree):
     digest.update(np.ascontiguousarray(leaf.addressable_data(0)).tobytes())
   return digest.hexdigest()
 
@@ -290,19 +311,35 @@ def saving(manager, what: str):
     raise WorkdirError(f'{what}: {atomic.full_disk(directory)}') from e
 
 
-def save(manager, state, ranking: dict[str, float] | None):
-  """Saves a checkpoint with its checksum; ``ranking`` is what the policy
-  ranks it by ({'validation_error': ...}, or None). On an accelerator the
-  save runs in the background: its error (a full disk) comes from the next
-  save or from ``finish``."""
+def save(
+    manager,
+    state,
+    ranking: dict[str, float] | None,
+    window: dict[str, list[float]] | None = None,
+):
+  """Saves a checkpoint with a checksum of each field; ``ranking`` is what
+  the policy ranks it by ({'validation_error': ...}, or None), ``window``
+  the training metrics of the steps since the last logged one (a resume's
+  first record averages them with its own). On an accelerator the save runs
+  in the background: its error (a full disk) comes from the next save or
+  from ``finish``."""
   step = int(state.step)
   with saving(manager, f'checkpoint {step}'):
     manager.save(
         step,
         args=ocp.args.StandardSave(state),
         metrics=ranking,
-        custom_metadata={'state_sha256': checksum(state)},
+        custom_metadata={
+            'sha256': {k: checksum(v) for k, v in fields(state).items()},
+            'train_window': window or {},
+        },
     )
+
+
+def train_window(manager, step: int) -> dict[str, list[float]]:
+  """The training metrics checkpoint ``step`` carries (``save``'s
+  ``window``; none in checkpoints from before it was saved)."""
+  return (manager.metadata(step).custom_metadata or {}).get('train_window', {})
 
 
 def finish(manager):
@@ -311,14 +348,131 @@ def finish(manager):
     manager.wait_until_finished()
 
 
-def restore(manager, abstract_state, step: int):
-  """A checkpoint, checked against the checksum saved with it."""
-  state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+def _key(entry) -> str:
+  return str(
+      next(
+          getattr(entry, a) for a in ('key', 'name', 'idx') if hasattr(entry, a)
+      )
+  )
+
+
+def differences(manager, step: int, abstract_state) -> dict[str, str]:
+  """Where checkpoint ``step``'s arrays (orbax's metadata, read without the
+  arrays) differ from ``abstract_state``'s: path -> how."""
+  metadata = manager.item_metadata(step)
+  if not metadata or not metadata.tree:
+    raise WorkdirError('its metadata is missing')
+  saved = {
+      '/'.join(path): leaf
+      for path, leaf in ocp.tree.to_flat_dict(metadata.tree).items()
+      if leaf is not None
+  }
+  here = {
+      '/'.join(map(_key, path)): leaf
+      for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+  }
+  nodes = {
+      side: {
+          '/'.join(p.split('/')[:n])
+          for p in paths
+          for n in range(1, p.count('/') + 2)
+      }
+      for side, paths in (('saved', saved), ('here', here))
+  }
+  found = {}
+  for path in sorted(saved.keys() | here.keys()):
+    if path in saved and path in here:
+      ours, theirs = here[path], saved[path]
+      if (tuple(theirs.shape), theirs.dtype) != (ours.shape, ours.dtype):
+        found[path] = (
+            f'{theirs.dtype}{list(theirs.shape)} in the checkpoint, '
+            f'{ours.dtype}{list(ours.shape)} in this code'
+        )
+      continue
+    # Named by the outermost node that only one side has.
+    other = nodes['here' if path in saved else 'saved']
+    parts = path.split('/')
+    node = next(
+        '/'.join(parts[:n])
+        for n in range(1, len(parts) + 1)
+        if '/'.join(parts[:n]) not in other
+    )
+    found[node] = (
+        'in the checkpoint, not in this code'
+        if path in saved
+        else 'in this code, not in the checkpoint'
+    )
+  return found
+
+
+def check_code(manager, step: int, abstract_state, weights_only: bool):
+  """Raises OtherCodeError if checkpoint ``step`` holds other arrays than
+  this code builds (only its WEIGHTS count for ``weights_only``); returns
+  whether anything outside its weights differs."""
+  found = differences(manager, step, abstract_state)
+  weights = {p: w for p, w in found.items() if p.split('/')[0] in WEIGHTS}
+  refused = weights if weights_only else found
+  if refused:
+    workdir = pathlib.Path(manager.directory).parent
+    listed = '; '.join(f'{p}: {w}' for p, w in list(refused.items())[:3])
+    more = len(refused) - 3
+    advice = (
+        'use the code that wrote it'
+        if weights
+        else 'resume it with the code that wrote it, or start a new run '
+        f'from its weights with --config.init_from={workdir}'
+    )
+    raise OtherCodeError(
+        f'checkpoint {step} in {workdir} was written by other code '
+        f'({listed}{f"; {more} more" if more > 0 else ""}); nothing was '
+        f'changed: {advice}'
+    )
+  return bool(found)
+
+
+def restore(manager, abstract_state, step: int, weights_only: bool = False):
+  """A checkpoint (only its WEIGHTS if ``weights_only``: the other fields
+  are None), checked against the checksums saved with it."""
+  other_optimiser = check_code(manager, step, abstract_state, weights_only)
   saved = manager.metadata(step).custom_metadata or {}
-  if 'state_sha256' not in saved:  # Lost, or a checkpoint made without one.
+  target = fields(abstract_state)
+  # A checkpoint from before the checksum of each field has one of the whole
+  # state: it is read whole where this code's state fits it, to be checked.
+  if weights_only and ('sha256' in saved or other_optimiser):
+    target = {k: target[k] for k in WEIGHTS}
+    path = pathlib.Path(manager.directory) / str(step) / 'default'
+    restored = ocp.PyTreeCheckpointer().restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
+    state = abstract_state.replace(
+        **{k: restored.get(k) for k in fields(abstract_state)}
+    )
+  else:
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    restored = fields(state)
+  if 'sha256' in saved:
+    bad = [
+        k for k in restored if checksum(restored[k]) != saved['sha256'].get(k)
+    ]
+    if bad:
+      raise WorkdirError(
+          f'its {", ".join(bad)} do not match the checksum saved with them'
+      )
+  elif 'state_sha256' not in saved:  # Lost, or made without one.
     warnings.warn(
         f'checkpoint {step} has no checksum (its '
         '_CHECKPOINT_METADATA is missing or empty); restored '
+        'unchecked'
+    )
+  elif len(restored) < len(fields(abstract_state)):
+    warnings.warn(
+        f"checkpoint {step}'s checksum is of its whole state, whose "
+        'optimiser this code does not read: its weights are restored '
         'unchecked'
     )
   elif checksum(state) != saved['state_sha256']:
@@ -332,22 +486,38 @@ def abstract(state, sharding):
   )
 
 
+def move_aside(workdir: pathlib.Path, step: int) -> pathlib.Path:
+  """Moves checkpoint ``step`` to corrupt_checkpoints/<step> (or <step>.<n>,
+  the first name free: one moved aside before is kept as it was)."""
+  parent = workdir / 'corrupt_checkpoints'
+  aside = parent / str(step)
+  n = 0
+  while aside.exists():
+    n += 1
+    aside = parent / f'{step}.{n}'
+  if jax.process_index() == 0:
+    parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))
+  return aside
+
+
 def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
-  """The newest checkpoint that restores intact; broken newer ones are moved
-  aside (by process 0, while the others wait)."""
+  """The newest checkpoint that restores intact; broken newer ones (bytes
+  that fail to read or their checksum) are moved aside (by process 0, while
+  the others wait). A checkpoint of other code is refused, and nothing
+  moved."""
   for step in sorted(manager.all_steps(), reverse=True):
     try:
       return restore(manager, abstract_state, step)
+    except OtherCodeError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
-      aside = workdir / 'corrupt_checkpoints' / str(step)
       reason = cli.first_line(e).removeprefix('WorkdirError: ')
+      aside = move_aside(workdir, step)
       warnings.warn(
           f'checkpoint {step} is unreadable ({reason}); falling '
           f'back to the previous one (moved to {aside})'
       )
-      if jax.process_index() == 0:
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(workdir / 'checkpoints' / str(step)), str(aside))
       if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f'moved aside checkpoint {step}')
       manager.reload()
@@ -414,7 +584,9 @@ def load(workdir: pathlib.Path, abstract_state, step: int = -1):
         f'(it has {", ".join(map(str, sorted(available)))})'
     )
   try:
-    return restore(manager, abstract_state, step)
+    return restore(manager, abstract_state, step, weights_only=True)
+  except OtherCodeError:
+    raise
   except WorkdirError as e:
     raise WorkdirError(f'checkpoint {step} in {workdir} is corrupt: {e}') from e
   except Exception as e:  # pylint: disable=broad-except

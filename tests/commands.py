@@ -70,6 +70,20 @@ def run(workdir, *flags, mode='train', devices=2):
   return finish(command(workdir, *flags, mode=mode), devices)
 
 
+# ``python -m MODULE FLAGS`` as ``python -c CODE MODULE FLAGS``.
+MAIN = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name='__main__')
+"""
+
+
+def with_code(code, argv, devices=2):
+  """``argv`` (a ``module``) in a process where ``code`` ran first: code
+  edited (a monkeypatch), a fault injected."""
+  return finish([sys.executable, '-c', code + MAIN, *argv[2:]], devices)
+
+
 def distributed(port, process_id):
   """The flags of one of a run's two processes."""
   return (

@@ -6,7 +6,6 @@ in a process where one write fails with ENOSPC, as it fails on a full disk.
 """
 
 import errno
-import sys
 
 import pytest
 
@@ -14,9 +13,9 @@ from resnet_jax import metrics
 from resnet_jax import workdir as workdir_lib
 from commands import command
 from commands import error_line
-from commands import finish
 from commands import ok
 from commands import run
+from commands import with_code
 
 FULL = f'OSError({errno.ENOSPC}, "No space left on device")'
 HOOKS = {
@@ -68,18 +67,11 @@ def full_at_15(self, step, scalars):
 summary_writer.SummaryWriter.write_scalars = full_at_15
 """,
 }
-MAIN = """
-import runpy, sys
-sys.argv = ['resnet_jax.main', *sys.argv[1:]]
-runpy.run_module('resnet_jax.main', run_name='__main__')
-"""
 
 
 @pytest.mark.parametrize('path', HOOKS)
 def test_a_full_disk_is_one_line_and_the_same_command_goes_on(path, tmp_path):
-  full = finish(
-      [sys.executable, '-c', HOOKS[path] + MAIN, *command(tmp_path)[3:]]
-  )
+  full = with_code(HOOKS[path], command(tmp_path))
   message = error_line(full)
   assert message.startswith(
       'error: '

@@ -11,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from commands import command
@@ -23,6 +24,7 @@ from commands import python
 from commands import records
 from commands import run
 from commands import start
+from commands import with_code
 
 # ResNet-14: two blocks per stage, so blocks 2..n run scanned, and their
 # stacked parameters, statistics and momenta go through the checkpoints.
@@ -260,42 +262,114 @@ def test_eval_errors(trained, tmp_path):
 
 
 def flip_bytes(workdir, step):
-  """Silent corruption: 4 bytes inside a checkpoint's array data change."""
-  data = max(
-      (
-          p
-          for p in (workdir / 'checkpoints' / str(step)).rglob('*')
-          if p.parent.name == 'd' and 'ocdbt' in str(p)
+  """Silent corruption: one bit of a weight changes on disk, in arrays that
+  still parse (written again by orbax), beside the checksums of the old."""
+  path = workdir.absolute() / 'checkpoints' / str(step) / 'default'
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  state = checkpointer.restore(
+      path,
+      jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+          checkpointer.metadata(path).item_metadata,
       ),
-      key=lambda p: p.stat().st_size,
   )
-  content = bytearray(data.read_bytes())
-  middle = len(content) // 2
-  content[middle : middle + 4] = bytes(
-      b ^ 0x10 for b in content[middle : middle + 4]
-  )
-  data.write_bytes(bytes(content))
+  bias = np.array(state['params']['head']['bias'])
+  bias.view(np.uint32)[0] ^= 1
+  state['params']['head']['bias'] = bias
+  shutil.rmtree(path)
+  checkpointer.save(path, state)
+  checkpointer.wait_until_finished()
 
 
 def test_training_falls_back_from_a_corrupt_checkpoint(trained, tmp_path):
   workdir = tmp_path / 'corrupt'
   shutil.copytree(trained, workdir)
   flip_bytes(workdir, 20)
+  earlier = workdir / 'corrupt_checkpoints' / '20' / 'moved before'
+  earlier.parent.mkdir(parents=True)
+  earlier.write_text('kept')
   # The arrays still parse: only the checksum saved with them tells.
   message = error_line(run(workdir, mode='eval'))
   assert (
       'checkpoint 20 in' in message
-      and 'is corrupt: its arrays do not '
+      and 'is corrupt: its params do not '
       'match the checksum saved with them' in message
   ), message
   result = ok(run(workdir, '--config.train_length=30', devices=8))
   assert (
-      'warning: checkpoint 20 is unreadable (its arrays do not match'
+      'warning: checkpoint 20 is unreadable (its params do not match'
       in result.stderr
   )
   assert 'Resuming from checkpoint at step 10' in result.stdout
-  assert (workdir / 'corrupt_checkpoints' / '20').is_dir()  # Kept, aside.
+  # Kept, aside, beside (not inside) the one moved there before.
+  aside = workdir / 'corrupt_checkpoints' / '20.1'
+  assert f'(moved to {aside})' in result.stderr
+  assert (aside / '_CHECKPOINT_METADATA').is_file()
+  assert [p.name for p in earlier.parent.iterdir()] == ['moved before']
   assert (workdir / 'checkpoints' / '30').is_dir()
+
+
+# A researcher's edits to the code, made after a run was trained: the
+# optimiser clips the gradient first (its state gains a level), or a Dense
+# layer comes before the classifier (the network gains parameters).
+EDITS = {
+    'optimiser': """
+import optax
+from resnet_jax import train
+create = train.create_optimizer
+train.create_optimizer = lambda config, schedule: optax.chain(
+    optax.clip_by_global_norm(1.0), create(config, schedule))
+""",
+    'layer': """
+import types
+from flax import linen as nn
+from resnet_jax import models
+def Dense(features, name=None, **kwargs):
+  if name != 'head':
+    return nn.Dense(features, name=name, **kwargs)
+  return lambda x: nn.Dense(features, name=name, **kwargs)(
+      nn.Dense(x.shape[-1], name='before_head')(x))
+models.nn = types.SimpleNamespace(**{**vars(nn), 'Dense': Dense})
+""",
+}
+
+
+def contents(workdir):
+  """Every file of a workdir but its lock (which each run rewrites)."""
+  return {
+      p.relative_to(workdir): p.read_bytes()
+      for p in workdir.rglob('*')
+      if p.is_file() and p.name != 'run.lock'
+  }
+
+
+@pytest.mark.parametrize('edit', EDITS)
+def test_a_checkpoint_of_other_code_is_refused_and_kept(
+    edit, trained, tmp_path
+):
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  before = contents(workdir)
+  message = error_line(
+      with_code(EDITS[edit], command(workdir, '--config.train_length=30'))
+  )
+  assert f'checkpoint 20 in {workdir} was written by other code' in message
+  assert {
+      'optimiser': 'opt_state/1/0: in the checkpoint, not in this code',
+      'layer': 'params/before_head: in this code, not in the checkpoint',
+  }[edit] in message
+  # Its weights start a new run, unless the network differs too.
+  assert ('--config.init_from' in message) == (edit == 'optimiser')
+  assert contents(workdir) == before  # Nothing moved, renamed or written.
+  evaluated = with_code(EDITS[edit], command(workdir, mode='eval'))
+  if edit == 'layer':
+    assert 'params/before_head' in error_line(evaluated)
+    return
+  # Evaluation reads the weights alone: the optimiser's form is no matter.
+  assert ok(evaluated).stdout == ok(run(workdir, mode='eval')).stdout
+  resumed = ok(run(workdir, '--config.train_length=30'))
+  assert 'Resuming from checkpoint at step 20.' in resumed.stdout
 
 
 def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):

@@ -3,16 +3,21 @@ is one ``error:`` line and exit status 2, saying what is wrong and what to
 do; nothing already written changes."""
 
 import fcntl
+import functools
 import json
 import shutil
+import warnings
 
 import jax
+import ml_collections
+import optax
 import pytest
 
 from commands import error_line
 from commands import ok
 from commands import python
 from commands import run
+from configs import imagenet_resnet50 as imagenet_config
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 
@@ -22,6 +27,42 @@ def test_bad_lr_boundaries(value, tmp_path):
   message = error_line(run(tmp_path / 'run', f'--config.lr_boundaries={value}'))
   assert 'lr_boundaries must be positive and increasing, got ' in message
   assert 'numbers of steps or epochs' in message
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize(
+    'field, value',
+    [
+        ('test_scales', 'abc'),
+        ('test_scales', (0,)),
+        ('test_scales', (-224,)),
+        ('test_scales', (224.0,)),
+        ('test_scales', (True,)),
+        ('test_scales', (16,)),  # Below the network's total stride.
+        ('test_scales', (100000,)),
+        ('lr_factor', 1.5),
+        ('lr_factor', 1.0),
+        ('lr_factor', 0.0),
+        ('lr_factor', float('nan')),
+    ],
+)
+def test_bad_values_are_refused_where_they_are_given(field, value):
+  # As the command line may set them (a string where a tuple belongs).
+  config = ml_collections.ConfigDict(
+      imagenet_config.get_config().to_dict() | {field: value}
+  )
+  with pytest.raises(train.TrainingError, match=f'^{field} '):
+    train.check_config(config)
+
+
+def test_test_scales_are_imagenet_only_and_refused_when_a_run_starts(
+    tmp_path,
+):
+  config = imagenet_config.get_config()
+  config.test_scales = (224, 256, 384, 480, 640)  # The paper's (Table 4).
+  train.check_config(config)
+  message = error_line(run(tmp_path / 'run', '--config.test_scales=(224,)'))
+  assert 'test_scales' in message and 'cifar10' in message, message
   assert not (tmp_path / 'run').exists()
 
 
@@ -143,10 +184,10 @@ def test_an_eval_that_races_the_deletion_of_its_checkpoint(
   shutil.copytree(trained, workdir)
   restore = workdir_lib.restore
 
-  def deleted_meanwhile(manager, abstract_state, step):
+  def deleted_meanwhile(manager, abstract_state, step, **kwargs):
     # The training run's policy removes it while orbax reads it.
     shutil.rmtree(workdir / 'checkpoints' / str(step))
-    return restore(manager, abstract_state, step)
+    return restore(manager, abstract_state, step, **kwargs)
 
   monkeypatch.setattr(workdir_lib, 'restore', deleted_meanwhile)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -181,6 +222,49 @@ def test_a_checkpoint_without_its_checksum_is_reported(
       'checkpoint 10 has no checksum (its _CHECKPOINT_METADATA is missing '
       'or empty); restored unchecked'
   ) in [str(w.message) for w in said]
+
+
+def test_a_checkpoint_with_one_checksum_of_its_whole_state(trained, tmp_path):
+  # Checkpoints written before the checksum of each field have one of the
+  # whole state: it is checked where this code reads the whole state.
+  workdir = tmp_path / 'run'
+  shutil.copytree(trained, workdir)
+  config = workdir_lib.saved_config(workdir)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  shapes = workdir_lib.abstract(train.state_shapes(config), device)
+  manager = workdir_lib.checkpoint_manager(workdir, 1, read_only=True)
+  whole = workdir_lib.checksum(workdir_lib.restore(manager, shapes, 10))
+  path = workdir / 'checkpoints' / '10' / '_CHECKPOINT_METADATA'
+  metadata = json.loads(path.read_text())
+
+  def saved_checksum(digest):
+    path.write_text(
+        json.dumps(metadata | {'custom_metadata': {'state_sha256': digest}})
+    )
+
+  saved_checksum(whole)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    workdir_lib.load(workdir, shapes)
+  # Code whose optimiser clips first reads the weights alone: unchecked.
+  clipped = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      train.create_optimizer(config, train.learning_rate_schedule(config, [])),
+  )
+  other = workdir_lib.abstract(
+      jax.eval_shape(
+          functools.partial(train.fresh_state(config), clipped, config.seed)
+      ),
+      device,
+  )
+  with pytest.warns(UserWarning, match='weights are restored unchecked'):
+    assert workdir_lib.load(workdir, other).opt_state is None
+  saved_checksum('0' * 64)
+  with pytest.raises(
+      workdir_lib.WorkdirError,
+      match='checkpoint 10 in .* is corrupt: its arrays do not match',
+  ):
+    workdir_lib.load(workdir, shapes)
 
 
 def test_a_half_deleted_checkpoint_is_ignored_and_removed(trained, tmp_path):

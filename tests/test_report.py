@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from commands import error_line
+from commands import module
 from commands import ok
 from commands import python
 from commands import records
 from commands import ROOT
+from commands import with_code
 from numerics import assert_close
 from resnet_jax import cifar
 from resnet_jax import evaluate
@@ -331,6 +333,16 @@ def test_ensemble_bad_input(sweep, tmp_path):
           f'--out={tmp_path}',
       )
   )
+  (tmp_path / 'again').symlink_to(run)
+  message = error_line(
+      python(
+          'resnet_jax.report',
+          'ensemble',
+          f'--workdirs={run},{tmp_path / "again"}',
+          f'--out={tmp_path}',
+      )
+  )
+  assert f'{run} twice' in message, message
   assert 'multi-scale testing' in error_line(
       python(
           'resnet_jax.report',
@@ -340,6 +352,31 @@ def test_ensemble_bad_input(sweep, tmp_path):
           f'--out={tmp_path}',
       )
   )
+
+
+def test_report_outputs_are_whole_or_absent_on_a_full_disk(sweep, tmp_path):
+  run = sweep / 'smoke' / 'seed0'
+  out = tmp_path / 'out'
+  # A late-allocating filesystem: the data are buffered, the flush fails.
+  full = """
+import errno, os
+def fsync(fd):
+  raise OSError(errno.ENOSPC, 'No space left on device')
+os.fsync = fsync
+"""
+  for command, flag, name in (
+      ('curve', f'--workdirs={run}', 'curve.csv'),
+      ('table', f'--root={sweep}', 'table.md'),
+  ):
+    message = error_line(
+        with_code(
+            full, module('resnet_jax.report', command, flag, f'--out={out}')
+        )
+    )
+    assert message.startswith(
+        f'error: no space left on the device of {out / name} ('
+    ), message
+    assert list(out.iterdir()) == []  # Not a part of a file, nor a temporary.
 
 
 def test_report_bad_input(tmp_path):

@@ -1,16 +1,18 @@
-"""SIGTERM and SIGINT: a run saves the step it reached, stops, and resumes
-exactly. Real ``python -m resnet_jax.main`` (and sweep) processes."""
+"""SIGTERM, SIGINT and SIGHUP: a run saves the step it reached, stops, and
+resumes exactly. Real ``python -m resnet_jax.main`` (and sweep) processes."""
 
 import fcntl
 import re
 import signal
 import subprocess
 import time
+import types
 
 import jax
 import numpy as np
 import pytest
 
+from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 from commands import command
 from commands import distributed
@@ -21,6 +23,7 @@ from commands import params
 from commands import records
 from commands import run
 from commands import start
+from commands import with_code
 
 # Checkpoints only far past where the signal comes: what is saved at the
 # stop is the stop's own.
@@ -68,7 +71,8 @@ def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum, tmp_path):
   )
   assert line.startswith(f'stopped: {signal.Signals(signum).name} at step')
   assert workdir_lib.checkpoint_steps(stopped) == {step}
-  assert records(stopped, 'train')[-1]['step'] == step  # Its metrics too.
+  # No record for a part of a logging interval.
+  assert records(stopped, 'train')[-1]['step'] == step - step % 5
 
   end = f'--config.train_length={step + 5}'
   resumed = ok(run(stopped, *FLAGS, end))
@@ -82,7 +86,94 @@ def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum, tmp_path):
   # Every step's training metrics are in one record: none lost, none twice.
   steps = [r['step'] for r in records(stopped, 'train')]
   assert steps == sorted(set(steps))
-  assert set(steps) == set(range(5, step + 6, 5)) | {step, step + 5}
+  assert set(steps) == set(range(5, step + 6, 5)) | {step + 5}
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """An uninterrupted smoke run (on 2 devices, as the stopped ones)."""
+  workdir = tmp_path_factory.mktemp('straight') / 'run'
+  ok(run(workdir))
+  return workdir
+
+
+def signal_after(step, split, signum):
+  """Code that sends the run ``signum`` as it writes ``step``'s ``split``
+  record: a signal at a known moment."""
+  return f"""
+import os
+from resnet_jax import metrics
+append = metrics.append
+def append_then_signal(workdir, step, split, values):
+  append(workdir, step, split, values)
+  if (step, split) == ({step}, {split!r}):
+    os.kill(os.getpid(), {int(signum)})
+metrics.append = append_then_signal
+"""
+
+
+def without_speed(workdir):
+  return [
+      {k: v for k, v in r.items() if k != 'steps_per_second'}
+      for r in records(workdir)
+  ]
+
+
+def test_a_hangup_inside_a_logging_interval_keeps_its_record_whole(
+    straight, tmp_path
+):
+  # A closed terminal just after step 5's record: the run stops at step 6,
+  # inside the interval that step 10's record averages.
+  stopped = tmp_path / 'stopped'
+  result = with_code(signal_after(5, 'train', signal.SIGHUP), command(stopped))
+  assert result.returncode == 128 + signal.SIGHUP, result.stderr[-3000:]
+  assert (
+      'stopped: SIGHUP at step 6, its checkpoint saved; the same command '
+      'resumes the run' in result.stderr.splitlines()
+  )
+  assert workdir_lib.checkpoint_steps(stopped) == {6}
+  assert [r['step'] for r in records(stopped, 'train')] == [5]
+  assert 'Resuming from checkpoint at step 6.' in ok(run(stopped)).stdout
+  # Every record, step 10's training one included, is the uninterrupted
+  # run's (the same float32 losses, averaged in the same order).
+  assert without_speed(stopped) == without_speed(straight)
+  for x, y in zip(
+      jax.tree.leaves(params(straight, 20)),
+      jax.tree.leaves(params(stopped, 20)),
+  ):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_a_signal_after_the_last_step_saves_and_leaves_the_final_test(
+    straight, tmp_path
+):
+  # SIGTERM as the last step's validation is written: its checkpoint is
+  # saved, then the run stops before its final test.
+  stopped = tmp_path / 'stopped'
+  result = with_code(
+      signal_after(20, 'validation', signal.SIGTERM), command(stopped)
+  )
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+  assert (
+      'stopped: SIGTERM at step 20, its checkpoint saved; the same command '
+      'runs the final test' in result.stderr.splitlines()
+  )
+  assert workdir_lib.checkpoint_steps(stopped) == {10, 20}
+  assert 'final_test' not in {r['split'] for r in records(stopped)}
+  assert 'Resuming from checkpoint at step 20.' in ok(run(stopped)).stdout
+  assert without_speed(stopped) == without_speed(straight)
+
+
+def test_a_signal_ends_the_final_test_at_once():
+  # An ImageNet test outlasts a preemption's grace period: it stops before
+  # its next batch (here, with no steps to test it on, its first).
+  with pytest.raises(train.Stopped, match='^SIGHUP at step 20, .*final test'):
+    train.evaluate(
+        None,
+        types.SimpleNamespace(step=20),
+        iter([('images', 'labels', 'mask')]),
+        lambda: signal.SIGHUP,
+    )
 
 
 def test_a_signal_to_one_host_stops_every_host_at_the_same_step(tmp_path):
@@ -153,7 +244,6 @@ def test_a_run_started_from_another_thread_keeps_the_signals_default():
   # Only the main thread may set signal handlers (a notebook's worker
   # thread, a user's pool): there nothing is set, and nothing fails.
   import threading  # pylint: disable=g-import-not-at-top
-  from resnet_jax import train  # pylint: disable=g-import-not-at-top
 
   handlers = {s: signal.getsignal(s) for s in train.STOP_SIGNALS}
   seen = []
