@@ -55,6 +55,7 @@ from resnet_jax import evaluate
 from resnet_jax import layers
 from resnet_jax import models
 from resnet_jax import train
+from resnet_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -201,9 +202,10 @@ def programs(config, devices, hosts: int) -> list[Program]:
   )
   # The state's shapes, placed on the chips (``on_chips``) or unplaced, for
   # the CPU that counts the arithmetic.
-  on_chips = lambda sharding: jax.tree.map(
-      lambda x: sds(x.shape, x.dtype, sharding), state
+  placed = lambda tree, sharding: jax.tree.map(
+      lambda x: sds(x.shape, x.dtype, sharding), tree
   )
+  on_chips = functools.partial(placed, state)
   per_step = config.steps_per_dispatch
   if config.dataset == 'imagenet2012':
     steps = train.make_steps(mesh, schedule, None, per_step)
@@ -271,7 +273,15 @@ def programs(config, devices, hosts: int) -> list[Program]:
       )
   )
   if config.test_scales:
-    # Each host tests its own images on its own chips (evaluate.py).
+    # Each host tests its own images on its own chips, with the weights read
+    # from a checkpoint (evaluate.py; workdir.load).
+    weights = state.replace(
+        **{
+            name: None
+            for name in workdir_lib.fields(state)
+            if name not in workdir_lib.WEIGHTS
+        }
+    )
     local = [d for d in devices if d.process_index == devices[0].process_index]
     host_batch = config.eval_batch_size // hosts
     host_mesh = devices_lib.make_mesh({'eval_batch_size': host_batch}, local)
@@ -283,7 +293,7 @@ def programs(config, devices, hosts: int) -> list[Program]:
               'multiscale',
               evaluate.probabilities,
               (
-                  on_chips(devices_lib.replicated(host_mesh)),
+                  placed(weights, devices_lib.replicated(host_mesh)),
                   sds(
                       (host_batch, *view),
                       jnp.uint8,
@@ -295,7 +305,7 @@ def programs(config, devices, hosts: int) -> list[Program]:
               functools.partial(
                   cpu_flops,
                   evaluate.probabilities,
-                  state,
+                  weights,
                   sds((view_chip, *view), jnp.uint8),
                   whole=True,
               ),
