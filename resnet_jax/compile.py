@@ -108,9 +108,33 @@ CHIPS = {
 }
 # Chips per host of the TPU runtime's hosts; a smaller topology is one host.
 HOST_BOUNDS = (2, 2, 1)
-# XLA's TPU compiler, out of memory: "... for HLO temporaries (50.89G)
-# exceeds available HBM (15.75G)".
-OUT_OF_MEMORY = re.compile(r'\(([\d.]+)G\) exceeds available HBM')
+# XLA's TPU compiler, out of memory, in one of two ways: "the total memory
+# required for HLO temporaries (50.89G) exceeds available HBM (15.75G)", or
+# "Used 15.75G of 15.75G hbm. Exceeded hbm capacity by 4.83M."
+OUT_OF_MEMORY = (
+    re.compile(r'\((?P<needed>[\d.]+[KMG]?)\) exceeds available HBM'),
+    re.compile(
+        r'of (?P<capacity>[\d.]+[KMG]?) hbm\. Exceeded hbm capacity by '
+        r'(?P<excess>[\d.]+[KMG]?)'
+    ),
+)
+UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30}
+
+
+def needed_bytes(message: str) -> int | None:
+  """The bytes a program needs by XLA's out-of-memory message (at least the
+  temporaries'); None if ``message`` is not one."""
+  to_bytes = (
+      lambda size: float(size.rstrip('KMG')) * UNITS[size.lstrip('0123456789.')]
+  )
+  for pattern in OUT_OF_MEMORY:
+    found = pattern.search(message)
+    if found:
+      sizes = found.groupdict()
+      if 'needed' in sizes:
+        return int(to_bytes(sizes['needed']))
+      return int(to_bytes(sizes['capacity']) + to_bytes(sizes['excess']))
+  return None
 
 
 def topology(name: str) -> list:
@@ -327,17 +351,17 @@ def compile_row(program: Program, chip: Chip):
   try:
     compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
   except Exception as e:  # pylint: disable=broad-except
-    found = OUT_OF_MEMORY.search(str(e))
-    if 'RESOURCE_EXHAUSTED' not in str(e) or not found:
+    needed = needed_bytes(str(e))
+    if needed is None:
       raise
     return (
         row
         | {
             'compile_s': round(time.perf_counter() - start, 1),
-            'bytes_per_chip': int(float(found[1]) * 2**30),
+            'bytes_per_chip': needed,
             'hbm_bytes_per_chip': int(chip.hbm_bytes),
             'fits': False,
-            'error': cli.first_line(e),
+            'error': f'out of HBM: the compiler needs at least {needed:,} bytes',
         },
         None,
     )

@@ -162,3 +162,25 @@ def test_the_largest_batch_search_stops_next_to_a_batch_that_fails():
   assert best['images_per_chip'] == 152  # Multiples of 8.
   assert len(tried) <= 6, tried
   assert np.all(np.diff(sorted(set(tried))) > 0)
+
+
+@pytest.mark.parametrize(
+    'message, needed',
+    [
+        (
+            'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory '
+            'required for HLO temporaries (50.89G) exceeds available HBM '
+            '(15.75G).',
+            int(50.89 * 2**30),
+        ),
+        (
+            'RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of '
+            'memory in memory space hbm. Used 15.75G of 15.75G hbm. Exceeded '
+            'hbm capacity by 4.83M.',
+            int(15.75 * 2**30 + 4.83 * 2**20),
+        ),
+        ('INTERNAL: something else', None),
+    ],
+)
+def test_the_compilers_out_of_memory_messages(message, needed):
+  assert compile_lib.needed_bytes(message) == needed
