@@ -429,9 +429,10 @@ def largest_batch(config, devices, hosts, chip, first: dict) -> dict:
       probe = (
           guess if guess and guess > low else (low + step if guess else 2 * low)
       )
-    else:
-      probe = guess if guess and low < guess < high else (low + high) // 2
-      probe = min(max(probe // step * step, low + step), high - step)
+    else:  # The estimate, unless it is at an end: there, halve the gap.
+      inside = guess and low + step < guess < high - step
+      probe = (guess if inside else (low + high) // 2) // step * step
+      probe = min(max(probe, low + step), high - step)
     trial = config.copy_and_resolve_references()
     trial.batch_size, trial.eval_batch_size = probe * chips, chips
     trial.test_scales = ()
