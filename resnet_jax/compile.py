@@ -111,29 +111,28 @@ HOST_BOUNDS = (2, 2, 1)
 # XLA's TPU compiler, out of memory, in one of two ways: "the total memory
 # required for HLO temporaries (50.89G) exceeds available HBM (15.75G)", or
 # "Used 15.75G of 15.75G hbm. Exceeded hbm capacity by 4.83M."
+SIZE = r'([\d.]+)([KMG]?)'
 OUT_OF_MEMORY = (
-    re.compile(r'\((?P<needed>[\d.]+[KMG]?)\) exceeds available HBM'),
-    re.compile(
-        r'of (?P<capacity>[\d.]+[KMG]?) hbm\. Exceeded hbm capacity by '
-        r'(?P<excess>[\d.]+[KMG]?)'
-    ),
+    re.compile(rf'\({SIZE}\) exceeds available HBM'),
+    re.compile(rf'of {SIZE} hbm\. Exceeded hbm capacity by {SIZE}'),
 )
 UNITS = {'': 1, 'K': 2**10, 'M': 2**20, 'G': 2**30}
 
 
 def needed_bytes(message: str) -> int | None:
   """The bytes a program needs by XLA's out-of-memory message (at least the
-  temporaries'); None if ``message`` is not one."""
-  to_bytes = (
-      lambda size: float(size.rstrip('KMG')) * UNITS[size.lstrip('0123456789.')]
-  )
+  temporaries'; or the capacity and the excess); None if ``message`` is not
+  one."""
   for pattern in OUT_OF_MEMORY:
     found = pattern.search(message)
     if found:
-      sizes = found.groupdict()
-      if 'needed' in sizes:
-        return int(to_bytes(sizes['needed']))
-      return int(to_bytes(sizes['capacity']) + to_bytes(sizes['excess']))
+      sizes = found.groups()
+      return int(
+          sum(
+              float(number) * UNITS[unit]
+              for number, unit in zip(sizes[::2], sizes[1::2])
+          )
+      )
   return None
 
 
@@ -224,12 +223,9 @@ def programs(config, devices, hosts: int) -> list[Program]:
   state = jax.eval_shape(
       functools.partial(train.fresh_state(config, 'tpu'), tx, config.seed)
   )
-  # The state's shapes, placed on the chips (``on_chips``) or unplaced, for
-  # the CPU that counts the arithmetic.
-  placed = lambda tree, sharding: jax.tree.map(
-      lambda x: sds(x.shape, x.dtype, sharding), tree
-  )
-  on_chips = functools.partial(placed, state)
+  # The state's shapes, on the chips (``on_chips``) or, for the CPU that
+  # counts the arithmetic, unplaced.
+  on_chips = functools.partial(workdir_lib.abstract, state)
   per_step = config.steps_per_dispatch
   if config.dataset == 'imagenet2012':
     steps = train.make_steps(mesh, schedule, None, per_step)
@@ -317,7 +313,9 @@ def programs(config, devices, hosts: int) -> list[Program]:
               'multiscale',
               evaluate.probabilities,
               (
-                  placed(weights, devices_lib.replicated(host_mesh)),
+                  workdir_lib.abstract(
+                      weights, devices_lib.replicated(host_mesh)
+                  ),
                   sds(
                       (host_batch, *view),
                       jnp.uint8,

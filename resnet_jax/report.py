@@ -128,9 +128,9 @@ def load_run(workdir) -> tuple[ml_collections.ConfigDict, list[dict]]:
 # disk names the file in --out, and so its device.
 
 
-def write_text(path: pathlib.Path, text: str):
+def write_file(path: pathlib.Path, contents: str | bytes):
   path.parent.mkdir(parents=True, exist_ok=True)
-  atomic.write(path, text)
+  atomic.write(path, contents)
 
 
 def write_csv(path: pathlib.Path, header: list[str], rows):
@@ -138,15 +138,14 @@ def write_csv(path: pathlib.Path, header: list[str], rows):
   writer = csv.writer(text)
   writer.writerow(header)
   writer.writerows(rows)
-  write_text(path, text.getvalue())
+  write_file(path, text.getvalue())
 
 
 def save(fig: figure.Figure, out: pathlib.Path, name: str) -> figure.Figure:
-  out.mkdir(parents=True, exist_ok=True)
   for suffix in ('png', 'pdf'):
     image = io.BytesIO()
     fig.savefig(image, format=suffix, dpi=120, bbox_inches='tight')
-    atomic.write(out / f'{name}.{suffix}', image.getvalue())
+    write_file(out / f'{name}.{suffix}', image.getvalue())
   return fig
 
 
@@ -245,7 +244,7 @@ def table(root, selection: str, out: pathlib.Path) -> str:
       *rows,
   ]
   markdown = '\n'.join(lines) + '\n'
-  write_text(out / 'table.md', markdown)
+  write_file(out / 'table.md', markdown)
   write_csv(
       out / 'table.csv',
       [
@@ -686,7 +685,7 @@ def ensemble(
       ),
   ]
   markdown = '\n'.join(lines) + '\n'
-  write_text(out / 'ensemble.md', markdown)
+  write_file(out / 'ensemble.md', markdown)
   write_csv(
       out / 'ensemble.csv',
       ['model', 'workdir', 'step', 'views', 'error', 'top5_error', 'images'],

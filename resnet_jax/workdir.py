@@ -348,14 +348,6 @@ def finish(manager):
     manager.wait_until_finished()
 
 
-def _key(entry) -> str:
-  return str(
-      next(
-          getattr(entry, a) for a in ('key', 'name', 'idx') if hasattr(entry, a)
-      )
-  )
-
-
 def differences(manager, step: int, abstract_state) -> dict[str, str]:
   """Where checkpoint ``step``'s arrays (orbax's metadata, read without the
   arrays) differ from ``abstract_state``'s: path -> how."""
@@ -368,7 +360,7 @@ def differences(manager, step: int, abstract_state) -> dict[str, str]:
       if leaf is not None
   }
   here = {
-      '/'.join(map(_key, path)): leaf
+      jax.tree_util.keystr(path, simple=True, separator='/'): leaf
       for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
   }
   nodes = {
