@@ -96,6 +96,10 @@ def get_config():
   # §3.4's fully-convolutional multi-scale testing (Tables 4 and 5), e.g.
   # (224, 256, 384, 480, 640): the whole image at each shorter side and its
   # flip, softmax averaged; () tests the centre crop (or ten_crop's). Not
-  # with ten_crop. Training's evaluations never use it (one compilation per
-  # image shape: too slow to repeat).
+  # with ten_crop. Training's evaluations never use it (several
+  # compilations: too slow to repeat).
+  config.test_bucket = 64  # test_scales: each view is padded at the bottom
+  # and right to multiples of this many pixels (a multiple of the network's
+  # total stride, 32 on ImageNet), masked: one compiled program per bucket,
+  # the same scores as each shape's own (models.ResNet's ``sizes``).
   return config

@@ -12,7 +12,8 @@ chip of every host, exactly as ``train.setup`` and ``evaluate`` build them:
 the training step (CIFAR's with the training split held on the chips,
 ImageNet's with host batches; ``steps_per_dispatch`` steps a call), the
 evaluation step and, with ``test_scales``, the multi-scale test's program at
-each scale (a 4:3 view, ImageNet's commonest shape; §3.4). For each it
+each scale (the bucket of a 4:3 view, ImageNet's commonest shape, at its
+batch: ``imagenet.bucket``; §3.4). For each it
 prints one JSON line as it compiles and a table at the end:
 
 * ``bytes_per_chip``: arguments + temporaries + outputs - aliases, from the
@@ -293,6 +294,8 @@ def programs(config, devices, hosts: int) -> list[Program]:
       )
   )
   if config.test_scales:
+    from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+
     # Each host tests its own images on its own chips, with the weights read
     # from a checkpoint (evaluate.py; workdir.load).
     weights = state.replace(
@@ -305,9 +308,11 @@ def programs(config, devices, hosts: int) -> list[Program]:
     local = [d for d in devices if d.process_index == devices[0].process_index]
     host_batch = config.eval_batch_size // hosts
     host_mesh = devices_lib.make_mesh({'eval_batch_size': host_batch}, local)
-    view_chip = host_batch // len(local)
+    split_host = devices_lib.split(host_mesh)
     for scale in config.test_scales:
-      view = (scale, -(-scale * 4 // 3), 3)
+      shape = imagenet.bucket((scale, -(-scale * 4 // 3)), config.test_bucket)
+      views = imagenet.bucket_batch(shape, host_batch, len(local))
+      view_chip = views // len(local)
       result.append(
           Program(
               'multiscale',
@@ -316,20 +321,17 @@ def programs(config, devices, hosts: int) -> list[Program]:
                   workdir_lib.abstract(
                       weights, devices_lib.replicated(host_mesh)
                   ),
-                  sds(
-                      (host_batch, *view),
-                      jnp.uint8,
-                      devices_lib.split(host_mesh),
-                  ),
+                  sds((views, *shape, 3), jnp.uint8, split_host),
+                  sds((views, 2), jnp.int32, split_host),
               ),
-              {'whole': True},
+              {},
               view_chip,
               functools.partial(
                   cpu_flops,
                   evaluate.probabilities,
                   weights,
-                  sds((view_chip, *view), jnp.uint8),
-                  whole=True,
+                  sds((view_chip, *shape, 3), jnp.uint8),
+                  sds((view_chip, 2), jnp.int32),
               ),
               None,
               scale,

@@ -61,20 +61,29 @@ def evaluate_checkpoint(config, workdir: str) -> dict[str, float]:
   }
 
 
-@functools.partial(jax.jit, static_argnames='whole')
-def probabilities(state, images, whole: bool):
+@jax.jit
+def probabilities(state, images, sizes=None):
   """Each image's softmax, averaged over its views: its crops or, for whole
-  images (of any size: the network is fully convolutional), the image and
-  its flip. Whole images are normalised by the mean image's average colour:
-  a per-pixel mean has the training crops' size only."""
-  if whole:
+  images (with their ``sizes`` before padding: any size, the network is
+  fully convolutional), the image and its flip. Whole images are normalised
+  by the mean image's average colour: a per-pixel mean has the training
+  crops' size only."""
+  if sizes is not None:
     state = state.replace(mean=state.mean.mean((0, 1)))
-    images = jnp.stack([images, images[:, :, ::-1]], 1)
-  return jax.nn.softmax(train.classify(state, images))
+    images = jnp.stack([images, flip(images, sizes[:, 1])], 1)
+  return jax.nn.softmax(train.classify(state, images, sizes))
+
+
+def flip(images, widths):
+  """Images mirrored left to right within their first ``widths`` columns;
+  the padding to their right stays where it is."""
+  columns = images.shape[2]
+  source = (widths[:, None] - 1 - jnp.arange(columns)) % columns
+  return jnp.take_along_axis(images, source[:, None, :, None], axis=2)
 
 
 def test_batches(config):
-  """This process's test batches: (images, labels, mask[, index])."""
+  """This process's test batches: (images, labels, mask[, index, sizes])."""
   if not config.test_scales:
     return train.dataset_inputs(config, mesh=None).eval(metrics.TEST)
   # ImageNet's (train.check_test_scales).
@@ -112,15 +121,17 @@ def test_probabilities(config, workdir):
   )
   sums, views, labels = {}, {}, {}
   position = 0
-  for images, batch_labels, mask, *index in test_batches(config):
+  for images, batch_labels, mask, *whole in test_batches(config):
     # Without an index, the batches come in order, padding last.
-    index = index[0] if index else position + np.arange(len(mask))
+    index, sizes = whole or (position + np.arange(len(mask)), None)
     position += len(mask)
     probs = np.asarray(
         probabilities(
             state,
             jax.device_put(images, devices_lib.split(mesh)),
-            whole=bool(config.test_scales),
+            None
+            if sizes is None
+            else jax.device_put(sizes, devices_lib.split(mesh)),
         )
     )
     for i, label, p in zip(

@@ -198,6 +198,23 @@ def eval_batches(config, split: str, batch_size: int, ten_crop: bool):
     yield images, labels, mask.astype(np.float32)
 
 
+def bucket(shape, multiple: int) -> tuple[int, int]:
+  """The padded shape of a view of ``shape`` (height, width): each side
+  rounded up to a multiple of ``multiple`` (``config.test_bucket``)."""
+  return tuple(-(-int(side) // multiple) * multiple for side in shape[:2])
+
+
+def bucket_batch(shape, batch_size: int, devices: int) -> int:
+  """Views per batch of a bucket of ``shape``: the pixels of ``batch_size``
+  224x224 crops, in a multiple of ``devices`` (at least one each).
+
+  One batch size per bucket: a bucket compiles once, and a batch of large
+  views needs no more memory than one of crops.
+  """
+  fit = batch_size * CROP * CROP // (shape[0] * shape[1])
+  return max(1, fit // devices) * devices
+
+
 def multiscale_batches(
     config, split: str, batch_size: int, scales, devices: int = 1
 ):
@@ -206,13 +223,14 @@ def multiscale_batches(
   "We adopt the fully-convolutional form [...] and average the scores at
   multiple scales (images are resized such that the shorter side is in
   {224, 256, 384, 480, 640})" (Tables 4 and 5). Each image comes once per
-  scale, uncropped (the flips are the step's). A batch holds up to
-  ``batch_size`` (global) images of one shape, padded with masked zeros to
-  that size or, for a shape's last images, to ``devices`` (those that share
-  this process's batch) times a power of two: a shape compiles at most twice,
-  and a rare one costs a few images, not a batch. Yields (images, labels,
-  mask, index), ``index`` the image's position in this process's share of
-  the split, the same in every pass.
+  scale, uncropped (the flips are the step's), padded with zeros at the
+  bottom and right to its bucket (``bucket``; ``config.test_bucket``). A
+  batch holds ``bucket_batch`` views of one bucket (``batch_size`` is
+  global, ``devices`` those that share this process's batch), its last one
+  padded with masked zeros: one compiled program per bucket. Yields
+  (images, labels, mask, index, sizes): ``index`` the image's position in
+  this process's share of the split, the same in every pass; ``sizes`` each
+  view's height and width before padding (``models.ResNet``).
   """
   if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
     raise DataError(
@@ -239,26 +257,33 @@ def multiscale_batches(
 
     return tf.data.Dataset.from_tensor_slices(list(scales)).map(resize)
 
-  def shape(image, label, index):
-    del label, index
-    return tf.cast(tf.shape(image)[0] * 65536 + tf.shape(image)[1], tf.int64)
+  def batch(shape, group):
+    size = bucket_batch(shape, local, devices)
+    images = np.zeros((size, *shape, 3), np.uint8)
+    for image, (view, _, _) in zip(images, group):
+      image[: view.shape[0], : view.shape[1]] = view
+    pad = size - len(group)
+    return (
+        images,
+        np.array([label for _, label, _ in group] + [0] * pad, np.int32),
+        np.array([1.0] * len(group) + [0.0] * pad, np.float32),
+        np.array([index for _, _, index in group] + [0] * pad, np.int64),
+        np.array(
+            [view.shape[:2] for view, _, _ in group] + [shape] * pad,
+            np.int32,
+        ),
+    )
 
   ds = builder.as_dataset(split=split, as_supervised=True).enumerate()
   ds = ds.interleave(views, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.group_by_window(
-      shape, lambda _, group: group.batch(local), window_size=local
-  ).prefetch(tf.data.AUTOTUNE)
-  for images, labels, index in tfds.as_numpy(ds):
-    size = devices
-    while size < min(len(labels), local):
-      size *= 2
-    pad = min(size, local) - len(labels)
-    yield (
-        np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)]),
-        np.pad(labels, (0, pad)),
-        np.pad(np.ones(len(labels), np.float32), (0, pad)),
-        np.pad(index, (0, pad)),
-    )
+  groups = {}
+  for example in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)):
+    shape = bucket(example[0].shape, config.test_bucket)
+    groups.setdefault(shape, []).append(example)
+    if len(groups[shape]) == bucket_batch(shape, local, devices):
+      yield batch(shape, groups.pop(shape))
+  for shape, group in groups.items():
+    yield batch(shape, group)
 
 
 def normalization(config, num_images: int = 10_000):

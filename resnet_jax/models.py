@@ -318,9 +318,37 @@ class ResNet(nn.Module):
   bn_group_size: int = 0
   act: Callable[[jax.Array], jax.Array] = nn.relu
 
+  @property
+  def total_stride(self) -> int:
+    """Input pixels per position of the last stage's maps."""
+    return (4 if self.stem == '7x7' else 1) * 2 ** (len(self.stage_sizes) - 1)
+
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, sizes=None):
+    """Logits of images ``x`` (batch, h, w, 3).
+
+    ``sizes`` (batch, 2), in evaluation: each image's height and width
+    before zeros padded it at the bottom and right to ``x``'s shape (a
+    multiple of ``total_stride``), so that images of many sizes share one
+    program (§3.4's multi-scale testing; ``evaluate.probabilities``). Every
+    valid output is then the unpadded image's: the padding is zero
+    wherever a convolution or the max pool reads it, as the symmetric
+    padding of the unpadded maps is (the input, every activation and the
+    max pool's output are masked: ``valid_positions``; the pool reads
+    activations, never below zero), and the global average is over the
+    valid positions.
+    """
     conv = functools.partial(conv_layer, dtype=self.dtype)
+    act, mask = self.act, lambda y: y
+    if sizes is not None:
+      valid = functools.partial(valid_positions, sizes, x.shape[1:3])
+
+      def mask(y):
+        return y * valid(y)
+
+      def act(y):
+        return mask(self.act(y))
+
     norm = functools.partial(
         nn.BatchNorm,
         use_running_average=not train,
@@ -337,16 +365,18 @@ class ResNet(nn.Module):
           dtype=self.dtype,
       )
     x = jnp.asarray(x, self.dtype)
+    x = mask(x)  # Normalised padding is not zero.
     if self.stem == '7x7':
       x = conv(self.widths[0], 7, 2, name='conv_init')(x)
-      x = self.act(norm(name='bn_init')(x))
+      x = act(norm(name='bn_init')(x))
       self.sow('intermediates', 'conv1', x)
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+      # Windows at the border of the valid pixels reach them.
+      x = mask(nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3)))
     else:
       x = conv(self.widths[0], 3, 1, name='conv_init')(x)
       x = norm(name='bn_init')(x)
       self.sow('intermediates', 'response', x)
-      x = self.act(x)
+      x = act(x)
       self.sow('intermediates', 'conv1', x)
     block_class = PreActBlock if self.preactivation else Block
     if self.remat:
@@ -362,7 +392,7 @@ class ResNet(nn.Module):
           zero_init_residual=self.zero_init_residual,
           conv=conv,
           norm=norm,
-          act=self.act,
+          act=act,
       )
       # The net's first pre-activation unit takes conv1's activated output.
       first = {'first': i == 0} if self.preactivation else {}
@@ -385,12 +415,37 @@ class ResNet(nn.Module):
           x = block(strides=1, name=f'stage{i + 1}_block{j + 1}')(x)
       self.sow('intermediates', f'stage{i + 1}', x)
     if self.preactivation:
-      x = self.act(norm(name='bn_final')(x))
-    x = jnp.mean(x, axis=(1, 2))
+      x = act(norm(name='bn_final')(x))
+    if sizes is None:
+      x = jnp.mean(x, axis=(1, 2))
+    else:  # The last activation zeroed the padding.
+      x = x.sum((1, 2)) / valid(x).sum((1, 2))
     x = nn.Dense(
         self.num_classes, dtype=self.dtype, kernel_init=he_normal, name='head'
     )(x)
     return jnp.asarray(x, jnp.float32)
+
+
+def valid_positions(sizes, full, y):
+  """1 where ``y``'s positions see only an image's valid pixels, else 0.
+
+  ``sizes`` (batch, 2) are the images' heights and widths before padding
+  them to ``full``, a multiple of the network's total stride: ``y``'s
+  stride is then ``full / y.shape[1:3]``, and a stride-s map of h valid
+  rows has ceil(h / s) of them (3x3/2 and 7x7/2 convs with symmetric
+  padding, the 3x3/2 max pool and option A's subsampling alike). Returns
+  (batch, h, w, 1) in ``y``'s dtype.
+  """
+  if full[0] % y.shape[1] or full[1] % y.shape[2]:
+    raise ModelError(
+        f'padded images of {full[0]}x{full[1]} pixels are not a multiple '
+        f'of the network\'s total stride'
+    )
+  stride = jnp.array([full[0] // y.shape[1], full[1] // y.shape[2]])
+  limit = -(-sizes // stride)  # (batch, 2)
+  rows = jnp.arange(y.shape[1]) < limit[:, :1]
+  cols = jnp.arange(y.shape[2]) < limit[:, 1:]
+  return (rows[:, :, None] & cols[:, None, :])[..., None].astype(y.dtype)
 
 
 def cifar_blocks_per_stage(depth: int, bottleneck: bool = False) -> int:

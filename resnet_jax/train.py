@@ -201,7 +201,22 @@ def check_config(config):
 
 def check_test_scales(config):
   """Raises TrainingError unless ``config.test_scales`` can test the run:
-  ImageNet's shorter sides, within TEST_SCALES."""
+  ImageNet's shorter sides, within TEST_SCALES, padded to buckets
+  (``test_bucket``) that are whole multiples of the network's total
+  stride."""
+  # (Any platform's form: the stride is the architecture's.)
+  stride = models.from_config(config, 1, 'cpu').total_stride
+  bucket = config.test_bucket
+  if not (
+      isinstance(bucket, int)
+      and not isinstance(bucket, bool)
+      and bucket > 0
+      and bucket % stride == 0
+  ):
+    raise TrainingError(
+        f"test_bucket must be a positive multiple of the network's total "
+        f'stride {stride} (pixels), got {bucket!r}'
+    )
   scales = config.test_scales
   if not scales:
     return
@@ -408,18 +423,25 @@ def train_step(state: TrainState, images, labels, schedule):
   return state, metrics
 
 
-def classify(state: TrainState, images):
+def classify(state: TrainState, images, sizes=None):
   """The logits of a batch of uint8 images, in inference mode.
 
   Images of shape (batch, crops, h, w, 3) are classified by their softmax
   averaged over the crops (10-crop testing, Table 3): its log is returned.
+  ``sizes`` (batch, 2): the images' own heights and widths, zeros padding
+  them to ``h, w`` (``models.ResNet``).
   """
   crops = images.shape[1] if images.ndim == 5 else 1
   x = data.normalize(
       images.reshape((-1,) + images.shape[-3:]), state.mean, state.std
   )
+  if sizes is not None:
+    sizes = jnp.repeat(sizes, crops, axis=0)
   logits = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats}, x, train=False
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      x,
+      train=False,
+      sizes=sizes,
   )
   if crops > 1:
     probs = jax.nn.softmax(logits).reshape(len(images), crops, -1).mean(1)

@@ -45,10 +45,12 @@ NEW_FIELD_DEFAULTS = {
     'pca_lighting': 0.0,
     'test_scales': (),
     'steps_per_dispatch': 1,
+    'test_bucket': 64,
 }
 # Fields a resumed run may change freely: how long it trains, what it logs,
 # where the data lie, how memory and dispatches are used, how a finished run
-# is tested (test_scales: training never reads it). Any other change is a
+# is tested (test_scales, test_bucket: training never reads them). Any
+# other change is a
 # different run, and needs allow_config_changes.
 RESUMABLE_FIELDS = (
     'train_length',
@@ -63,6 +65,7 @@ RESUMABLE_FIELDS = (
     'scan_blocks',
     'init_from',
     'test_scales',
+    'test_bucket',
     'steps_per_dispatch',
 )
 

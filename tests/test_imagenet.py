@@ -299,38 +299,53 @@ def test_imagenet_nets_take_images_of_any_size():
       assert out.shape == (1, 1000)
 
 
-# Shorter sides of 1 and 2 pixels give images of the same shape to batch.
 @pytest.mark.parametrize(
-    'scales, batch_size, devices',
-    [(SCALES, 12, 2), ((1, 2), 12, 2), ((1, 2), 2, 1)],
+    'scales, batch_size, devices, multiple',
+    [(SCALES, 12, 2, 32), (SCALES, 1, 1, 64), ((1, 2), 2, 1, 32)],
 )
-def test_multiscale_batches_hold_one_shape_each(
-    mock_imagenet, scales, batch_size, devices
+def test_multiscale_batches_fill_one_bucket_each(
+    mock_imagenet, scales, batch_size, devices, multiple
 ):
-  seen, sizes = [], collections.defaultdict(set)
-  for images, labels, mask, index in imagenet.multiscale_batches(
+  mock_imagenet.test_bucket = multiple
+  seen, shapes, buckets = [], set(), set()
+  builder = data.import_tfds().builder(
+      'imagenet2012', data_dir=mock_imagenet.data_dir
+  )
+  originals = list(
+      builder.as_dataset(split='validation', as_supervised=True)
+      .as_numpy_iterator()
+  )
+  for images, labels, mask, index, sizes in imagenet.multiscale_batches(
       mock_imagenet, 'test', batch_size, scales, devices
   ):
+    shape = images.shape[1:3]
+    # One batch size per bucket, a multiple of the devices: one program.
+    assert shape[0] % multiple == 0 and shape[1] % multiple == 0
+    assert len(images) == imagenet.bucket_batch(shape, batch_size, devices)
+    assert len(images) % devices == 0 and images.dtype == np.uint8
     n = int(mask.sum())
-    # A full batch, or the fewest of devices x 2^k rows that hold the rest.
-    assert len(images) == min(
-        batch_size, devices * 2 ** max(0, math.ceil(math.log2(n / devices)))
-    )
-    assert images.dtype == np.uint8 and min(images.shape[1:3]) in scales
     assert np.all(mask[:n] == 1) and np.all(mask[n:] == 0)  # Padding last.
-    sizes[images.shape[1:]].add(len(images))
-    seen += [
-        (i, min(images.shape[1:3]), l) for i, l in zip(index[:n], labels[:n])
-    ]
+    assert not images[n:].any() and np.all(sizes[n:] == shape)
+    for image, (h, w), i, label in zip(images, sizes, index, labels[:n]):
+      # The whole view, resized, top left; zeros at its bottom and right.
+      assert imagenet.bucket((h, w), multiple) == shape
+      scale = min(h, w)
+      original = originals[i][0]
+      view = np.clip(
+          np.round(imagenet.resize_shorter_side(original, scale)), 0, 255
+      ).astype(np.uint8)
+      np.testing.assert_array_equal(image[:h, :w], view)
+      assert not image[h:].any() and not image[:, w:].any()
+      seen.append((i, scale, label))
+      shapes.add((h, w))
+    buckets.add(shape)
   # Each image once at each scale, with its label every time.
   assert sorted((i, s) for i, s, _ in seen) == [
       (i, s) for i in range(VALIDATION) for s in scales
   ]
   assert len({(i, l) for i, _, l in seen}) == VALIDATION
-  # Each shape compiles at most twice: full batches, and its last images.
-  assert all(len(s) <= 2 for s in sizes.values())
-  if scales != SCALES:  # Where shapes repeat, they share batches.
-    assert len(sizes) < len(seen)
+  # Views of many shapes share buckets.
+  assert len(buckets) < len(shapes)
 
 
 @pytest.mark.parametrize(
@@ -360,16 +375,19 @@ def test_multiscale_score_is_the_mean_over_scales_and_flips(
   config.eval_batch_size = 8
   workdir = tmp_path / 'run'
   model, state = fake_run(config, workdir, seed=0)
-  config.test_scales = SCALES
+  config.test_scales, config.test_bucket = SCALES, 32
+  compiled = evaluate.probabilities._cache_size()
   step, probs, labels = evaluate.test_probabilities(config, workdir)
-  # By hand: each image resized to each shorter side, whole, and its flip;
-  # normalised by the mean image's average colour.
+  compiled = evaluate.probabilities._cache_size() - compiled
+  # By hand, each view alone, unpadded: each image resized to each shorter
+  # side, whole, and its flip; normalised by the mean image's average
+  # colour.
   tf = data.import_tensorflow()
   builder = data.import_tfds().builder('imagenet2012', data_dir=config.data_dir)
   mean, std = np.asarray(state.mean).mean((0, 1)), np.asarray(state.std)
   apply = jax.jit(functools.partial(model.apply, train=False))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  expected = []
+  expected, shapes = [], set()
   for i, (image, label) in enumerate(
       builder.as_dataset(
           split='validation', as_supervised=True
@@ -384,6 +402,7 @@ def test_multiscale_score_is_the_mean_over_scales_and_flips(
           np.round(tf.image.resize(image, size, antialias=True)), 0, 255
       ).astype(np.uint8)
       assert min(view.shape[:2]) == scale
+      shapes.add(view.shape[:2])
       x = np.stack([view, view[:, ::-1]]).astype(np.float32) / 255
       views += list(jax.nn.softmax(apply(variables, (x - mean) / std)))
     expected.append(np.mean(views, 0))
@@ -392,6 +411,9 @@ def test_multiscale_score_is_the_mean_over_scales_and_flips(
   # differ by tens of float32 epsilons of that (~1e-5): so do the
   # probabilities, relative to their scale.
   assert_close(probs, np.array(expected), 1e-4)
+  # One compilation per bucket, fewer than the views' shapes.
+  buckets = {imagenet.bucket(shape, 32) for shape in shapes}
+  assert 1 <= compiled <= len(buckets) < len(shapes), (compiled, buckets)
 
   # The same through the command line.
   top1 = 100 * np.mean(probs.argmax(1) != labels)

@@ -40,6 +40,9 @@ def test_bad_lr_boundaries(value, tmp_path):
         ('test_scales', (True,)),
         ('test_scales', (16,)),  # Below the network's total stride.
         ('test_scales', (100000,)),
+        ('test_bucket', 48),  # Not a multiple of ResNet-50's stride, 32.
+        ('test_bucket', 0),
+        ('test_bucket', 64.0),
         ('lr_factor', 1.5),
         ('lr_factor', 1.0),
         ('lr_factor', 0.0),

@@ -445,3 +445,68 @@ def test_batchnorm_groups_of_64_are_two_independent_batchnorms(num_devices):
       grouped.apply(variables, x, train=False),
       whole.apply(variables, x, train=False),
   )
+
+
+@pytest.mark.parametrize(
+    'net',
+    [
+        dict(shortcut='A'),
+        dict(shortcut='B'),
+        dict(shortcut='B', bottleneck=True),
+        dict(shortcut='B', bottleneck=True, bottleneck_stride='3x3'),
+        dict(shortcut='A', preactivation=True),
+        dict(shortcut='B', residual=False),
+    ],
+    ids=['A', 'B', 'bottleneck', 'bottleneck-v1.5', 'preact', 'plain'],
+)
+def test_padded_images_score_as_unpadded(net):
+  # Multi-scale testing (§3.4) pads views of many shapes to one bucket. A
+  # small ImageNet-form net (7x7/2 stem, max pool, four stages, a scanned
+  # stage) with BN statistics and biases far from their initial values, so
+  # that an unmasked padding would be read as data.
+  model = models.ResNet(
+      stage_sizes=(1, 2, 1, 1),
+      widths=(8, 16, 16, 24),
+      stem='7x7',
+      num_classes=7,
+      scan_blocks=True,
+      **net,
+  )
+  rng = np.random.default_rng(0)
+  variables = model.init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False
+  )
+  variables = {
+      'params': jax.tree.map(
+          lambda a: a + rng.normal(0, 0.3, a.shape).astype(a.dtype),
+          variables['params'],
+      ),
+      'batch_stats': jax.tree.map(
+          lambda a: a + rng.uniform(0.5, 1.5, a.shape).astype(a.dtype),
+          variables['batch_stats'],
+      ),
+  }
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  # Odd and even sides, portrait and landscape, one side a single stride.
+  sizes = [(33, 47), (64, 64), (50, 31), (37, 90), (96, 40), (32, 33)]
+  images = [rng.normal(0, 1, (h, w, 3)).astype(np.float32) for h, w in sizes]
+  alone = np.stack([apply(variables, x[None])[0] for x in images])
+  # Padded with non-zeros: the net must not read them.
+  padded = np.stack(
+      [np.pad(x, ((0, 96 - x.shape[0]), (0, 128 - x.shape[1]), (0, 0)),
+              constant_values=0.7) for x in images]
+  )
+  together = apply(variables, padded, sizes=jnp.array(sizes))
+  # The same products, summed in another order (XLA tiles a convolution by
+  # its shape): float32 reassociation, ~1e-7 of the logits' scale here.
+  # A padded pixel read as data moves them by 1e-2 of it or more.
+  assert_close(together, alone, 1e-5)
+
+
+def test_padding_must_be_a_multiple_of_the_total_stride():
+  model = models.ResNet(stage_sizes=(1, 1), widths=(8, 8), stem='7x7')
+  x = jnp.zeros((1, 72, 64, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  assert model.total_stride == 8
+  with pytest.raises(models.ModelError, match='total stride'):
+    model.apply(variables, x[:, :68], train=False, sizes=jnp.array([[60, 60]]))
