@@ -201,6 +201,26 @@ def define_flags():
       '--input_pipeline: distinct '
       'synthetic JPEGs, encoded once, read over and over.',
   )
+  flags.DEFINE_bool(
+      'multiscale',
+      False,
+      "Instead of the nets, time --config's multi-scale testing (§3.4, "
+      'test_scales, default Table 4\'s) of random images of '
+      "ImageNet's spread of sizes, and count its compilations. Needs "
+      'TensorFlow.',
+  )
+  flags.DEFINE_integer(
+      'multiscale_images',
+      64,
+      '--multiscale: images, longer side 300-500 pixels, aspect ratio '
+      '1:2 to 2:1.',
+  )
+  flags.DEFINE_integer(
+      'multiscale_checked',
+      2,
+      '--multiscale: of those, images also tested one view at a time, '
+      'unpadded (a compilation per shape), to compare the scores.',
+  )
 
 
 class BenchmarkError(cli.UserError):
@@ -632,6 +652,120 @@ def input_pipeline_rows(config) -> list[dict]:
   return rows
 
 
+def multiscale_row(config) -> dict:
+  """Multi-scale testing (§3.4) of random images of ImageNet's sizes.
+
+  A fresh network of ``config`` tests ``--multiscale_images`` random
+  images (longer side 300-500, aspect ratios 1:2 to 2:1, as ImageNet's
+  validation photos) at ``config.test_scales`` (default Table 4's) as
+  ``evaluate.test_probabilities`` does: views padded to buckets
+  (``imagenet.bucketed_views``), ``evaluate.probabilities``. Prints the
+  views, their distinct shapes (the compilations of a program per shape),
+  the buckets and the compilations, seconds and images/s (compilations
+  included: the first evaluation of a network); and the largest difference
+  of the scores of ``--multiscale_checked`` images from testing each of
+  their views alone, unpadded.
+  """
+  if config.dataset != 'imagenet2012':
+    raise BenchmarkError(
+        '--multiscale tests ImageNet: pass an ImageNet --config (e.g. '
+        'configs/imagenet_resnet18.py)'
+    )
+  from resnet_jax import evaluate  # pylint: disable=g-import-not-at-top
+  from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+
+  config.test_scales = tuple(config.test_scales) or (224, 256, 384, 480, 640)
+  train.check_config(config)
+  tf = imagenet.tf
+  rng = np.random.default_rng(0)
+  images = []
+  for _ in range(FLAGS.multiscale_images):
+    longer = int(rng.integers(300, 501))
+    other = round(longer * np.exp(rng.uniform(np.log(0.5), 0)))
+    shape = (longer, other) if rng.random() < 0.5 else (other, longer)
+    images.append(rng.integers(0, 256, (*shape, 3), np.uint8))
+  ds = tf.data.Dataset.from_generator(
+      lambda: ((image, 0) for image in images),
+      output_signature=(
+          tf.TensorSpec((None, None, 3), tf.uint8),
+          tf.TensorSpec((), tf.int64),
+      ),
+  )
+  mesh = devices.make_mesh({'eval_batch_size': config.eval_batch_size})
+  split = devices.split(mesh)
+  state = jax.jit(
+      functools.partial(
+          train.fresh_state(config),
+          train.create_optimizer(
+              config, train.learning_rate_schedule(config, [])
+          ),
+          config.seed,
+      )
+  )()
+  state = jax.device_put(
+      state.replace(
+          mean=np.full(state.mean.shape, 0.45, np.float32),
+          std=np.full(state.std.shape, 0.25, np.float32),
+      ),
+      devices.replicated(mesh),
+  )
+  compiled = evaluate.probabilities._cache_size()  # pylint: disable=protected-access
+  sums, shapes, buckets, views = {}, set(), set(), 0
+  start = time.perf_counter()
+  for batch, _, mask, index, sizes in imagenet.bucketed_views(
+      ds,
+      config.test_scales,
+      config.test_bucket,
+      config.eval_batch_size,
+      len(mesh.devices.flat),
+  ):
+    probs = evaluate.probabilities(
+        state, jax.device_put(batch, split), jax.device_put(sizes, split)
+    )
+    for i, p in zip(index[mask > 0], np.asarray(probs)[mask > 0]):
+      sums[i] = sums.get(i, 0) + p
+    shapes.update(map(tuple, sizes[mask > 0]))
+    buckets.add(batch.shape[1:3])
+    views += int(mask.sum())
+  seconds = time.perf_counter() - start
+  compiled = evaluate.probabilities._cache_size() - compiled  # pylint: disable=protected-access
+  # Each view alone, unpadded, and its flip: a program per shape.
+  whole = state.replace(mean=state.mean.mean((0, 1)))
+  alone = jax.jit(
+      lambda view: jax.nn.softmax(
+          train.classify(whole, jnp.stack([view, view[:, ::-1]])[None])
+      )[0]
+  )
+  difference = 0.0
+  for i in range(min(FLAGS.multiscale_checked, len(images))):
+    total = 0
+    for scale in config.test_scales:
+      view = np.clip(
+          np.round(imagenet.resize_shorter_side(images[i], scale)), 0, 255
+      ).astype(np.uint8)
+      total += np.asarray(alone(view))
+    difference = max(difference, float(np.abs(total - sums[i]).max()))
+  row = {
+      'mode': 'multiscale',
+      'config': config_flags.get_config_filename(FLAGS['config']),
+      'scales': list(config.test_scales),
+      'test_bucket': config.test_bucket,
+      'eval_batch_size': config.eval_batch_size,
+      'images': len(images),
+      'views': views,
+      'view_shapes': len(shapes),
+      'buckets': len(buckets),
+      'compilations': compiled,
+      'seconds': seconds,
+      'images_per_s': len(images) / seconds,
+      'checked_images': min(FLAGS.multiscale_checked, len(images)),
+      'max_score_difference': difference,
+      'devices': jax.device_count(),
+  }
+  print(json.dumps(row), flush=True)
+  return row
+
+
 def integers(name: str, values, least: int = 1) -> list[int]:
   """A list flag's integers; raises BenchmarkError unless all >= least."""
   try:
@@ -902,6 +1036,8 @@ def main(argv):
   if FLAGS.input_pipeline:
     input_pipeline_rows(FLAGS.config)
     return
+  if FLAGS.multiscale:
+    return multiscale_row(FLAGS.config)
   depths, batch_sizes, per_dispatch, seed_counts = parse_flags()
   devices.use_cpu_cores(batch_sizes)  # As the training command does.
   for batch in batch_sizes:

@@ -230,9 +230,10 @@ def programs(config, devices, hosts: int) -> list[Program]:
   per_step = config.steps_per_dispatch
   if config.dataset == 'imagenet2012':
     steps = train.make_steps(mesh, schedule, None, per_step)
+    stacked = devices_lib.stacked(mesh)
     train_args = (
-        (sds((config.batch_size, size, size, 3), jnp.uint8, split),) * per_step,
-        (sds((config.batch_size,), jnp.int32, split),) * per_step,
+        sds((per_step, config.batch_size, size, size, 3), jnp.uint8, stacked),
+        sds((per_step, config.batch_size), jnp.int32, stacked),
     )
   else:  # The packed training split on every chip (cifar.inputs).
     steps = train.make_steps(mesh, schedule, cifar.draw(config), per_step)

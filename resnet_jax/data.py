@@ -56,7 +56,8 @@ class Inputs:
   eval_split: str  # Evaluated during training: 'validation' or 'test'.
   # For data held on the devices (CIFAR), train() yields the whole training
   # split and draw(images, labels, rng, step) makes the step's augmented
-  # batch inside the jitted step; None when train() yields global batches.
+  # batch inside the jitted step; None when train() yields this process's
+  # share of each step's batch (train.Steps.dispatches sends them).
   draw: Callable[..., tuple] | None
 
 

@@ -30,6 +30,11 @@ def split(mesh) -> NamedSharding:
   return NamedSharding(mesh, P('data'))
 
 
+def stacked(mesh) -> NamedSharding:
+  """Global batches of several steps, (steps, batch, ...): the batch split."""
+  return NamedSharding(mesh, P(None, 'data'))
+
+
 def global_array(local: np.ndarray, sharding) -> jax.Array:
   """This process's rows of a batch, as a slice of the global array."""
   return jax.make_array_from_process_local_data(sharding, local)

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 
 from resnet_jax import data
-from resnet_jax import devices
 from resnet_jax.data import DataError
 
 tf = data.import_tensorflow()
@@ -222,15 +221,9 @@ def multiscale_batches(
 
   "We adopt the fully-convolutional form [...] and average the scores at
   multiple scales (images are resized such that the shorter side is in
-  {224, 256, 384, 480, 640})" (Tables 4 and 5). Each image comes once per
-  scale, uncropped (the flips are the step's), padded with zeros at the
-  bottom and right to its bucket (``bucket``; ``config.test_bucket``). A
-  batch holds ``bucket_batch`` views of one bucket (``batch_size`` is
-  global, ``devices`` those that share this process's batch), its last one
-  padded with masked zeros: one compiled program per bucket. Yields
-  (images, labels, mask, index, sizes): ``index`` the image's position in
-  this process's share of the split, the same in every pass; ``sizes`` each
-  view's height and width before padding (``models.ResNet``).
+  {224, 256, 384, 480, 640})" (Tables 4 and 5): ``bucketed_views`` of this
+  process's share of the split. ``batch_size`` is global, ``devices`` those
+  that share this process's batch.
   """
   if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
     raise DataError(
@@ -242,7 +235,27 @@ def multiscale_batches(
         'and ten_crop (Table 3) are two ways to test: set one'
     )
   builder, split, _ = _eval_split(config, split)
-  local = batch_size // jax.process_count()
+  return bucketed_views(
+      builder.as_dataset(split=split, as_supervised=True),
+      scales,
+      config.test_bucket,
+      batch_size // jax.process_count(),
+      devices,
+  )
+
+
+def bucketed_views(ds, scales, multiple: int, batch_size: int, devices: int):
+  """Batches of each (uint8 image, label) of ``ds`` at every scale, whole.
+
+  Each view (the image resized so its shorter side is a scale; the flips
+  are the step's) is padded with zeros at the bottom and right to its
+  bucket (``bucket``, to multiples of ``multiple``: ``config.test_bucket``).
+  A batch holds ``bucket_batch`` views of one bucket, its last one padded
+  with masked zeros: one compiled program per bucket. Yields (images,
+  labels, mask, index, sizes): ``index`` the image's position in ``ds``;
+  ``sizes`` each view's height and width before padding
+  (``models.ResNet``).
+  """
 
   def views(index, example):
     image, label = example
@@ -258,7 +271,7 @@ def multiscale_batches(
     return tf.data.Dataset.from_tensor_slices(list(scales)).map(resize)
 
   def batch(shape, group):
-    size = bucket_batch(shape, local, devices)
+    size = bucket_batch(shape, batch_size, devices)
     images = np.zeros((size, *shape, 3), np.uint8)
     for image, (view, _, _) in zip(images, group):
       image[: view.shape[0], : view.shape[1]] = view
@@ -269,18 +282,16 @@ def multiscale_batches(
         np.array([1.0] * len(group) + [0.0] * pad, np.float32),
         np.array([index for _, _, index in group] + [0] * pad, np.int64),
         np.array(
-            [view.shape[:2] for view, _, _ in group] + [shape] * pad,
-            np.int32,
+            [view.shape[:2] for view, _, _ in group] + [shape] * pad, np.int32
         ),
     )
 
-  ds = builder.as_dataset(split=split, as_supervised=True).enumerate()
-  ds = ds.interleave(views, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.enumerate().interleave(views, num_parallel_calls=tf.data.AUTOTUNE)
   groups = {}
   for example in tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)):
-    shape = bucket(example[0].shape, config.test_bucket)
+    shape = bucket(example[0].shape, multiple)
     groups.setdefault(shape, []).append(example)
-    if len(groups[shape]) == bucket_batch(shape, local, devices):
+    if len(groups[shape]) == bucket_batch(shape, batch_size, devices):
       yield batch(shape, groups.pop(shape))
   for shape, group in groups.items():
     yield batch(shape, group)
@@ -309,12 +320,14 @@ def normalization(config, num_images: int = 10_000):
 
 
 def inputs(config, mesh) -> data.Inputs:
-  """ImageNet streamed by tf.data to ``mesh`` (None to evaluate only).
+  """ImageNet streamed by tf.data: this process's share of each batch
+  (``train.Steps.dispatches`` sends them to the mesh's devices).
 
   Its validation split is the test set; ``config.validation_size`` training
   images are held out as the validation set (none: the test set is
   evaluated during training).
   """
+  del mesh
   train_size = data.DATASETS['imagenet2012'].train_size
   if not 0 <= config.validation_size < train_size:
     raise DataError(
@@ -327,14 +340,10 @@ def inputs(config, mesh) -> data.Inputs:
     )
 
   def train_inputs(first_step):
-    batch = devices.split(mesh)
     seed = int(
         np.random.SeedSequence([config.seed, first_step]).generate_state(1)[0]
     )
-    return (
-        (devices.global_array(x, batch), devices.global_array(y, batch))
-        for x, y in train_batches(config, seed, config.batch_size)
-    )
+    return train_batches(config, seed, config.batch_size)
 
   return data.Inputs(
       train_size=train_size - config.validation_size,

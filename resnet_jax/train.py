@@ -12,6 +12,7 @@ import TensorFlow) are imported where it runs, so the steps import with jax,
 flax, optax and orbax alone.
 """
 
+import collections
 from collections.abc import Callable, Iterator
 import contextlib
 import dataclasses
@@ -472,15 +473,32 @@ class Steps:
   steps_per_dispatch: int
   on_device: bool  # Inputs drawn in the step (CIFAR), else host batches.
 
-  def inputs(self, train_inputs: Iterator[tuple]) -> tuple:
-    """The next dispatch's inputs from ``Inputs.train``'s iterator: the
-    on-device training set, or a tuple of images and one of labels, one
-    global batch per step (ImageNet)."""
+  def dispatches(self, train_inputs: Iterator[tuple]) -> Iterator[tuple]:
+    """Each dispatch's inputs from ``Inputs.train``'s iterator: the
+    on-device training set (CIFAR), or the host batches of its steps
+    (ImageNet: this process's images and labels of each step).
+
+    Host batches go to the devices as one transfer per dispatch (images
+    and labels stacked, ``steps_per_dispatch`` steps long), sent one
+    dispatch ahead: the next dispatch's transfer runs while the current one
+    computes, as the flax examples prefetch (one more dispatch's batches on
+    the devices).
+    """
     if self.on_device:
-      return next(train_inputs)
-    return tuple(
-        zip(*(next(train_inputs) for _ in range(self.steps_per_dispatch)))
-    )
+      yield from train_inputs
+      return
+
+    def transfer():
+      local = [next(train_inputs) for _ in range(self.steps_per_dispatch)]
+      return tuple(
+          devices_lib.global_array(np.stack(parts), self.stacked)
+          for parts in zip(*local)
+      )
+
+    ahead = collections.deque([transfer()])
+    while True:
+      ahead.append(transfer())
+      yield ahead.popleft()
 
   @property
   def replicated(self):
@@ -489,6 +507,10 @@ class Steps:
   @property
   def batch(self):
     return devices_lib.split(self.mesh)
+
+  @property
+  def stacked(self):
+    return devices_lib.stacked(self.mesh)
 
 
 def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
@@ -503,6 +525,7 @@ def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
   which the loop pays once per call.
   """
   replicated, batch = devices_lib.replicated(mesh), devices_lib.split(mesh)
+  stacked = devices_lib.stacked(mesh)
 
   def on_device_step(state, images, labels):
     x, y = draw(images, labels, jax.random.wrap_key_data(state.rng), state.step)
@@ -515,11 +538,11 @@ def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
         lambda state, _: on_device_step(state, images, labels), state, None
     )
 
-  def host_steps(state, images, labels):  # A batch per step.
+  def host_steps(state, images, labels):  # (steps, batch, ...): a batch a step.
     return repeat(
         lambda state, xy: train_step(state, *xy, schedule),
         state,
-        (jnp.stack(images), jnp.stack(labels)),
+        (images, labels),
     )
 
   def repeat(step, state, xs):
@@ -531,7 +554,7 @@ def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
 
   train = jax.jit(
       on_device_steps if draw else host_steps,
-      in_shardings=(replicated, *[replicated if draw else batch] * 2),
+      in_shardings=(replicated, *[replicated if draw else stacked] * 2),
       out_shardings=replicated,
       donate_argnums=0,
   )
@@ -775,7 +798,7 @@ def train_and_evaluate(
           f'steps_per_dispatch {steps.steps_per_dispatch}; resume with '
           'a steps_per_dispatch that divides it'
       )
-    train_inputs = inputs.train(int(state.step))
+    dispatches = steps.dispatches(inputs.train(int(state.step)))
     report = periodic_actions.ReportProgress(
         num_train_steps=total_steps, writer=writer
     )
@@ -797,7 +820,7 @@ def train_and_evaluate(
         step,
     )
     while step < total_steps:
-      state, step_metrics = steps.train(state, *steps.inputs(train_inputs))
+      state, step_metrics = steps.train(state, *next(dispatches))
       if train_metrics:  # At most two dispatches in flight: the device stays
         # busy, the host never runs far ahead (XLA's CPU collectives can
         # deadlock with more).

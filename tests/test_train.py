@@ -279,10 +279,10 @@ def test_a_run_keeps_the_block_form_it_was_written_in(tmp_path, capsys):
 def train_for(config, num_steps):
   """(state, metrics of every step) after ``num_steps`` steps."""
   inputs, steps, state, _ = train.setup(config)
-  train_inputs = inputs.train(0)
+  dispatches = steps.dispatches(inputs.train(0))
   metrics = []
   for _ in range(num_steps // config.steps_per_dispatch):
-    state, dispatched = steps.train(state, *steps.inputs(train_inputs))
+    state, dispatched = steps.train(state, *next(dispatches))
     metrics.append(dispatched)
   return jax.device_get(state), jax.device_get(
       jax.tree.map(lambda *m: jnp.concatenate(m), *metrics)
@@ -319,20 +319,29 @@ def test_steps_per_dispatch_compute_what_single_steps_do():
 
 
 def test_host_batches_per_dispatch_are_each_steps_batch():
-  # ImageNet's path: global batches from the host, one per step of the
-  # dispatch, equal to the on-device path given the same batches.
+  # ImageNet's path: batches from the host, one per step of the dispatch,
+  # sent as one transfer, equal to the on-device path given the same
+  # batches.
   config = smoke.get_config()
   inputs, steps, state, _ = train.setup(config)
   images, labels = next(inputs.train(0))
   key = jax.random.wrap_key_data(state.rng)
   batches = [
-      jax.device_put(inputs.draw(images, labels, key, step), steps.batch)
-      for step in range(2)
+      jax.device_get(inputs.draw(images, labels, key, step))
+      for step in range(4)
   ]
   host = train.make_steps(steps.mesh, lambda step: 0.1, None, 2)
-  host_state, metrics = host.train(
-      jax.tree.map(jnp.copy, state), *host.inputs(iter(batches))
-  )
+  host_batches = iter(batches)
+  dispatches = host.dispatches(host_batches)
+  first = next(dispatches)
+  # The next dispatch's batches were sent before this one is computed.
+  assert next(host_batches, None) is None
+  assert [a.shape for a in first] == [
+      (2, *batches[0][0].shape),
+      (2, len(batches[0][1])),
+  ]
+  assert first[0].sharding.is_equivalent_to(host.stacked, 5)
+  host_state, metrics = host.train(jax.tree.map(jnp.copy, state), *first)
   assert metrics['loss'].shape == (2,)
   device_state = state
   for _ in range(2):
