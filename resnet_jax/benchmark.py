@@ -52,10 +52,14 @@ times instead what the ImageNet training input pipeline (``imagenet.py``,
 tf.data on the host) delivers, on synthetic JPEGs of ImageNet's typical size
 and weight, with 1 and 2 tf.data threads (``--input_threads``; one core
 each): images/s, images/s per thread and images per CPU second (what a busy
-core delivers, also on a shared machine), for decoding alone, decoding and
-resizing to the middle training scale, and the whole training augmentation
-(``imagenet.augmented``, the function the training pipeline maps: decode,
-scale, crop, flip, colour). It needs TensorFlow; nothing else here does.
+core delivers, also on a shared machine), for decoding the whole image,
+decoding only the window of it that a training view samples, the training
+augmentation with the whole image decoded, resized and then cropped
+(``imagenet.resize_then_crop``, the reference), the Flax ImageNet example's
+(``flax_view``, the baseline), and the training augmentation itself
+(``imagenet.augmented``, the function the training pipeline maps: the crop's
+window decoded and resized, flipped, colour). It needs TensorFlow; nothing
+else here does.
 """
 
 import functools
@@ -566,13 +570,48 @@ def time_batches(batches) -> tuple[float, float]:
   )
 
 
+def flax_view(image, key):
+  """The training view of the Flax ImageNet example, written from its
+  description: the benchmark's baseline.
+
+  A random window of 8% to 100% of the image's area, of aspect ratio 3/4 to
+  4/3 (``sample_distorted_bounding_box``, 10 tries, else the whole image),
+  is decoded alone, resized (bicubic, not antialiased) to 224x224 and
+  flipped at random; rounded to uint8 like ``imagenet.augment``'s view.
+  """
+  from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+
+  tf = imagenet.tf
+  keys = tf.random.experimental.stateless_split(key, 2)
+  start, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.image.extract_jpeg_shape(image),
+      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+      seed=keys[0],
+      min_object_covered=0.1,
+      aspect_ratio_range=(3 / 4, 4 / 3),
+      area_range=(0.08, 1.0),
+      max_attempts=10,
+      use_image_if_no_bounding_boxes=True,
+  )
+  window = tf.concat([start[:2], size[:2]], 0)
+  view = tf.image.decode_and_crop_jpeg(image, window, channels=3)
+  view = tf.image.resize(
+      view, (imagenet.CROP, imagenet.CROP), method='bicubic'
+  )
+  view = tf.image.stateless_random_flip_left_right(view, keys[1])
+  return tf.cast(tf.clip_by_value(tf.round(view), 0, 255), tf.uint8)
+
+
 def input_pipeline_rows(config) -> list[dict]:
   """Images/s of the ImageNet training input pipeline, by stage and threads.
 
-  The stages show what limits it: decoding alone, decoding and resizing to
-  the middle of the training scales, and the whole augmentation
-  (``imagenet.augmented``, as training maps it, with the config's
-  colour augmentation).
+  The stages show where the time goes: decoding the whole image, decoding
+  only the window of it that ``imagenet.augment`` resizes (so the rest of
+  its time is the resize), the reference augmentation (the whole image
+  decoded and resized, then cropped: ``imagenet.resize_then_crop``), the
+  Flax ImageNet example's (``flax_view``), and the training augmentation
+  (``imagenet.augmented``, as training maps it), both with the config's
+  colour augmentation.
   """
   if config.dataset != 'imagenet2012':
     raise BenchmarkError(
@@ -592,18 +631,35 @@ def input_pipeline_rows(config) -> list[dict]:
 
   tf = imagenet.tf
   jpegs = synthetic_jpegs(tf, FLAGS.input_images)
-  middle = sum(imagenet.SCALES) // 2
+
+  def keyed(fn):
+    """``fn(image, label, key)`` mapped, keys as ``imagenet.augmented``'s."""
+    return lambda ds: tf.data.Dataset.zip(
+        (ds, tf.data.Dataset.random(0).batch(2))
+    ).map(
+        lambda example, key: fn(*example, key),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+  def decode_window(image, label, key):
+    size, crop, _, _ = imagenet.draws(key)
+    window = imagenet.window(image, size, crop)[0]
+    # Its shape, not its pixels: the windows differ in shape, and batching
+    # them ragged costs most of what decoding them does.
+    window = tf.image.decode_and_crop_jpeg(image, window, channels=3)
+    return tf.shape(window), label
+
   stages = {
       'decode': lambda ds: ds.map(
           lambda image, label: (imagenet.decode(image), label),
           num_parallel_calls=tf.data.AUTOTUNE,
       ),
-      'decode+resize': lambda ds: ds.map(
-          lambda image, label: (
-              imagenet.resize_shorter_side(imagenet.decode(image), middle),
-              label,
-          ),
-          num_parallel_calls=tf.data.AUTOTUNE,
+      'decode window': keyed(decode_window),
+      'resize-then-crop': lambda ds: imagenet.augmented(
+          ds, 0, config.pca_lighting, imagenet.resize_then_crop
+      ),
+      'baseline': keyed(
+          lambda image, label, key: (flax_view(image, key), label)
       ),
       'augment': lambda ds: imagenet.augmented(ds, 0, config.pca_lighting),
   }
@@ -640,12 +696,12 @@ def input_pipeline_rows(config) -> list[dict]:
       print(json.dumps(row), flush=True)
       rows.append(row)
   print(
-      f'\n{"stage":<15}{"threads":>8}{"images/s":>10}{"per thread":>11}'
+      f'\n{"stage":<17}{"threads":>8}{"images/s":>10}{"per thread":>11}'
       f'{"per CPU s":>10}'
   )
   for row in rows:
     print(
-        f'{row["stage"]:<15}{row["threads"]:>8}{row["images_per_s"]:>10.0f}'
+        f'{row["stage"]:<17}{row["threads"]:>8}{row["images_per_s"]:>10.0f}'
         f'{row["images_per_s_per_thread"]:>11.0f}'
         f'{row["images_per_cpu_s"]:>10.0f}'
     )

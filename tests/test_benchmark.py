@@ -84,7 +84,13 @@ def test_benchmark_input_pipeline_rows():
   ]
   assert [(r['stage'], r['threads']) for r in rows] == [
       (stage, threads)
-      for stage in ('decode', 'decode+resize', 'augment')
+      for stage in (
+          'decode',
+          'decode window',
+          'resize-then-crop',
+          'baseline',
+          'augment',
+      )
       for threads in (1, 2)
   ]
   for row in rows:
@@ -96,10 +102,13 @@ def test_benchmark_input_pipeline_rows():
   assert (
       len(
           re.findall(
-              r'^(decode|decode\+resize|augment) +[12] +\d', result.stdout, re.M
+              r'^(decode|decode window|resize-then-crop|baseline|augment) +[12]'
+              r' +\d',
+              result.stdout,
+              re.M,
           )
       )
-      == 6
+      == 10
   )
 
 

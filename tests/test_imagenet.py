@@ -172,6 +172,95 @@ def test_no_colour_augmentation_when_off():
   assert np.all(image.numpy() == decoded[0, 0])
 
 
+def photo_jpeg(tf, rng, shape, chroma_downsampling=True):
+  """A JPEG of ``shape`` (height, width): smooth colours with a fine grain."""
+  coarse = rng.uniform(0, 255, (1, 4, 5, 3))
+  smooth = tf.image.resize(coarse, shape, method='bicubic')[0]
+  image = tf.clip_by_value(smooth + rng.normal(0, 20, (*shape, 3)), 0, 255)
+  return tf.io.encode_jpeg(
+      tf.cast(image, tf.uint8),
+      quality=90,
+      chroma_downsampling=chroma_downsampling,
+  ).numpy()
+
+
+# Landscape and portrait, odd sides, small images the training scales
+# upscale (to shorter side 256 or more), one larger than the shorter side
+# 256 (downscaled at some scales, upscaled at others), and 4:2:0 chroma (the
+# default, ImageNet's usual) and 4:4:4.
+VIEW_JPEGS = (
+    ((40, 61), True),
+    ((75, 37), True),
+    ((255, 257), True),
+    ((301, 199), False),
+    ((375, 500), True),
+)
+VIEW_KEYS = 8
+
+
+def test_crop_then_resize_takes_the_reference_view():
+  tf = data.import_tensorflow()
+  rng = np.random.default_rng(0)
+
+  @tf.function
+  def views(jpeg, key):
+    size, crop, _, _ = imagenet.draws(key)
+    return (
+        imagenet.resize_then_crop(jpeg, size, crop),
+        imagenet.crop_then_resize(jpeg, size, crop),
+        imagenet.augment(jpeg, 0, key, 0.1, imagenet.resize_then_crop)[0],
+        imagenet.augment(jpeg, 0, key, 0.1)[0],
+        imagenet.window(jpeg, size, crop)[0],
+    )
+
+  float_diffs, uint8_diffs = [], []
+  for shape, chroma_downsampling in VIEW_JPEGS:
+    jpeg = tf.constant(photo_jpeg(tf, rng, shape, chroma_downsampling))
+    whole = imagenet.decode(jpeg).numpy()
+    for i in range(VIEW_KEYS):
+      key = tf.constant([i, shape[0]], tf.int64)
+      reference, view, reference_uint8, augmented, box = (
+          x.numpy() for x in views(jpeg, key)
+      )
+      assert view.shape == (224, 224, 3) and augmented.dtype == np.uint8
+      float_diffs.append(np.abs(view - reference))
+      uint8_diffs.append(
+          np.abs(augmented.astype(int) - reference_uint8.astype(int))
+      )
+      # The window decoded alone is the whole image's, but at its left
+      # edge where that is an iMCU boundary (x a multiple of 16) and at its
+      # right edge where that ends a 2-pixel chroma pair (x + width even):
+      # with 4:2:0 chroma libjpeg's fancy upsampling there lacks the
+      # neighbouring chroma sample outside the window (up to some 20 levels
+      # apart on these images). Those columns are the window's margin,
+      # outside every resize weight's support: the views agree.
+      y, x, height, width = box
+      window = tf.image.decode_and_crop_jpeg(jpeg, box, channels=3).numpy()
+      np.testing.assert_array_equal(
+          window[:, 1:-1], whole[y : y + height, x + 1 : x + width - 1]
+      )
+      if not chroma_downsampling:
+        np.testing.assert_array_equal(
+            window, whole[y : y + height, x : x + width]
+        )
+  float_diffs, uint8_diffs = np.stack(float_diffs), np.stack(uint8_diffs)
+  # Both resize the same pixels with the same triangle weights, from sample
+  # positions computed apart in float32: (x + 0.5) / scale in the whole
+  # image; in the window (j + 0.5) / scale less translation / scale, the
+  # translation (start * scale - offset) rounded at magnitudes up to 2^10
+  # (half an ulp: 6e-5 output pixels). The positions are at most some
+  # 1.5e-4 input pixels apart, and a value moves by at most its neighbours'
+  # difference (255) per pixel of shift, per axis: 2 * 255 * 1.5e-4 < 0.1.
+  assert float_diffs.max() < 0.1
+  # Rounded to uint8 (after the same flip and colour shift) a value differs
+  # by 1 where the float lands within its difference of a .5, in about
+  # 2 * mean(difference) of the values; the mean difference is far below
+  # its bound (most positions round alike, the image's gradients are far
+  # below 255): under 1e-4 here (5e-5 measured), so under 1e-3 of them.
+  assert uint8_diffs.max() <= 1
+  assert np.mean(float_diffs) < 1e-4 and np.mean(uint8_diffs) < 1e-3
+
+
 @pytest.mark.parametrize(
     'field, value, message',
     [
