@@ -81,7 +81,7 @@ def resize_then_crop(image, size, key):
 
   Decoded, resized (antialiased, in float) so its shorter side is ``size``,
   and a 224 crop taken at random from ``key``. The reference of
-  ``crop_then_resize``, which takes the same view for a fifth of the work.
+  ``crop_then_resize``, which takes the same view for half the CPU time.
   """
   image = resize_shorter_side(decode(image), size)
   return tf.image.stateless_random_crop(image, (CROP, CROP, 3), key)
@@ -143,13 +143,14 @@ def crop_then_resize(image, size, key):
   resized, with the same scale as the whole image (and the window's origin
   translated), so the view weighs the same pixels alike: it differs from
   ``resize_then_crop``'s by the float rounding of the sample positions.
-  Decoding and resizing the whole image (up to 4.3 times the crop's pixels,
-  at shorter side 256, but also a 500x375 photo to 640x480) was four
-  fifths of the cost of a training image.
+  Decoding the window and resizing it now take most of the time, about a
+  millisecond of CPU each (BENCHMARKS.md).
   """
   box, scale, translation = window(image, size, key)
-  # Decoding a window gives the pixels decoding the whole image does
-  # (tests/test_imagenet.py checks it, edges of the window included).
+  # Decoding a window gives the pixels decoding the whole image does, but
+  # in its outermost columns with 4:2:0 chroma (libjpeg's upsampling lacks
+  # the chroma sample outside the window): the window's margin, which no
+  # resize weight reaches (tests/test_imagenet.py).
   image = tf.image.decode_and_crop_jpeg(image, box, channels=3)
   return tf.raw_ops.ScaleAndTranslate(
       images=image[None],

@@ -476,29 +476,10 @@ class Steps:
   def dispatches(self, train_inputs: Iterator[tuple]) -> Iterator[tuple]:
     """Each dispatch's inputs from ``Inputs.train``'s iterator: the
     on-device training set (CIFAR), or the host batches of its steps
-    (ImageNet: this process's images and labels of each step).
-
-    Host batches go to the devices as one transfer per dispatch (images
-    and labels stacked, ``steps_per_dispatch`` steps long), sent one
-    dispatch ahead: the next dispatch's transfer runs while the current one
-    computes, as the flax examples prefetch (one more dispatch's batches on
-    the devices).
-    """
+    (ImageNet: ``host_dispatches``)."""
     if self.on_device:
-      yield from train_inputs
-      return
-
-    def transfer():
-      local = [next(train_inputs) for _ in range(self.steps_per_dispatch)]
-      return tuple(
-          devices_lib.global_array(np.stack(parts), self.stacked)
-          for parts in zip(*local)
-      )
-
-    ahead = collections.deque([transfer()])
-    while True:
-      ahead.append(transfer())
-      yield ahead.popleft()
+      return train_inputs
+    return host_dispatches(train_inputs, self.mesh, self.steps_per_dispatch)
 
   @property
   def replicated(self):
@@ -511,6 +492,30 @@ class Steps:
   @property
   def stacked(self):
     return devices_lib.stacked(self.mesh)
+
+
+def host_dispatches(batches: Iterator[tuple], mesh, steps_per_dispatch: int):
+  """Host batches (this process's images and labels of each step) as the
+  inputs of dispatches of ``steps_per_dispatch`` steps, on ``mesh``.
+
+  One transfer per dispatch (the steps' batches stacked), sent one dispatch
+  ahead: the next dispatch's transfer runs while the current one computes,
+  as the flax examples prefetch (one more dispatch's batches on the
+  devices).
+  """
+  stacked = devices_lib.stacked(mesh)
+
+  def transfer():
+    local = [next(batches) for _ in range(steps_per_dispatch)]
+    return tuple(
+        devices_lib.global_array(np.stack(parts), stacked)
+        for parts in zip(*local)
+    )
+
+  ahead = collections.deque([transfer()])
+  while True:
+    ahead.append(transfer())
+    yield ahead.popleft()
 
 
 def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:

@@ -76,6 +76,7 @@ def test_benchmark_input_pipeline_rows():
       '--input_images=2',
       '--input_threads=1,2',
       '--min_seconds=0',
+      '--repeats=2',
       config='configs/imagenet_resnet18.py',
   )
   assert result.returncode == 0, result.stderr[-3000:]
@@ -90,11 +91,13 @@ def test_benchmark_input_pipeline_rows():
           'resize-then-crop',
           'baseline',
           'augment',
+          'training loop',
       )
       for threads in (1, 2)
   ]
   for row in rows:
     assert row['images_per_s'] > 0 and row['images_per_cpu_s'] > 0
+    assert len(row['images_per_cpu_s_repeats']) == 2
     # JPEGs as heavy as ImageNet's (about 110 KB on average), so decoding
     # costs what it does there.
     assert 80 < row['jpeg_kb'] < 150 and row['pca_lighting'] == 0.1
@@ -102,14 +105,38 @@ def test_benchmark_input_pipeline_rows():
   assert (
       len(
           re.findall(
-              r'^(decode|decode window|resize-then-crop|baseline|augment) +[12]'
-              r' +\d',
+              r'^(decode|decode window|resize-then-crop|baseline|augment|'
+              r'training loop) +[12] +\d',
               result.stdout,
               re.M,
           )
       )
-      == 10
+      == 12
   )
+
+
+def test_benchmark_multiscale_counts_one_compilation_per_bucket():
+  # A fully-convolutional ResNet-8 (CIFAR form: fast) for ImageNet's 1000
+  # classes, on random images of ImageNet's sizes at two small scales.
+  result = benchmark(
+      '--multiscale',
+      '--multiscale_images=6',
+      '--multiscale_checked=2',
+      '--config.model=cifar',
+      '--config.depth=8',
+      '--config.test_scales=(32,48)',
+      '--config.eval_batch_size=8',
+      config='configs/imagenet_resnet18.py',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = [
+      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
+  ]
+  assert row['images'] == 6 and row['views'] == 12
+  assert 1 <= row['compilations'] <= row['buckets'] < row['view_shapes']
+  # Probabilities summed over 2 scales, each the same sums as the view's
+  # alone in another order: float32 rounding of values at most 1.
+  assert row['checked_images'] == 2 and row['max_score_difference'] < 1e-5
 
 
 def test_one_cpu_device_per_core_unless_chosen():
