@@ -196,3 +196,33 @@ def test_the_largest_batch_search_stops_next_to_a_batch_that_fails(
 )
 def test_the_compilers_out_of_memory_messages(message, needed):
   assert compile_lib.needed_bytes(message) == needed
+
+
+def test_imagenet_programs_take_stacked_batches_and_bucketed_views():
+  # Lowered for a TPU (compiling ResNet-18 would take minutes here): the
+  # training step takes a dispatch's batches as one stacked transfer, the
+  # batch split over the chips; the multi-scale program takes a bucket's
+  # batch of padded views and their sizes.
+  from configs import imagenet_resnet18  # pylint: disable=g-import-not-at-top
+  from resnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+
+  config = imagenet_resnet18.get_config()
+  config.steps_per_dispatch = config.log_every_steps = 2
+  config.test_scales = (224,)
+  programs = compile_lib.programs(
+      config, compile_lib.topology('v5e:2x2'), hosts=1
+  )
+  assert [p.step for p in programs] == ['train', 'eval', 'multiscale']
+  train_program, _, multiscale = programs
+  images, labels = train_program.args[1:]
+  assert images.shape == (2, 256, 224, 224, 3) and labels.shape == (2, 256)
+  assert images.sharding.spec == jax.P(None, 'data')
+  assert train_program.images_per_chip == 64
+  bucket = imagenet.bucket((224, 299), 64)
+  views = imagenet.bucket_batch(bucket, 256, 4)
+  assert [a.shape for a in multiscale.args[1:]] == [
+      (views, *bucket, 3),
+      (views, 2),
+  ]
+  for program in programs:
+    program.jitted.lower(*program.args, **program.kwargs)
