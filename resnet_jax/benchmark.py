@@ -209,7 +209,7 @@ def define_flags():
       'multiscale',
       False,
       "Instead of the nets, time --config's multi-scale testing (§3.4, "
-      'test_scales, default Table 4\'s) of random images of '
+      "test_scales, default Table 4's) of random images of "
       "ImageNet's spread of sizes, and count its compilations. Needs "
       'TensorFlow.',
   )
@@ -595,9 +595,7 @@ def flax_view(image, key):
   )
   window = tf.concat([start[:2], size[:2]], 0)
   view = tf.image.decode_and_crop_jpeg(image, window, channels=3)
-  view = tf.image.resize(
-      view, (imagenet.CROP, imagenet.CROP), method='bicubic'
-  )
+  view = tf.image.resize(view, (imagenet.CROP, imagenet.CROP), method='bicubic')
   view = tf.image.stateless_random_flip_left_right(view, keys[1])
   return tf.cast(tf.clip_by_value(tf.round(view), 0, 255), tf.uint8)
 
@@ -730,7 +728,9 @@ def fed(batches, steps_per_dispatch: int):
   ResNet's step is far slower than its input, on an accelerator it is the
   input that must keep up. Yields once per step."""
   mesh = devices.make_mesh({'the input batch': INPUT_BATCH})
-  read = jax.jit(lambda images, labels: images.sum(dtype=jnp.int32) + labels.sum())
+  read = jax.jit(
+      lambda images, labels: images.sum(dtype=jnp.int32) + labels.sum()
+  )
   host = ((x.numpy(), y.numpy().astype(np.int32)) for x, y in batches)
   running = None
   for inputs in train.host_dispatches(host, mesh, steps_per_dispatch):

@@ -109,9 +109,7 @@ def window(image, size, key):
   # room left (1 for the channels).
   limit = tf.concat([new - CROP + 1, [1]], 0)
   offset = (
-      tf.random.stateless_uniform(
-          [3], key, maxval=tf.int32.max, dtype=tf.int32
-      )
+      tf.random.stateless_uniform([3], key, maxval=tf.int32.max, dtype=tf.int32)
       % limit
   )[:2]
   # ScaleAndTranslate samples output pixel x at input position
@@ -130,9 +128,7 @@ def window(image, size, key):
   # Output pixel j of the crop is pixel offset + j of the whole resized
   # image: at input position (offset + j + 0.5) / scale, which is
   # start + (j + 0.5 - translation) / scale in the window.
-  translation = tf.cast(start, tf.float32) * scale - tf.cast(
-      offset, tf.float32
-  )
+  translation = tf.cast(start, tf.float32) * scale - tf.cast(offset, tf.float32)
   return tf.concat([start, end - start], 0), scale, translation
 
 

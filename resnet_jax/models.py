@@ -439,7 +439,7 @@ def valid_positions(sizes, full, y):
   if full[0] % y.shape[1] or full[1] % y.shape[2]:
     raise ModelError(
         f'padded images of {full[0]}x{full[1]} pixels are not a multiple '
-        f'of the network\'s total stride'
+        f"of the network's total stride"
     )
   stride = jnp.array([full[0] // y.shape[1], full[1] // y.shape[2]])
   limit = -(-sizes // stride)  # (batch, 2)

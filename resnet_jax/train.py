@@ -489,10 +489,6 @@ class Steps:
   def batch(self):
     return devices_lib.split(self.mesh)
 
-  @property
-  def stacked(self):
-    return devices_lib.stacked(self.mesh)
-
 
 def host_dispatches(batches: Iterator[tuple], mesh, steps_per_dispatch: int):
   """Host batches (this process's images and labels of each step) as the

@@ -26,6 +26,14 @@ def benchmark(*flags, devices=2, config='configs/default.py'):
   )
 
 
+def json_rows(result) -> list[dict]:
+  """The rows a benchmark that succeeded printed as JSON lines."""
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [
+      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
+  ]
+
+
 def test_benchmark_rows():
   result = benchmark(
       '--depths=8',
@@ -35,10 +43,7 @@ def test_benchmark_rows():
       '--min_seconds=0',
       '--torch=off',
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  rows = [
-      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
-  ]
+  rows = json_rows(result)
   assert [r['mode'] for r in rows] == ['train', 'eval', 'data']
   for row in rows:
     assert row['model'] == 'ResNet-8' and row['batch'] == 8
@@ -79,10 +84,7 @@ def test_benchmark_input_pipeline_rows():
       '--repeats=2',
       config='configs/imagenet_resnet18.py',
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  rows = [
-      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
-  ]
+  rows = json_rows(result)
   assert [(r['stage'], r['threads']) for r in rows] == [
       (stage, threads)
       for stage in (
@@ -128,10 +130,7 @@ def test_benchmark_multiscale_counts_one_compilation_per_bucket():
       '--config.eval_batch_size=8',
       config='configs/imagenet_resnet18.py',
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  (row,) = [
-      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
-  ]
+  (row,) = json_rows(result)
   assert row['images'] == 6 and row['views'] == 12
   assert 1 <= row['compilations'] <= row['buckets'] < row['view_shapes']
   # Probabilities summed over 2 scales, each the same sums as the view's
@@ -272,10 +271,7 @@ def test_benchmark_runs_without_tensorflow_tfds_or_clu():
       '--torch=off',
       '--plain',
   )
-  assert result.returncode == 0, result.stderr[-3000:]
-  rows = [
-      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
-  ]
+  rows = json_rows(result)
   assert [r['model'] for r in rows] == ['ResNet-14', 'plain-14']
   assert all(r['scan_blocks'] for r in rows)
   assert rows[0]['residual_tax'] == pytest.approx(

@@ -401,8 +401,9 @@ def test_multiscale_batches_fill_one_bucket_each(
       'imagenet2012', data_dir=mock_imagenet.data_dir
   )
   originals = list(
-      builder.as_dataset(split='validation', as_supervised=True)
-      .as_numpy_iterator()
+      builder.as_dataset(
+          split='validation', as_supervised=True
+      ).as_numpy_iterator()
   )
   for images, labels, mask, index, sizes in imagenet.multiscale_batches(
       mock_imagenet, 'test', batch_size, scales, devices

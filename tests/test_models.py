@@ -493,8 +493,14 @@ def test_padded_images_score_as_unpadded(net):
   alone = np.stack([apply(variables, x[None])[0] for x in images])
   # Padded with non-zeros: the net must not read them.
   padded = np.stack(
-      [np.pad(x, ((0, 96 - x.shape[0]), (0, 128 - x.shape[1]), (0, 0)),
-              constant_values=0.7) for x in images]
+      [
+          np.pad(
+              x,
+              ((0, 96 - x.shape[0]), (0, 128 - x.shape[1]), (0, 0)),
+              constant_values=0.7,
+          )
+          for x in images
+      ]
   )
   together = apply(variables, padded, sizes=jnp.array(sizes))
   # The same products, summed in another order (XLA tiles a convolution by
