@@ -683,9 +683,11 @@ def input_pipeline_rows(config) -> list[dict]:
             (jpegs, np.zeros(len(jpegs), np.int64))
         ).repeat()
         ds = pipeline(ds).batch(INPUT_BATCH).prefetch(1).with_options(options)
-        batches = iter(ds)
-        if stage == 'training loop':
-          batches = fed(batches, config.steps_per_dispatch)
+        batches = (
+            fed(ds, config.steps_per_dispatch)
+            if stage == 'training loop'
+            else iter(ds)
+        )
         timings.setdefault((stage, n), []).append(time_batches(batches))
   rows = []
   for (stage, n), repeats in timings.items():
@@ -719,22 +721,21 @@ def input_pipeline_rows(config) -> list[dict]:
   return rows
 
 
-def fed(batches, steps_per_dispatch: int):
-  """The training loop's feeding of ``batches`` (tf.data's): one step a
+def fed(ds, steps_per_dispatch: int):
+  """The training loop's feeding of tf.data's batches ``ds``: one step a
   batch, ``steps_per_dispatch`` a dispatch, sent to every device by
-  ``train.host_dispatches`` and read whole by a jitted program, with two
-  dispatches in flight as ``train.train_and_evaluate`` keeps them. The
-  program sums the images in place of a training step: on this CPU a
-  ResNet's step is far slower than its input, on an accelerator it is the
-  input that must keep up. Yields once per step."""
+  ``train.host_dispatches`` and taken by a jitted call that waits for
+  them, with two dispatches in flight as ``train.train_and_evaluate`` keeps
+  them. The call does nothing else in place of a training step: on this
+  CPU a ResNet's step is far slower than its input, on an accelerator it is
+  the input that must keep up, and the step's reading of its batch is the
+  accelerator's work, not the host's. Yields once per step."""
   mesh = devices.make_mesh({'the input batch': INPUT_BATCH})
-  read = jax.jit(
-      lambda images, labels: images.sum(dtype=jnp.int32) + labels.sum()
-  )
-  host = ((x.numpy(), y.numpy().astype(np.int32)) for x, y in batches)
+  take = jax.jit(lambda images, labels: labels.sum())
+  host = ((x, y.astype(np.int32)) for x, y in ds.as_numpy_iterator())
   running = None
   for inputs in train.host_dispatches(host, mesh, steps_per_dispatch):
-    result = read(*inputs)
+    result = take(*inputs)
     if running is not None:
       running.block_until_ready()
     running = result

@@ -504,7 +504,11 @@ def host_dispatches(batches: Iterator[tuple], mesh, steps_per_dispatch: int):
   def transfer():
     local = [next(batches) for _ in range(steps_per_dispatch)]
     return tuple(
-        devices_lib.global_array(np.stack(parts), stacked)
+        devices_lib.global_array(
+            # One step's batch as it is (a view), more stacked (a copy).
+            parts[0][None] if len(parts) == 1 else np.stack(parts),
+            stacked,
+        )
         for parts in zip(*local)
     )
 
