@@ -16,11 +16,16 @@ from absl import flags
 from absl import logging
 
 from resnet_jax import atomic
+from resnet_jax import models
 
 
 class UserError(ValueError):
   """What a user's config, flags, data or workdir make a command raise: one
   ``error:`` line and exit status 2 (each module's errors derive from it)."""
+
+
+# The networks import nothing of the command line: their error is listed here.
+USER_ERRORS = (UserError, models.ModelError)
 
 
 def fail(message: str):
@@ -115,8 +120,8 @@ def parse_flags(argv):
 
 
 def run(main: Callable[[list[str]], None]):
-  """``app.run(main)``, with a UserError or a full disk reported as one
-  error line."""
+  """``app.run(main)``, with a UserError (``USER_ERRORS``) or a full disk
+  reported as one error line."""
   warnings.formatwarning = one_line_warning
   sys.unraisablehook = unraisable(sys.unraisablehook)
 
@@ -124,7 +129,7 @@ def run(main: Callable[[list[str]], None]):
     logging.get_absl_handler().python_handler.addFilter(quiet)
     try:
       main(argv)
-    except UserError as e:
+    except USER_ERRORS as e:
       fail(str(e))
     except OSError as e:
       if not atomic.is_full(e):

@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from resnet_jax import canonical_conv
-from resnet_jax import cli
 
 SHORTCUTS = ('A', 'B', 'C')
 BOTTLENECK_STRIDES = ('1x1', '3x3')
@@ -71,8 +70,9 @@ SCANNED_NAME = re.compile(r'stage(\d+)_blocks')
 BLOCK_NAME = re.compile(r'stage(\d+)_block(\d+)')
 
 
-class ModelError(cli.UserError):
-  """A model configuration that does not describe a network of the paper."""
+class ModelError(ValueError):
+  """A model configuration that does not describe a network of the paper
+  (the command line reports it as one ``error:`` line, as a UserError)."""
 
 
 def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
