@@ -632,15 +632,6 @@ def input_pipeline_rows(config) -> list[dict]:
   tf = imagenet.tf
   jpegs = synthetic_jpegs(tf, FLAGS.input_images)
 
-  def keyed(fn):
-    """``fn(image, label, key)`` mapped, keys as ``imagenet.augmented``'s."""
-    return lambda ds: tf.data.Dataset.zip(
-        (ds, tf.data.Dataset.random(0).batch(2))
-    ).map(
-        lambda example, key: fn(*example, key),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    )
-
   def decode_window(image, label, key):
     size, crop, _, _ = imagenet.draws(key)
     window = imagenet.window(image, size, crop)[0]
@@ -654,18 +645,16 @@ def input_pipeline_rows(config) -> list[dict]:
           lambda image, label: (imagenet.decode(image), label),
           num_parallel_calls=tf.data.AUTOTUNE,
       ),
-      'decode window': keyed(decode_window),
+      'decode window': lambda ds: imagenet.keyed_map(ds, 0, decode_window),
       'resize-then-crop': lambda ds: imagenet.augmented(
           ds, 0, config.pca_lighting, imagenet.resize_then_crop
       ),
-      'baseline': keyed(
-          lambda image, label, key: (flax_view(image, key), label)
+      'baseline': lambda ds: imagenet.keyed_map(
+          ds, 0, lambda image, label, key: (flax_view(image, key), label)
       ),
       'augment': lambda ds: imagenet.augmented(ds, 0, config.pca_lighting),
-      'training loop': lambda ds: imagenet.augmented(
-          ds, 0, config.pca_lighting
-      ),
   }
+  stages['training loop'] = stages['augment']  # Fed to the devices (fed).
   print(
       f'ImageNet input pipeline: TensorFlow {tf.__version__}, '
       f'{len(os.sched_getaffinity(0))} cores, {len(jpegs)} JPEGs of '

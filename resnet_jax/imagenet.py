@@ -176,14 +176,23 @@ def augment(image, label, key, lighting: float, view=crop_then_resize):
 
 
 def augmented(ds, seed: int, lighting: float, view=crop_then_resize):
-  """``augment`` mapped over (encoded image, label) pairs, in parallel.
+  """``augment`` mapped over (encoded image, label) pairs, in parallel."""
+  return keyed_map(
+      ds,
+      seed,
+      lambda image, label, key: augment(image, label, key, lighting, view),
+  )
+
+
+def keyed_map(ds, seed: int, fn):
+  """``fn(image, label, key)`` mapped over (image, label) pairs, in parallel.
 
   Each example's key comes from a stream of random numbers from ``seed``, so
-  the augmentation is the same whatever the parallelism.
+  the result is the same whatever the parallelism.
   """
   ds = tf.data.Dataset.zip((ds, tf.data.Dataset.random(seed).batch(2)))
   return ds.map(
-      lambda example, key: augment(*example, key, lighting, view),
+      lambda example, key: fn(*example, key),
       num_parallel_calls=tf.data.AUTOTUNE,
   )
 
