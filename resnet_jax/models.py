@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import functools
 import inspect
 import re
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -41,7 +42,6 @@ from resnet_jax import canonical_conv
 
 SHORTCUTS = ('A', 'B', 'C')
 BOTTLENECK_STRIDES = ('1x1', '3x3')
-STEMS = ('3x3', '7x7')
 
 # Table 1: blocks per stage, and whether the stages are built from bottlenecks.
 IMAGENET_STAGES = {
@@ -150,33 +150,42 @@ def shortcut(x, out_features: int, strides: int, option: str, conv, norm=None):
   return x
 
 
-class Block(nn.Module):
-  """A basic (two 3x3 convs, Fig. 2) or bottleneck (1x1-3x3-1x1, Fig. 5) block:
-  relu(F(x) + shortcut(x)), BN after each conv; the plain net's block is
+class BasicBlock(nn.Module):
+  """The building block of Fig. 2 (left): two 3x3 convs, a BN after each,
+  relu(F(x) + shortcut(x)); with ``residual=False`` the plain net's block,
   relu(F(x)).
+
+  Every block of a ``ResNet`` takes the same attributes from it: ``width``
+  (its stage's filters), ``strides``, ``conv`` and ``norm`` (the net's conv
+  and BatchNorm, with its dtype and training mode) and ``act`` (every ReLU;
+  ``ResNet.act``); the rest are the block's own, fixed by the preset
+  (``create_model``) with ``functools.partial``. It is called with its
+  input and its ``index`` in the net (0 for the first block; a traced
+  integer in a scanned loop). In training the net has a ``'dropout'``
+  random stream, for blocks that draw (``self.has_rng('dropout')`` is then
+  true): stochastic depth, for one, is a subclass.
 
   Every BN output that follows a 3x3 conv is sown into the ``intermediates``
   collection as ``response``: the layer responses of Fig. 7 (§4.2).
-  ``act`` is every ReLU of the block (``ResNet.act``).
   """
 
   width: int
   strides: int
-  bottleneck: bool
-  residual: bool
-  shortcut: str
-  bottleneck_stride: str
-  zero_init_residual: bool
   conv: Callable[..., nn.Module]
   norm: Callable[..., nn.Module]
   act: Callable[[jax.Array], jax.Array] = nn.relu
+  shortcut: str = 'A'
+  residual: bool = True
+  zero_init_residual: bool = False
+
+  expansion: ClassVar[int] = 1  # Output filters per unit of ``width``.
 
   @property
   def out_features(self) -> int:
-    return self.width * (BOTTLENECK_EXPANSION if self.bottleneck else 1)
+    return self.width * self.expansion
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, index=0):
     y = self.residual_function(x)
     if not self.residual:
       return self.act(y)
@@ -192,49 +201,64 @@ class Block(nn.Module):
         )
     )
 
+  def last_scale_init(self):
+    """The last BN scale of F: zero with ``zero_init_residual`` (Goyal et
+    al., 2017), so that the block starts as its shortcut."""
+    if self.zero_init_residual:
+      return nn.initializers.zeros
+    return nn.initializers.ones
+
   def residual_function(self, x, last_norm: bool = True):
     """F(x): the convs, a BN after each (after the last only with
     ``last_norm``), a ReLU between them."""
-    last_scale_init = (
-        nn.initializers.zeros
-        if self.zero_init_residual
-        else nn.initializers.ones
-    )
-    if self.bottleneck:
-      s1, s3 = (
-          (self.strides, 1)
-          if self.bottleneck_stride == '1x1'
-          else (1, self.strides)
-      )
-      y = self.conv(self.width, 1, s1, name='conv1')(x)
-      y = self.act(self.norm(name='bn1')(y))
-      y = self.conv(self.width, 3, s3, name='conv2')(y)
-      y = self.norm(name='bn2')(y)
-      self.sow('intermediates', 'response', y)
-      y = self.act(y)
-      y = self.conv(self.out_features, 1, 1, name='conv3')(y)
-      return (
-          self.norm(scale_init=last_scale_init, name='bn3')(y)
-          if last_norm
-          else y
-      )
     y = self.conv(self.width, 3, self.strides, name='conv1')(x)
     y = self.norm(name='bn1')(y)
     self.sow('intermediates', 'response', y)
     y = self.act(y)
     y = self.conv(self.out_features, 3, 1, name='conv2')(y)
     if last_norm:
-      y = self.norm(scale_init=last_scale_init, name='bn2')(y)
+      y = self.norm(scale_init=self.last_scale_init(), name='bn2')(y)
     self.sow('intermediates', 'response', y)
     return y
 
 
-class PreActBlock(Block):
+class BottleneckBlock(BasicBlock):
+  """The bottleneck block of Fig. 5 (right): 1x1, 3x3 and 1x1 convs, the
+  last with 4x ``width`` filters; ResNet-50/101/152 (Table 1).
+
+  ``bottleneck_stride`` '1x1' strides the first 1x1 conv (the paper, "v1");
+  '3x3' strides the 3x3 conv ("v1.5", torchvision and flax).
+  """
+
+  bottleneck_stride: str = '1x1'
+
+  expansion: ClassVar[int] = BOTTLENECK_EXPANSION
+
+  def residual_function(self, x, last_norm: bool = True):
+    s1, s3 = (
+        (self.strides, 1)
+        if self.bottleneck_stride == '1x1'
+        else (1, self.strides)
+    )
+    y = self.conv(self.width, 1, s1, name='conv1')(x)
+    y = self.act(self.norm(name='bn1')(y))
+    y = self.conv(self.width, 3, s3, name='conv2')(y)
+    y = self.norm(name='bn2')(y)
+    self.sow('intermediates', 'response', y)
+    y = self.act(y)
+    y = self.conv(self.out_features, 1, 1, name='conv3')(y)
+    if last_norm:
+      return self.norm(scale_init=self.last_scale_init(), name='bn3')(y)
+    return y
+
+
+class PreActBlock(BasicBlock):
   """The full pre-activation unit of *Identity Mappings in Deep Residual
   Networks* (He et al., 2016, Fig. 4e): BN and ReLU come before each conv,
-  and nothing follows the addition: F(x) + shortcut(x).
+  and nothing follows the addition: F(x) + shortcut(x). A net of these
+  units has ``ResNet.preactivation``.
 
-  As in the authors' code, the first unit of the net (``first``) takes the
+  As in the authors' code, the first unit of the net (index 0) takes the
   input already activated after conv1, and a unit where dimensions grow
   pre-activates once for both paths (its shortcut starts from the activated
   input); the other units' shortcuts are the raw input. A 3x3 conv with no
@@ -242,12 +266,13 @@ class PreActBlock(Block):
   shortcuts have no BN.
   """
 
-  first: bool = False
-
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, index=0):
     # The first unit's input was activated after conv1, before the split.
-    pre = x if self.first else self.act(self.norm(name='bn0')(x))
+    # Its index is a Python integer: a scanned loop holds no stage's first
+    # unit.
+    first = isinstance(index, int) and index == 0
+    pre = x if first else self.act(self.norm(name='bn0')(x))
     if self.strides != 1 or x.shape[-1] != self.out_features:
       x = pre  # Where dimensions grow: one pre-activation for both paths.
     y = self.residual_function(pre, last_norm=False)
@@ -258,8 +283,56 @@ class PreActBlock(Block):
     )
 
 
+class PreActBottleneckBlock(PreActBlock, BottleneckBlock):
+  """The pre-activation bottleneck unit (Identity Mappings, Fig. 4e with
+  Fig. 5's convs): ResNet-164, 1001 and 200."""
+
+
+class CifarStem(nn.Module):
+  """conv1 of the CIFAR nets (§4.2): a 3x3/1 conv with ``width`` filters,
+  BN and ReLU. Its variables are the net's ``conv_init`` and ``bn_init``
+  (``nn.share_scope``). ``mask`` zeroes the positions outside the images
+  (``ResNet.__call__``'s ``sizes``)."""
+
+  width: int
+  conv: Callable[..., nn.Module]
+  norm: Callable[..., nn.Module]
+  act: Callable[[jax.Array], jax.Array]
+  mask: Callable[[jax.Array], jax.Array]
+
+  stride: ClassVar[int] = 1  # Input pixels per position of its output.
+
+  @nn.compact
+  def __call__(self, x):
+    x = self.conv(self.width, 3, 1, name='conv_init')(x)
+    x = self.norm(name='bn_init')(x)
+    self.sow('intermediates', 'response', x)
+    x = self.act(x)
+    self.sow('intermediates', 'conv1', x)
+    return x
+
+
+class ImageNetStem(CifarStem):
+  """conv1 and the pool of Table 1: a 7x7/2 conv with ``width`` filters,
+  BN, ReLU and a 3x3/2 max pool."""
+
+  stride: ClassVar[int] = 4
+
+  @nn.compact
+  def __call__(self, x):
+    x = self.conv(self.width, 7, 2, name='conv_init')(x)
+    x = self.act(self.norm(name='bn_init')(x))
+    self.sow('intermediates', 'conv1', x)
+    # Windows at the border of the valid pixels reach them.
+    return self.mask(nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3)))
+
+
+STEMS = {'3x3': CifarStem, '7x7': ImageNetStem}
+
+
 class ResNet(nn.Module):
-  """A ResNet (or plain net) of the paper; see the module docstring.
+  """A ResNet (or plain net) of the paper: a stem, stages of blocks, global
+  average pooling and a dense classifier; see the module docstring.
 
   Each stage's output is sown into the ``intermediates`` collection as
   ``stage1``, ``stage2``, ..., and conv1's (Table 1; after its BN and ReLU,
@@ -267,16 +340,15 @@ class ResNet(nn.Module):
 
   Attributes:
     stage_sizes: blocks per stage.
-    widths: filters of each stage (bottleneck blocks output 4x as many).
-    stem: '3x3' (3x3/1 conv, no pool; §4.2) or '7x7' (7x7/2 conv + 3x3/2 max
-      pool; Table 1).
-    bottleneck: bottleneck blocks (Fig. 5 right) instead of basic ones.
-    residual: False builds the plain net.
-    shortcut: option 'A', 'B' or 'C' (§3.3).
-    bottleneck_stride: '1x1' strides the first 1x1 conv of a bottleneck (the
-      paper, "v1"); '3x3' strides its 3x3 conv ("v1.5", torchvision and flax).
-    zero_init_residual: initialise the last BN scale of each residual branch
-      to zero (Goyal et al., 2017); the paper does not.
+    widths: filters of each stage (``block_cls.expansion`` times as many
+      outputs).
+    block_cls: the block every stage is built of (``BasicBlock``,
+      ``BottleneckBlock``, ``PreActBlock``, ``PreActBottleneckBlock``, or any
+      module with their attributes and call).
+    stem_cls: conv1 and what follows it before the stages (``CifarStem``,
+      ``ImageNetStem``), with a class attribute ``stride``.
+    preactivation: the blocks end with an addition (pre-activation units):
+      a BN and ReLU after the last one, before the pooling.
     num_classes: outputs of the final dense layer.
     dtype: computation dtype; parameters stay float32.
     remat: recompute each block's activations in the backward pass
@@ -292,9 +364,6 @@ class ResNet(nn.Module):
       TPU keeps a loop's activations for the backward pass in stacked
       buffers laid out for the loop, 3.4x the unrolled program's memory
       (BENCHMARKS.md), while the CPU runs the loop fastest.
-    preactivation: full pre-activation units (``PreActBlock``; Identity
-      Mappings, 2016), and a BN and ReLU after the last addition, before the
-      pooling.
     bn_group_size: in training, BatchNorm statistics per group of this many
       images (``GroupBatchNorm``, §4.2's two GPUs); 0: of the whole batch.
     act: the ReLU, wherever the network applies one. The report's deconvnet
@@ -303,25 +372,21 @@ class ResNet(nn.Module):
 
   stage_sizes: Sequence[int]
   widths: Sequence[int]
-  stem: str
-  bottleneck: bool = False
-  residual: bool = True
-  shortcut: str = 'A'
-  bottleneck_stride: str = '1x1'
-  zero_init_residual: bool = False
+  block_cls: Callable[..., nn.Module] = BasicBlock
+  stem_cls: type[CifarStem] = CifarStem
+  preactivation: bool = False
   num_classes: int = 10
   dtype: jnp.dtype = jnp.float32
   remat: bool = False
   scan_blocks: bool = False
   unroll_scan: bool = False
-  preactivation: bool = False
   bn_group_size: int = 0
   act: Callable[[jax.Array], jax.Array] = nn.relu
 
   @property
   def total_stride(self) -> int:
     """Input pixels per position of the last stage's maps."""
-    return (4 if self.stem == '7x7' else 1) * 2 ** (len(self.stage_sizes) - 1)
+    return self.stem_cls.stride * 2 ** (len(self.stage_sizes) - 1)
 
   @nn.compact
   def __call__(self, x, train: bool = True, sizes=None):
@@ -366,53 +431,53 @@ class ResNet(nn.Module):
       )
     x = jnp.asarray(x, self.dtype)
     x = mask(x)  # Normalised padding is not zero.
-    if self.stem == '7x7':
-      x = conv(self.widths[0], 7, 2, name='conv_init')(x)
-      x = act(norm(name='bn_init')(x))
-      self.sow('intermediates', 'conv1', x)
-      # Windows at the border of the valid pixels reach them.
-      x = mask(nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3)))
-    else:
-      x = conv(self.widths[0], 3, 1, name='conv_init')(x)
-      x = norm(name='bn_init')(x)
-      self.sow('intermediates', 'response', x)
-      x = act(x)
-      self.sow('intermediates', 'conv1', x)
-    block_class = PreActBlock if self.preactivation else Block
+    stem = self.stem_cls(
+        width=self.widths[0], conv=conv, norm=norm, act=act, mask=mask
+    )
+    nn.share_scope(self, stem)  # conv_init and bn_init are the net's.
+    x = stem(x)
+    block_cls = self.block_cls
     if self.remat:
-      block_class = nn.remat(block_class)
+      # A block's index is static outside a scanned loop (``PreActBlock``).
+      block_cls = nn.remat(self.block_cls, static_argnums=(2,))
+      scanned_cls = nn.remat(self.block_cls)
+    else:
+      scanned_cls = block_cls
+    index = 0
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
       block = functools.partial(
-          block_class,
-          width=width,
-          bottleneck=self.bottleneck,
-          residual=self.residual,
-          shortcut=self.shortcut,
-          bottleneck_stride=self.bottleneck_stride,
-          zero_init_residual=self.zero_init_residual,
-          conv=conv,
-          norm=norm,
-          act=act,
+          block_cls, width=width, conv=conv, norm=norm, act=act
       )
-      # The net's first pre-activation unit takes conv1's activated output.
-      first = {'first': i == 0} if self.preactivation else {}
-      x = block(
-          strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1', **first
-      )(x)
+      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1')(
+          x, index
+      )
       if self.scan_blocks and size > 1:
         # Blocks 2..n of a stage have the same shapes: one loop body, its
-        # parameters and BN statistics stacked along a leading axis.
+        # parameters and BN statistics stacked along a leading axis, its
+        # index and random streams one per iteration.
         repeat = nn.scan(
-            lambda module, x, _: (module(x), None),
+            lambda module, x, index: (module(x, index), None),
             variable_axes={'params': 0, 'batch_stats': 0, 'intermediates': 0},
-            split_rngs={'params': True},
+            split_rngs={'params': True, 'dropout': True},
             length=size - 1,
             unroll=self.unroll_scan,
         )
-        x, _ = repeat(block(strides=1, name=scanned_name(i + 1)), x, None)
+        x, _ = repeat(
+            scanned_cls(
+                width=width,
+                strides=1,
+                conv=conv,
+                norm=norm,
+                act=act,
+                name=scanned_name(i + 1),
+            ),
+            x,
+            jnp.arange(index + 1, index + size),
+        )
       else:
         for j in range(1, size):
-          x = block(strides=1, name=f'stage{i + 1}_block{j + 1}')(x)
+          x = block(strides=1, name=f'stage{i + 1}_block{j + 1}')(x, index + j)
+      index += size
       self.sow('intermediates', f'stage{i + 1}', x)
     if self.preactivation:
       x = act(norm(name='bn_final')(x))
@@ -478,7 +543,9 @@ def create_model(
     block: str = '',
     bn_group_size: int = 0,
 ) -> ResNet:
-  """Builds a paper network by family and depth; raises ModelError otherwise.
+  """The preset of a paper network by family and depth: its stages, widths,
+  stem and block class (with its options bound); raises ModelError
+  otherwise.
 
   ``stem`` and ``block`` are '' for the family's own (the 3x3 stem of §4.2
   on CIFAR, Table 1's 7x7 on ImageNet; 'basic' blocks on CIFAR, Table 1's
@@ -528,20 +595,29 @@ def create_model(
         f'unknown model {model!r}: use "cifar" (§4.2) or '
         f'"imagenet" (Table 1)'
     )
+  block_cls = {
+      (False, False): BasicBlock,
+      (True, False): BottleneckBlock,
+      (False, True): PreActBlock,
+      (True, True): PreActBottleneckBlock,
+  }[bottleneck, preactivation]
+  block_options = dict(
+      shortcut=shortcut,
+      residual=residual,
+      zero_init_residual=zero_init_residual,
+  )
+  if bottleneck:
+    block_options['bottleneck_stride'] = bottleneck_stride
   return ResNet(
       stage_sizes=stage_sizes,
       widths=widths,
-      stem=stem,
-      bottleneck=bottleneck,
-      residual=residual,
-      shortcut=shortcut,
-      bottleneck_stride=bottleneck_stride,
-      zero_init_residual=zero_init_residual,
+      block_cls=functools.partial(block_cls, **block_options),
+      stem_cls=STEMS[stem],
+      preactivation=preactivation,
       num_classes=num_classes,
       dtype=jnp.dtype(dtype),
       remat=remat,
       scan_blocks=scan_blocks,
-      preactivation=preactivation,
       bn_group_size=bn_group_size,
   )
 

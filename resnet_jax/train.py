@@ -397,8 +397,15 @@ def cross_entropy(logits, labels):
 
 
 def train_step(state: TrainState, images, labels, schedule):
-  """One step of momentum SGD on a batch of uint8 images (already augmented)."""
+  """One step of momentum SGD on a batch of uint8 images (already augmented).
+
+  The blocks draw from a ``'dropout'`` stream of their own each step (the
+  data's draws fold in 0 and 1: ``cifar.draw``).
+  """
   x = data.normalize(images, state.mean, state.std)
+  dropout = jax.random.fold_in(
+      jax.random.fold_in(jax.random.wrap_key_data(state.rng), 2), state.step
+  )
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
@@ -406,6 +413,7 @@ def train_step(state: TrainState, images, labels, schedule):
         x,
         train=True,
         mutable=['batch_stats'],
+        rngs={'dropout': dropout},
     )
     return cross_entropy(logits, labels).mean(), (logits, updates)
 

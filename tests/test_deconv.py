@@ -1,5 +1,7 @@
 """Deconvnet projections (Zeiler & Fergus, 2014) against hand-written ones."""
 
+import functools
+
 import jax
 from jax import lax
 import jax.numpy as jnp
@@ -14,9 +16,14 @@ from resnet_jax import models
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-def tiny(stem, **kwargs):
+def tiny(stem, shortcut='A'):
   """Two stages of one basic block: 4 then 8 channels, the second strided."""
-  return models.ResNet(stage_sizes=(1, 1), widths=(4, 8), stem=stem, **kwargs)
+  return models.ResNet(
+      stage_sizes=(1, 1),
+      widths=(4, 8),
+      block_cls=functools.partial(models.BasicBlock, shortcut=shortcut),
+      stem_cls=models.STEMS[stem],
+  )
 
 
 def random_variables(model, x):
@@ -183,7 +190,10 @@ def test_projection_through_residual_stages_rectifies_the_signal(shortcut):
 
 def test_imagenet_stem_unpools_to_the_input_in_either_block_form():
   model = models.ResNet(
-      stage_sizes=(2, 1), widths=(4, 8), stem='7x7', bottleneck=True
+      stage_sizes=(2, 1),
+      widths=(4, 8),
+      block_cls=models.BottleneckBlock,
+      stem_cls=models.ImageNetStem,
   )
   x = jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
   variables = random_variables(model, x)

@@ -136,16 +136,11 @@ def test_invalid_models_are_rejected(kwargs):
 
 def block(**kwargs):
   """One block in inference mode, with the model's conv and BN."""
-  defaults = dict(
-      bottleneck=False,
-      residual=True,
-      shortcut='A',
-      bottleneck_stride='1x1',
-      zero_init_residual=False,
+  return models.BasicBlock(
       conv=functools.partial(models.conv_layer, dtype=jnp.float32),
       norm=functools.partial(nn.BatchNorm, use_running_average=True),
+      **kwargs,
   )
-  return models.Block(**(defaults | kwargs))
 
 
 def test_option_a_subsamples_and_zero_pads_evenly():
@@ -450,12 +445,20 @@ def test_batchnorm_groups_of_64_are_two_independent_batchnorms(num_devices):
 @pytest.mark.parametrize(
     'net',
     [
-        dict(shortcut='A'),
-        dict(shortcut='B'),
-        dict(shortcut='B', bottleneck=True),
-        dict(shortcut='B', bottleneck=True, bottleneck_stride='3x3'),
-        dict(shortcut='A', preactivation=True),
-        dict(shortcut='B', residual=False),
+        dict(block_cls=models.BasicBlock),
+        dict(block_cls=functools.partial(models.BasicBlock, shortcut='B')),
+        dict(block_cls=functools.partial(models.BottleneckBlock, shortcut='B')),
+        dict(
+            block_cls=functools.partial(
+                models.BottleneckBlock, shortcut='B', bottleneck_stride='3x3'
+            )
+        ),
+        dict(block_cls=models.PreActBlock, preactivation=True),
+        dict(
+            block_cls=functools.partial(
+                models.BasicBlock, shortcut='B', residual=False
+            )
+        ),
     ],
     ids=['A', 'B', 'bottleneck', 'bottleneck-v1.5', 'preact', 'plain'],
 )
@@ -467,7 +470,7 @@ def test_padded_images_score_as_unpadded(net):
   model = models.ResNet(
       stage_sizes=(1, 2, 1, 1),
       widths=(8, 16, 16, 24),
-      stem='7x7',
+      stem_cls=models.ImageNetStem,
       num_classes=7,
       scan_blocks=True,
       **net,
@@ -510,7 +513,9 @@ def test_padded_images_score_as_unpadded(net):
 
 
 def test_padding_must_be_a_multiple_of_the_total_stride():
-  model = models.ResNet(stage_sizes=(1, 1), widths=(8, 8), stem='7x7')
+  model = models.ResNet(
+      stage_sizes=(1, 1), widths=(8, 8), stem_cls=models.ImageNetStem
+  )
   x = jnp.zeros((1, 72, 64, 3))
   variables = model.init(jax.random.key(0), x, train=False)
   assert model.total_stride == 8

@@ -1,7 +1,9 @@
 """Training: the schedule, the optimiser, and equality across device counts."""
 
+import functools
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from configs import default as default_config
 from configs import smoke
 from resnet_jax import devices
 from resnet_jax import evaluate
+from resnet_jax import models
 from resnet_jax import train
 from resnet_jax import workdir
 
@@ -352,3 +355,85 @@ def test_host_batches_per_dispatch_are_each_steps_batch():
       jax.device_get(device_state.params),
       rtol=1e-5,
   )
+
+
+class StochasticDepthBlock(models.BasicBlock):
+  """A block of *Deep Networks with Stochastic Depth* (Huang et al., 2016),
+  outside the package: in training, F(x) survives with a probability that
+  falls linearly from 1 (the first block) to 0.5 (the last, ``index``
+  ``blocks - 1``); in inference F(x) is scaled by it."""
+
+  blocks: int = 1
+
+  @nn.compact
+  def __call__(self, x, index=0):
+    survival = 1 - 0.5 * index / (self.blocks - 1)
+    y = self.residual_function(x)
+    if self.has_rng('dropout'):
+      y = y * jax.random.bernoulli(self.make_rng('dropout'), survival)
+    else:
+      y = y * survival
+    return self.act(
+        y
+        + models.shortcut(
+            x,
+            self.out_features,
+            self.strides,
+            self.shortcut,
+            self.conv,
+            self.norm,
+        )
+    )
+
+
+@pytest.mark.parametrize('scan_blocks', [False, True])
+def test_a_block_defined_outside_the_package_trains(scan_blocks):
+  model = models.ResNet(
+      stage_sizes=(4, 4),
+      widths=(4, 8),
+      block_cls=functools.partial(StochasticDepthBlock, blocks=8),
+      scan_blocks=scan_blocks,
+  )
+  config = default_config.get_config()
+  config.weight_decay = 0.0  # A dropped block's weights do not move.
+  tx = train.create_optimizer(config, lambda step: 0.1)
+  state = train.create_train_state(model, tx, seed=0, image_size=8)
+  images = jax.random.randint(jax.random.key(1), (16, 8, 8, 3), 0, 256)
+  images, labels = images.astype(jnp.uint8), jnp.arange(16) % 10
+  step = jax.jit(functools.partial(train.train_step, schedule=lambda s: 0.1))
+
+  def dropped(step_number):
+    before = state.replace(step=step_number)
+    after, metrics = step(before, images, labels)
+    assert np.isfinite(metrics['loss'])
+    params = [
+        models.unroll_blocks({'params': s.params})['params']
+        for s in (before, after)
+    ]
+    return {
+        name
+        for name, *_ in models.blocks_in_order(params[0])
+        if all(
+            np.array_equal(a, b)
+            for a, b in zip(*(jax.tree.leaves(p[name]) for p in params))
+        )
+    }
+
+  draws = [dropped(n) for n in range(6)]
+  # Each block draws its own: some are dropped, never the first; each step
+  # draws anew, and the same step draws the same (resumes are exact).
+  assert set().union(*draws) and 'stage1_block1' not in set().union(*draws)
+  assert len({frozenset(d) for d in draws}) > 1
+  # Blocks 2..4 of a stage (one loop when scanned) draw apart: one dropped
+  # while the next is kept, which one draw shared by the loop's blocks
+  # (whose survival falls with the index) never gives.
+  assert any(
+      f'stage{s}_block{b}' in d and f'stage{s}_block{b + 1}' not in d
+      for d in draws
+      for s in (1, 2)
+      for b in (2, 3)
+  )
+  assert dropped(3) == draws[3]
+  # Inference draws nothing.
+  logits = train.classify(state, images)
+  assert logits.shape == (16, 10) and np.all(np.isfinite(logits))
