@@ -41,7 +41,7 @@ own state and batch) in each placement: ``vmap`` on one device (XLA batches
 the seeds' convolutions into grouped ones), ``shard_map`` over a ``seeds``
 axis of the devices (no cross-device reduction; vmapped on each device when
 there are more seeds than devices), and ``data``: one seed after another,
-each data-parallel as training runs today. They print images/s in all and
+each data-parallel as a training run is. They print images/s in all and
 per seed: whether the paper's runs (Table 6: 5 per depth) pay to train side
 by side.
 

@@ -139,7 +139,7 @@ def crop_then_resize(image, size, key):
   resized, with the same scale as the whole image (and the window's origin
   translated), so the view weighs the same pixels alike: it differs from
   ``resize_then_crop``'s by the float rounding of the sample positions.
-  Decoding the window and resizing it now take most of the time, about a
+  Decoding the window and resizing it take most of its time, about a
   millisecond of CPU each (BENCHMARKS.md).
   """
   box, scale, translation = window(image, size, key)

@@ -86,7 +86,7 @@ def stop_requests():
   previous = {}
   if threading.current_thread() is not threading.main_thread():
     # Only the main thread may set handlers: a run started from another
-    # thread (a notebook's, a user's pool) dies of the signals, as before.
+    # thread (a notebook's, a user's pool) keeps the process's handlers.
     yield received
     return
   for signum in STOP_SIGNALS:

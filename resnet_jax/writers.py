@@ -20,8 +20,8 @@ def create(
   """The log on every process; TensorBoard too on process 0.
 
   TensorBoard's events are written at once, in the training loop's thread,
-  so that a full disk is raised where the run can stop and say so (from
-  clu's background thread it came one call late, wrapped in another error).
+  so that a full disk is raised where the run can stop and say so (clu's
+  background thread would raise it one call late, wrapped in another error).
   A few scalars every log_every_steps steps: nothing to hide behind a thread.
   """
   if not main_process:
