@@ -27,7 +27,6 @@ def check_run(config, workdir) -> pathlib.Path:
   workdir = pathlib.Path(workdir)
   if not workdir_lib.check_model(config, workdir):
     raise workdir_lib.WorkdirError(f'{workdir} holds no run (no config.json)')
-  workdir_lib.use_stored_form(config, workdir)
   return workdir
 
 

@@ -640,16 +640,28 @@ def blocks_in_order(params) -> list[tuple[str, int, int]]:
   )
 
 
-def stack_blocks(variables):
-  """Variables of the unrolled form in the scanned form (``scan_blocks``).
+def _holds_blocks(node) -> bool:
+  """Whether ``node`` is a dict of a network's blocks (in either form)."""
+  return isinstance(node, dict) and any(
+      BLOCK_NAME.fullmatch(k) or SCANNED_NAME.fullmatch(k) for k in node
+  )
 
-  Every collection (params, batch_stats, ...) has its blocks 2..n of each
-  stage stacked, in order, under ``scanned_name(stage)``.
+
+def stack_blocks(tree):
+  """``tree`` with its blocks in the scanned form (``scan_blocks``): the one
+  way the unrolled form becomes the scanned one.
+
+  ``tree`` is any pytree that holds the network's variables (variables, a
+  training state, an optimiser's state): in every dict of blocks, blocks
+  2..n of each stage are stacked, in order, under ``scanned_name(stage)``.
+  A tree in the scanned form is returned as it is.
   """
 
-  def stack(tree):
+  def stack(node):
+    if not _holds_blocks(node):
+      return node
     out, stacks = {}, {}
-    for name, value in tree.items():
+    for name, value in node.items():
       match = BLOCK_NAME.fullmatch(name)
       if match and int(match[2]) > 1:
         stacks.setdefault(int(match[1]), {})[int(match[2])] = value
@@ -661,16 +673,18 @@ def stack_blocks(variables):
       )
     return out
 
-  return {collection: stack(tree) for collection, tree in variables.items()}
+  return jax.tree.map(stack, tree, is_leaf=_holds_blocks)
 
 
-def unroll_blocks(variables):
-  """Variables of the scanned form in the unrolled form: ``stack_blocks``'s
-  inverse."""
+def unroll_blocks(tree):
+  """``tree`` with its blocks in the unrolled form: ``stack_blocks``'s
+  inverse. A tree in the unrolled form is returned as it is."""
 
-  def unroll(tree):
+  def unroll(node):
+    if not _holds_blocks(node):
+      return node
     out = {}
-    for name, value in tree.items():
+    for name, value in node.items():
       match = SCANNED_NAME.fullmatch(name)
       if not match:
         out[name] = value
@@ -681,7 +695,20 @@ def unroll_blocks(variables):
         )
     return out
 
-  return {collection: unroll(tree) for collection, tree in variables.items()}
+  return jax.tree.map(unroll, tree, is_leaf=_holds_blocks)
+
+
+def scanned(params) -> bool:
+  """Whether ``params`` (or any dict of blocks) are in the scanned form; a
+  network with one block per stage is in both."""
+  return not any(
+      (m := BLOCK_NAME.fullmatch(name)) and int(m[2]) > 1 for name in params
+  )
+
+
+def in_form(tree, scan_blocks: bool):
+  """``tree`` (as ``stack_blocks`` takes) in the scanned or unrolled form."""
+  return stack_blocks(tree) if scan_blocks else unroll_blocks(tree)
 
 
 def from_config(config, num_classes: int, platform: str = '') -> ResNet:

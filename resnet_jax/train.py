@@ -746,8 +746,6 @@ def train_and_evaluate(
   workdir = pathlib.Path(workdir)
   workdir_lib.check_writable(workdir)
   has_run = workdir_lib.check_model(config, workdir)
-  if has_run:
-    workdir_lib.use_stored_form(config, workdir)
   inputs, steps, state, total_steps = setup(config)
   late = [b for b in config.lr_boundaries if b >= config.train_length]
   if late and config.lr_schedule == 'piecewise':

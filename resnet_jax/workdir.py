@@ -10,6 +10,7 @@ Restoring needs no dataset and no compiled step (``load_state``).
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -112,20 +113,6 @@ def check_model(config, workdir: pathlib.Path) -> bool:
         f'{workdir} holds a run of another model (' f'{"; ".join(different)})'
     )
   return True
-
-
-def use_stored_form(config, workdir: pathlib.Path):
-  """Sets ``config.scan_blocks`` to the form the run's checkpoints hold
-  (its own; runs from before the field existed are unrolled): a run resumes
-  and is evaluated in that form."""
-  scan_blocks = _saved(workdir)['scan_blocks']
-  if config.scan_blocks != scan_blocks:
-    print(
-        f'note: {workdir} holds {"scanned" if scan_blocks else "unrolled"} '
-        f'blocks; using scan_blocks={scan_blocks}',
-        flush=True,
-    )
-    config.scan_blocks = scan_blocks
 
 
 def check_writable(workdir: pathlib.Path):
@@ -327,6 +314,7 @@ def save(
   in the background: its error (a full disk) comes from the next save or
   from ``finish``."""
   step = int(state.step)
+  state = models.stack_blocks(state)  # The one layout on disk.
   with saving(manager, f'checkpoint {step}'):
     manager.save(
         step,
@@ -425,9 +413,31 @@ def check_code(manager, step: int, abstract_state, weights_only: bool):
   return bool(found)
 
 
+def stored_form(manager, step: int, abstract_state):
+  """``abstract_state`` in the form checkpoint ``step`` holds its blocks in:
+  the scanned form (``save``), or the unrolled form of checkpoints that
+  runs with ``scan_blocks=False`` wrote before every run saved one form."""
+  metadata = manager.item_metadata(step)
+  tree = (metadata.tree if metadata else None) or {}
+  scan_blocks = models.scanned(tree.get('params') or {})
+  if models.scanned(abstract_state.params) == scan_blocks:
+    return abstract_state
+  sharding = jax.tree.leaves(abstract_state)[0].sharding
+  return abstract(
+      jax.eval_shape(
+          functools.partial(models.in_form, scan_blocks=scan_blocks),
+          abstract_state,
+      ),
+      sharding,
+  )
+
+
 def restore(manager, abstract_state, step: int, weights_only: bool = False):
   """A checkpoint (only its WEIGHTS if ``weights_only``: the other fields
-  are None), checked against the checksums saved with it."""
+  are None), checked against the checksums saved with it, in the form of
+  ``abstract_state`` whatever form it was saved in (``stored_form``)."""
+  wanted = abstract_state
+  abstract_state = stored_form(manager, step, wanted)
   other_optimiser = check_code(manager, step, abstract_state, weights_only)
   saved = manager.metadata(step).custom_metadata or {}
   target = fields(abstract_state)
@@ -472,7 +482,14 @@ def restore(manager, abstract_state, step: int, weights_only: bool = False):
     )
   elif checksum(state) != saved['state_sha256']:
     raise WorkdirError('its arrays do not match the checksum saved with them')
-  return state
+  if abstract_state is wanted:
+    return state
+  read = {k: v for k, v in fields(state).items() if v is not None}
+  read = models.in_form(read, models.scanned(wanted.params))
+  shardings = jax.tree.map(lambda leaf: leaf.sharding, fields(wanted))
+  return state.replace(
+      **{k: jax.device_put(v, shardings[k]) for k, v in read.items()}
+  )
 
 
 def abstract(state, sharding):
@@ -604,7 +621,6 @@ def initial_weights(state, source: pathlib.Path, loaded, sharding):
   shape (other classes) keeps its initialisation; any other difference is
   another network.
   """
-  scanned = models.scanned_name(1) in state.params
   theirs = dict(
       jax.tree_util.tree_leaves_with_path(
           models.unroll_blocks(
@@ -639,8 +655,7 @@ def initial_weights(state, source: pathlib.Path, loaded, sharding):
         f"differs from {source}'s",
         flush=True,
     )
-  if scanned:
-    variables = models.stack_blocks(variables)
+  variables = models.in_form(variables, models.scanned(state.params))
   variables = jax.device_put(variables, sharding)
   print(
       f'Starting from the weights of {source} (step {int(loaded.step)}).',

@@ -2,6 +2,8 @@
 
 import functools
 import json
+import pathlib
+import shutil
 
 import flax.linen as nn
 import jax
@@ -16,6 +18,7 @@ from configs import default as default_config
 from configs import smoke
 from resnet_jax import devices
 from resnet_jax import evaluate
+from resnet_jax import metrics
 from resnet_jax import models
 from resnet_jax import train
 from resnet_jax import workdir
@@ -249,34 +252,71 @@ def test_checkpoints_kept_are_the_latest_and_the_best(tmp_path):
   assert manager.all_steps() == [2, 4, 5]  # Best (2) and the latest two.
 
 
-def test_a_run_keeps_the_block_form_it_was_written_in(tmp_path, capsys):
+def test_a_run_resumes_in_the_other_block_form(tmp_path):
   config = smoke.get_config()
   config.depth = 14  # n = 2: each stage has a block to scan.
   config.train_length = config.eval_every_steps = 10
+  config.lr_boundaries = (5,)
   config.scan_blocks = False
-  # Smoke's boundaries (10, 15) do not fall inside 10 steps: said, not fatal.
-  with pytest.warns(
-      UserWarning,
-      match=r'^lr_boundaries 10, 15 are not '
-      r'before the end of training \(10 steps\)',
+  train.train_and_evaluate(config, str(tmp_path))
+  # One layout on disk whatever the form a run computes in: blocks 2..n of
+  # each stage stacked, their momenta too.
+  manager = workdir.checkpoint_manager(tmp_path, 1, read_only=True)
+  stored = manager.item_metadata(10).tree
+  assert 'stage1_blocks' in stored['params']
+  assert 'stage1_block2' not in stored['params']
+  # Restored in either form: the same arrays, moved.
+  states = {}
+  for scan_blocks in (False, True):
+    config.scan_blocks = scan_blocks
+    abstract = workdir.abstract(
+        train.state_shapes(config),
+        jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+    )
+    states[scan_blocks] = jax.device_get(workdir.restore(manager, abstract, 10))
+  for a, b in zip(
+      jax.tree.leaves(models.stack_blocks(states[False])),
+      jax.tree.leaves(states[True]),
+      strict=True,
   ):
-    trained = train.train_and_evaluate(config, str(tmp_path))
-  # A run recorded before scan_blocks existed: unrolled checkpoints.
-  path = tmp_path / 'config.json'
-  saved = json.loads(path.read_text())
-  del saved['scan_blocks']
-  path.write_text(json.dumps(saved))
+    np.testing.assert_array_equal(a, b)
+  # The scanned form resumes the unrolled run, and the unrolled form it.
+  for scan_blocks, length in ((True, 20), (False, 30)):
+    config.scan_blocks = scan_blocks
+    config.train_length = config.eval_every_steps = length
+    train.train_and_evaluate(config, str(tmp_path))
+    assert metrics.final_test(metrics.read(tmp_path))['step'] == length
+  records = metrics.read(tmp_path)
+  assert [r['step'] for r in records if r['split'] == 'train'] == list(
+      range(5, 31, 5)
+  )
+  assert metrics.final_test(records)['step'] == 30
+
+
+def test_a_workdir_of_unrolled_checkpoints_evaluates_and_resumes(tmp_path):
+  # tests/data/resnet14_unrolled: a smoke ResNet-14 trained for 10 steps
+  # with scan_blocks=False by the code of b7e9ebf, whose checkpoints held
+  # the form the run computed in (here its blocks one by one).
+  run = tmp_path / 'run'
+  shutil.copytree(
+      pathlib.Path(__file__).parent / 'data' / 'resnet14_unrolled', run
+  )
+  recorded = metrics.final_test(metrics.read(run))
   config = smoke.get_config()
   config.depth = 14
-  assert config.scan_blocks  # The default asks for the scanned form.
-  result = evaluate.evaluate_checkpoint(config, str(tmp_path))
-  assert 'holds unrolled blocks; using scan_blocks=False' in (
-      capsys.readouterr().out
-  )
-  assert not config.scan_blocks
-  assert result['step'] == 10
-  assert result['error'] == trained['error']
-  assert result['loss'] == pytest.approx(trained['loss'], rel=1e-6)
+  assert config.scan_blocks
+  result = evaluate.evaluate_checkpoint(config, str(run))
+  assert result['images'] == recorded['images']
+  # The same weights, run as a loop: float32 sums in another order, ~1e-6
+  # of the loss; a logit that changed would move it by far more. An image
+  # whose top two logits are that close could change class.
+  assert result['loss'] == pytest.approx(recorded['loss'], rel=1e-4)
+  assert abs(result['error'] - recorded['error']) <= 100 / 64
+  config.train_length = config.eval_every_steps = 20
+  train.train_and_evaluate(config, str(run))
+  assert metrics.final_test(metrics.read(run))['step'] == 20
+  stored = workdir.checkpoint_manager(run, 1, read_only=True).item_metadata(20)
+  assert 'stage1_blocks' in stored.tree['params']
 
 
 def train_for(config, num_steps):
