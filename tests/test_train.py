@@ -252,51 +252,11 @@ def test_checkpoints_kept_are_the_latest_and_the_best(tmp_path):
   assert manager.all_steps() == [2, 4, 5]  # Best (2) and the latest two.
 
 
-def test_a_run_resumes_in_the_other_block_form(tmp_path):
-  config = smoke.get_config()
-  config.depth = 14  # n = 2: each stage has a block to scan.
-  config.train_length = config.eval_every_steps = 10
-  config.lr_boundaries = (5,)
-  config.scan_blocks = False
-  train.train_and_evaluate(config, str(tmp_path))
-  # One layout on disk whatever the form a run computes in: blocks 2..n of
-  # each stage stacked, their momenta too.
-  manager = workdir.checkpoint_manager(tmp_path, 1, read_only=True)
-  stored = manager.item_metadata(10).tree
-  assert 'stage1_blocks' in stored['params']
-  assert 'stage1_block2' not in stored['params']
-  # Restored in either form: the same arrays, moved.
-  states = {}
-  for scan_blocks in (False, True):
-    config.scan_blocks = scan_blocks
-    abstract = workdir.abstract(
-        train.state_shapes(config),
-        jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-    )
-    states[scan_blocks] = jax.device_get(workdir.restore(manager, abstract, 10))
-  for a, b in zip(
-      jax.tree.leaves(models.stack_blocks(states[False])),
-      jax.tree.leaves(states[True]),
-      strict=True,
-  ):
-    np.testing.assert_array_equal(a, b)
-  # The scanned form resumes the unrolled run, and the unrolled form it.
-  for scan_blocks, length in ((True, 20), (False, 30)):
-    config.scan_blocks = scan_blocks
-    config.train_length = config.eval_every_steps = length
-    train.train_and_evaluate(config, str(tmp_path))
-    assert metrics.final_test(metrics.read(tmp_path))['step'] == length
-  records = metrics.read(tmp_path)
-  assert [r['step'] for r in records if r['split'] == 'train'] == list(
-      range(5, 31, 5)
-  )
-  assert metrics.final_test(records)['step'] == 30
-
-
-def test_a_workdir_of_unrolled_checkpoints_evaluates_and_resumes(tmp_path):
-  # tests/data/resnet14_unrolled: a smoke ResNet-14 trained for 10 steps
-  # with scan_blocks=False by the code of b7e9ebf, whose checkpoints held
-  # the form the run computed in (here its blocks one by one).
+def test_a_run_resumes_and_evaluates_in_either_block_form(tmp_path):
+  # tests/data/resnet14_unrolled: a smoke ResNet-14 (two blocks per stage)
+  # trained for 10 steps with scan_blocks=False by the code of b7e9ebf,
+  # whose checkpoints held the form a run computed in (here its blocks one
+  # by one): a workdir written before one layout.
   run = tmp_path / 'run'
   shutil.copytree(
       pathlib.Path(__file__).parent / 'data' / 'resnet14_unrolled', run
@@ -312,11 +272,38 @@ def test_a_workdir_of_unrolled_checkpoints_evaluates_and_resumes(tmp_path):
   # whose top two logits are that close could change class.
   assert result['loss'] == pytest.approx(recorded['loss'], rel=1e-4)
   assert abs(result['error'] - recorded['error']) <= 100 / 64
-  config.train_length = config.eval_every_steps = 20
-  train.train_and_evaluate(config, str(run))
-  assert metrics.final_test(metrics.read(run))['step'] == 20
-  stored = workdir.checkpoint_manager(run, 1, read_only=True).item_metadata(20)
-  assert 'stage1_blocks' in stored.tree['params']
+  # The scanned form resumes it, and the unrolled form that.
+  for scan_blocks, length in ((True, 20), (False, 30)):
+    config.scan_blocks = scan_blocks
+    config.train_length = config.eval_every_steps = length
+    train.train_and_evaluate(config, str(run))
+    assert metrics.final_test(metrics.read(run))['step'] == length
+  assert [r['step'] for r in metrics.read(run) if r['split'] == 'train'] == (
+      list(range(5, 31, 5))
+  )
+  # One layout on disk whatever the form a run computes in: blocks 2..n of
+  # each stage stacked (here written by the unrolled form), their momenta
+  # too; restored in either form, the same arrays.
+  manager = workdir.checkpoint_manager(run, 1, read_only=True)
+  stored = manager.item_metadata(30).tree
+  assert 'stage1_blocks' in stored['params']
+  assert 'stage1_block2' not in stored['params']
+  assert 'stage1_blocks' in stored['opt_state'][1][0]['trace']
+  states = {}
+  for scan_blocks in (False, True):
+    config.scan_blocks = scan_blocks
+    abstract = workdir.abstract(
+        train.state_shapes(config),
+        jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+    )
+    states[scan_blocks] = workdir.restore(manager, abstract, 30)
+  assert 'stage1_block2' in states[False].params
+  for a, b in zip(
+      jax.tree.leaves(models.stack_blocks(states[False])),
+      jax.tree.leaves(states[True]),
+      strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
 
 
 def train_for(config, num_steps):
