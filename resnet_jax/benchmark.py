@@ -364,7 +364,7 @@ def prepare(config, mode: str) -> tuple[Any, int, dict]:
   return lambda: compiled(*args), batch, figures | {'setup_s': setup_s}
 
 
-def seed_steps(inputs, schedule, steps_per_dispatch: int):
+def seed_steps(inputs, steps_per_dispatch: int):
   """One seed's training steps, to be batched over seeds: ``inputs.draw``
   then ``train.train_step``, as in the training loop's step, without its
   sharding constraints (each seed's batch stays where its state is)."""
@@ -374,7 +374,7 @@ def seed_steps(inputs, schedule, steps_per_dispatch: int):
       x, y = inputs.draw(
           images, labels, jax.random.wrap_key_data(state.rng), state.step
       )
-      return train.train_step(state, x, y, schedule)
+      return train.train_step(state, x, y)
 
     return jax.lax.scan(step, state, None, length=steps_per_dispatch)
 
@@ -416,13 +416,8 @@ def batched_seeds(config, placement: str, seeds: int):
   stacked states and the training set, on ``seeds_mesh``."""
   mesh = seeds_mesh(placement, seeds)
   inputs, _, state, _ = train.setup(config, mesh.devices[:1].tolist())
-  _, boundaries = train.schedule_in_steps(config, inputs.train_size)
   fn = jax.vmap(
-      seed_steps(
-          inputs,
-          train.learning_rate_schedule(config, boundaries),
-          config.steps_per_dispatch,
-      ),
+      seed_steps(inputs, config.steps_per_dispatch),
       in_axes=(0, None, None),
   )
   if placement == 'shard_map':  # No cross-device reduction: seeds apart.

@@ -229,14 +229,14 @@ def programs(config, devices, hosts: int) -> list[Program]:
   on_chips = functools.partial(workdir_lib.abstract, state)
   per_step = config.steps_per_dispatch
   if config.dataset == 'imagenet2012':
-    steps = train.make_steps(mesh, schedule, None, per_step)
+    steps = train.make_steps(mesh, None, per_step)
     stacked = devices_lib.stacked(mesh)
     train_args = (
         sds((per_step, config.batch_size, size, size, 3), jnp.uint8, stacked),
         sds((per_step, config.batch_size), jnp.int32, stacked),
     )
   else:  # The packed training split on every chip (cifar.inputs).
-    steps = train.make_steps(mesh, schedule, cifar.draw(config), per_step)
+    steps = train.make_steps(mesh, cifar.draw(config), per_step)
     words = size * size * 3 // 4
     train_args = (
         sds((train_size, words), jnp.uint32, replicated),
@@ -249,7 +249,6 @@ def programs(config, devices, hosts: int) -> list[Program]:
       )[0]
   )
   per_chip = config.batch_size // chips
-  one_step = lambda s, x, y: train.train_step(s, x, y, schedule)
   result = [
       Program(
           'train',
@@ -258,7 +257,7 @@ def programs(config, devices, hosts: int) -> list[Program]:
           {},
           per_chip,
           lambda: cpu_flops(
-              one_step,
+              train.train_step,
               state,
               sds((per_chip, size, size, 3), jnp.uint8),
               sds((per_chip,), jnp.int32),

@@ -186,6 +186,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, index=0):
+    del index  # The paper's blocks are the same at every depth.
     y = self.residual_function(x)
     if not self.residual:
       return self.act(y)

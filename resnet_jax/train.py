@@ -267,7 +267,7 @@ def learning_rate_schedule(config, boundaries: list[int]) -> optax.Schedule:
 
   The warm-up (§4.2, ResNet-110) runs at warmup_learning_rate for the first
   warmup_steps steps; the boundaries stay where they are. The plateau
-  schedule has no boundaries: ``scale_on_plateau`` lowers its rate.
+  schedule has no boundaries: ``scale_by_plateau`` lowers its rate.
   """
   if config.lr_schedule == 'plateau':
     boundaries = []
@@ -281,70 +281,68 @@ def learning_rate_schedule(config, boundaries: list[int]) -> optax.Schedule:
   )
 
 
-class Plateau(NamedTuple):
-  """The plateau schedule's state (§3.4), checkpointed with the optimiser's."""
-
-  scale: jax.Array  # The learning rate's multiplier: lr_factor ** drops.
-  best: jax.Array  # The lowest validation error (%) so far.
-  since: jax.Array  # Evaluations since the error last improved (or the rate
-  # last dropped).
+# An improvement of the validation error (%) is at least one image's share
+# of it, 1e-4 or more for up to a million images: with this tolerance
+# (optax's must be positive) ``reduce_on_plateau`` counts exactly the
+# evaluations where the error went below its best.
+PLATEAU_TOLERANCE = 1e-6
 
 
-def scale_on_plateau() -> optax.GradientTransformation:
-  """Multiplies the update by the plateau schedule's scale.
+def plateau_schedule(config) -> optax.GradientTransformationExtraArgs:
+  """§3.4's rate "divided by 10 when the error plateaus": optax's
+  ``reduce_on_plateau`` on the validation error, which multiplies its
+  ``scale`` by ``lr_factor`` once the error has not gone below its best for
+  ``lr_patience`` evaluations in a row; the count then starts again."""
+  return optax.contrib.reduce_on_plateau(
+      factor=config.lr_factor,
+      patience=config.lr_patience,
+      rtol=0.0,
+      atol=PLATEAU_TOLERANCE,
+  )
+
+
+def scale_by_plateau(config) -> optax.GradientTransformation:
+  """Multiplies each step's update by the plateau schedule's scale; its
+  state is ``reduce_on_plateau``'s, which ``after_validation`` moves.
 
   Momentum SGD's update is the learning rate times the momentum buffer, so
   scaling the update is scaling the learning rate, as in Caffe and PyTorch
-  (the buffer keeps its history). ``after_validation`` moves the scale.
+  (the buffer keeps its history).
   """
-
-  def init(params):
-    del params
-    return Plateau(
-        scale=jnp.ones([]),
-        best=jnp.full([], jnp.inf),
-        since=jnp.zeros([], jnp.int32),
-    )
 
   def update(updates, state, params=None):
     del params
     return jax.tree.map(lambda u: u * state.scale, updates), state
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformation(plateau_schedule(config).init, update)
 
 
-def plateau(state: TrainState) -> Plateau | None:
-  """The plateau schedule's state, if the run has one."""
-  last = state.opt_state[-1]
-  return last if isinstance(last, Plateau) else None
-
-
-def after_validation(
-    state: TrainState, error: float, patience: int, factor: float
-) -> TrainState:
-  """The plateau schedule's decision after an evaluation (§3.4: "divided by
-  10 when the error plateaus").
-
-  The rate is multiplied by ``factor`` once the validation error has not
-  improved (gone below its best) for ``patience`` evaluations in a row; the
-  count then starts again. Decided on the host, from the same evaluation on
-  every process; the state goes back replicated as it came.
-  """
-  old = jax.device_get(plateau(state))
-  best, since, scale = float(old.best), int(old.since) + 1, old.scale
-  if error < best:
-    best, since = error, 0
-  elif since >= patience:
-    since, scale = 0, scale * np.float32(factor)
-  new = Plateau(
-      scale=np.float32(scale), best=np.float32(best), since=np.int32(since)
+def after_validation(state: TrainState, error: float, config) -> TrainState:
+  """The plateau schedule's decision after an evaluation:
+  ``reduce_on_plateau``'s update of its state on the validation error.
+  Decided on the host, from the same evaluation on every process; the
+  state goes back replicated as it came."""
+  old = state.opt_state['plateau']
+  _, new = plateau_schedule(config).update(
+      (), jax.device_get(old), value=np.float32(error)
   )
   new = jax.tree.map(
       lambda x, like: devices_lib.replicate(np.asarray(x), like.sharding),
       new,
-      plateau(state),
+      old,
   )
-  return state.replace(opt_state=state.opt_state[:-1] + (new,))
+  opt_state = state.opt_state.copy()  # named_chain's OrderedDict.
+  opt_state['plateau'] = new
+  return state.replace(opt_state=opt_state)
+
+
+def learning_rate(opt_state) -> jax.Array:
+  """The learning rate of the last step, as the optimiser's state holds it:
+  the schedule's (``inject_hyperparams``) times the plateau's scale."""
+  rate = opt_state['sgd'].hyperparams['learning_rate']
+  if 'plateau' in opt_state:
+    rate = rate * opt_state['plateau'].scale
+  return rate
 
 
 def create_optimizer(config, schedule) -> optax.GradientTransformation:
@@ -352,7 +350,9 @@ def create_optimizer(config, schedule) -> optax.GradientTransformation:
 
   ``add_decayed_weights`` adds ``weight_decay * w`` to the gradient, which
   momentum SGD then treats as part of it, exactly as Caffe and PyTorch apply
-  weight decay. The plateau schedule scales the result last.
+  weight decay. The plateau schedule scales the result last. The state is
+  optax's, by name: ``weight_decay``, ``sgd`` (its learning rate injected:
+  ``learning_rate``) and ``plateau``.
   """
   if config.weight_decay_mask == 'all':
     mask = None
@@ -365,14 +365,84 @@ def create_optimizer(config, schedule) -> optax.GradientTransformation:
         f'weight_decay_mask must be all or kernels, got '
         f'{config.weight_decay_mask!r}'
     )
-  plateau_scale = (
-      [scale_on_plateau()] if config.lr_schedule == 'plateau' else []
+  sgd = optax.inject_hyperparams(
+      optax.sgd, static_args=('momentum', 'nesterov')
   )
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask),
-      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
-      *plateau_scale,
+  transforms = [
+      ('weight_decay', optax.add_decayed_weights(config.weight_decay, mask)),
+      (
+          'sgd',
+          sgd(
+              learning_rate=schedule,
+              momentum=config.momentum,
+              nesterov=config.nesterov,
+          ),
+      ),
+  ]
+  if config.lr_schedule == 'plateau':
+    transforms.append(('plateau', scale_by_plateau(config)))
+  return optax.named_chain(*transforms)
+
+
+class ChainPlateau(NamedTuple):
+  """The plateau schedule's state in checkpoints of a chain (below)."""
+
+  scale: jax.Array
+  best: jax.Array
+  since: jax.Array
+
+
+def from_chain_state(abstract_state):
+  """Reads the optimiser's state of checkpoints written before it was
+  optax's by name (b7e9ebf and earlier): a chain of weight decay's state,
+  (the momentum's trace, the schedule's count) and, with the plateau
+  schedule, its (scale, best, since).
+
+  Returns that state's shapes (``abstract_state`` with the chain) and the
+  function that makes such a state, restored, this code's: the same
+  momenta, step count and plateau decisions. The injected learning rate is
+  recomputed from the schedule at the next step (``learning_rate``).
+  """
+  opt = abstract_state.opt_state
+  sgd = opt['sgd']
+  chain = (
+      opt['weight_decay'],
+      (sgd.inner_state[0], optax.ScaleByScheduleState(count=sgd.count)),
   )
+  if 'plateau' in opt:
+    plateau = opt['plateau']
+    chain += (
+        ChainPlateau(
+            scale=plateau.scale,
+            best=plateau.best_value,
+            since=plateau.plateau_count,
+        ),
+    )
+
+  def zeros(tree):
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), tree)
+
+  def upgrade(state):
+    old = state.opt_state
+    count = np.asarray(old[1][1].count)
+    new = type(opt)(opt)
+    new['weight_decay'] = old[0]
+    # Each count its own array: the step donates every buffer of the state.
+    new['sgd'] = sgd._replace(
+        count=count,
+        hyperparams=zeros(sgd.hyperparams),
+        hyperparams_states=jax.tree.map(
+            lambda _: count.copy(), sgd.hyperparams_states
+        ),
+        inner_state=(old[1][0], *sgd.inner_state[1:]),
+    )
+    if 'plateau' in opt:
+      new['plateau'] = zeros(opt['plateau'])._replace(
+          scale=old[2].scale, best_value=old[2].best, plateau_count=old[2].since
+      )
+    return state.replace(opt_state=new)
+
+  return abstract_state.replace(opt_state=chain), upgrade
 
 
 def create_train_state(model, tx, seed: int, image_size: int) -> TrainState:
@@ -396,7 +466,7 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: TrainState, images, labels, schedule):
+def train_step(state: TrainState, images, labels):
   """One step of momentum SGD on a batch of uint8 images (already augmented).
 
   The blocks draw from a ``'dropout'`` stream of their own each step (the
@@ -420,15 +490,12 @@ def train_step(state: TrainState, images, labels, schedule):
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params
   )
-  learning_rate = schedule(state.step)
-  if plateau(state) is not None:
-    learning_rate *= plateau(state).scale
+  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
   metrics = {
       'loss': loss,
       'error': jnp.mean(jnp.argmax(logits, -1) != labels),
-      'learning_rate': learning_rate,
+      'learning_rate': learning_rate(state.opt_state),
   }
-  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
   return state, metrics
 
 
@@ -526,7 +593,7 @@ def host_dispatches(batches: Iterator[tuple], mesh, steps_per_dispatch: int):
     yield ahead.popleft()
 
 
-def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
+def make_steps(mesh, draw, steps_per_dispatch: int = 1) -> Steps:
   """Jits the training and evaluation steps over the mesh.
 
   With ``draw`` (``data.Inputs.draw``) the training step takes the whole
@@ -544,7 +611,7 @@ def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
     x, y = draw(images, labels, jax.random.wrap_key_data(state.rng), state.step)
     x = jax.lax.with_sharding_constraint(x, batch)
     y = jax.lax.with_sharding_constraint(y, batch)
-    return train_step(state, x, y, schedule)
+    return train_step(state, x, y)
 
   def on_device_steps(state, images, labels):
     return repeat(
@@ -553,7 +620,7 @@ def make_steps(mesh, schedule, draw, steps_per_dispatch: int = 1) -> Steps:
 
   def host_steps(state, images, labels):  # (steps, batch, ...): a batch a step.
     return repeat(
-        lambda state, xy: train_step(state, *xy, schedule),
+        lambda state, xy: train_step(state, *xy),
         state,
         (images, labels),
     )
@@ -720,7 +787,7 @@ def setup(config, devices=None):
       )
   schedule = learning_rate_schedule(config, boundaries)
   tx = create_optimizer(config, schedule)
-  steps = make_steps(mesh, schedule, inputs.draw, per_dispatch)
+  steps = make_steps(mesh, inputs.draw, per_dispatch)
   state = jax.jit(
       functools.partial(fresh, tx, config.seed), out_shardings=steps.replicated
   )()
@@ -771,6 +838,7 @@ def train_and_evaluate(
         total_steps,
         min(config.checkpoint_every_steps, total_steps),
         start_over,
+        older=from_chain_state,
     )
     if final is not None:
       print(
@@ -864,10 +932,8 @@ def train_and_evaluate(
         write(writer, workdir, step, inputs.eval_split, result)
         if inputs.eval_split == metrics.VALIDATION:  # Never select by test.
           checkpoint_metrics = {'validation_error': result['error']}
-          if plateau(state) is not None:
-            state = after_validation(
-                state, result['error'], config.lr_patience, config.lr_factor
-            )
+          if 'plateau' in state.opt_state:
+            state = after_validation(state, result['error'], config)
         elif is_last:
           tested = result
       if step % config.checkpoint_every_steps == 0 or is_last or stop:

@@ -7,6 +7,7 @@ and restored only when intact, a broken one moved aside for the previous.
 Restoring needs no dataset and no compiled step (``load_state``).
 """
 
+from collections.abc import Callable
 import contextlib
 import dataclasses
 import fcntl
@@ -432,12 +433,29 @@ def stored_form(manager, step: int, abstract_state):
   )
 
 
-def restore(manager, abstract_state, step: int, weights_only: bool = False):
+def restore(
+    manager,
+    abstract_state,
+    step: int,
+    weights_only: bool = False,
+    older: Callable | None = None,
+):
   """A checkpoint (only its WEIGHTS if ``weights_only``: the other fields
   are None), checked against the checksums saved with it, in the form of
-  ``abstract_state`` whatever form it was saved in (``stored_form``)."""
+  ``abstract_state`` whatever form it was saved in (``stored_form``).
+
+  ``older`` reads a state that earlier code laid out otherwise: a function
+  of this code's state's shapes that returns the earlier layout's and the
+  function that makes a restored one this code's
+  (``train.from_chain_state``).
+  """
   wanted = abstract_state
-  abstract_state = stored_form(manager, step, wanted)
+  stored = abstract_state = stored_form(manager, step, wanted)
+  upgrade = None
+  if older and not weights_only and differences(manager, step, stored):
+    earlier, earlier_upgrade = older(stored)
+    if not differences(manager, step, earlier):
+      abstract_state, upgrade = earlier, earlier_upgrade
   other_optimiser = check_code(manager, step, abstract_state, weights_only)
   saved = manager.metadata(step).custom_metadata or {}
   target = fields(abstract_state)
@@ -482,7 +500,9 @@ def restore(manager, abstract_state, step: int, weights_only: bool = False):
     )
   elif checksum(state) != saved['state_sha256']:
     raise WorkdirError('its arrays do not match the checksum saved with them')
-  if abstract_state is wanted:
+  if upgrade:
+    state = upgrade(state)
+  elif stored is wanted:
     return state
   read = {k: v for k, v in fields(state).items() if v is not None}
   read = models.in_form(read, models.scanned(wanted.params))
@@ -513,14 +533,16 @@ def move_aside(workdir: pathlib.Path, step: int) -> pathlib.Path:
   return aside
 
 
-def restore_latest_good(manager, abstract_state, workdir: pathlib.Path):
-  """The newest checkpoint that restores intact; broken newer ones (bytes
-  that fail to read or their checksum) are moved aside (by process 0, while
-  the others wait). A checkpoint of other code is refused, and nothing
-  moved."""
+def restore_latest_good(
+    manager, abstract_state, workdir: pathlib.Path, older=None
+):
+  """The newest checkpoint that restores intact (``restore``, with
+  ``older``); broken newer ones (bytes that fail to read or their checksum)
+  are moved aside (by process 0, while the others wait). A checkpoint of
+  other code is refused, and nothing moved."""
   for step in sorted(manager.all_steps(), reverse=True):
     try:
-      return restore(manager, abstract_state, step)
+      return restore(manager, abstract_state, step, older=older)
     except OtherCodeError:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -543,6 +565,7 @@ def resume(
     total_steps: int,
     first_checkpoint: int,
     start_over: bool,
+    older: Callable | None = None,
 ):
   """Where a run starts: (restored state or None, final test or None).
 
@@ -553,7 +576,7 @@ def resume(
   from step 0 and the old metrics are moved aside.
   """
   main_process = jax.process_index() == 0
-  restored = restore_latest_good(manager, abstract_state, workdir)
+  restored = restore_latest_good(manager, abstract_state, workdir, older)
   records = metrics.read(workdir)
   if restored is not None:
     step = int(restored.step)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from numerics import assert_trees_close
@@ -164,28 +165,37 @@ def test_the_plateau_schedule_needs_a_validation_split():
 def test_plateau_divides_the_rate_after_patience_evaluations_without_gain():
   config = smoke.get_config()
   config.lr_schedule = 'plateau'
+  config.lr_patience = 2
   _, _, state, _ = train.setup(config)
+  structure = jax.tree.structure(state)  # What the jitted step takes.
   scales = []
   # Patience 2: the rate drops at the second evaluation in a row that does
-  # not beat the best error, and the count starts again.
-  for error in [50.0, 40.0, 45.0, 40.0, 30.0, 30.0, 30.0, 30.0, 20.0]:
-    state = train.after_validation(state, error, patience=2, factor=0.1)
-    scales.append(float(train.plateau(state).scale))
+  # not beat the best error, and the count starts again. Errors one image
+  # apart on 10,000 images (0.01%) count as a change.
+  for error in [50.0, 40.0, 45.0, 40.0, 30.0, 30.0, 30.0, 30.0, 20.0, 19.99]:
+    state = train.after_validation(state, error, config)
+    scales.append(float(state.opt_state['plateau'].scale))
   np.testing.assert_allclose(
-      scales, [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01], rtol=1e-6
+      scales, [1, 1, 1, 0.1, 0.1, 0.1, 0.01, 0.01, 0.01, 0.01], rtol=1e-6
   )
-  assert float(train.plateau(state).best) == 20.0
-  assert train.plateau(state).scale.sharding == state.step.sharding
-  # The scale multiplies the whole update: the learning rate.
+  assert float(state.opt_state['plateau'].best_value) == np.float32(19.99)
+  assert state.opt_state['plateau'].scale.sharding == state.step.sharding
+  assert jax.tree.structure(state) == structure
+  # The scale multiplies the whole update: the learning rate, as the state
+  # reports it.
   tx = train.create_optimizer(config, lambda step: 0.1)
   params = {'w': jnp.array([1.0, -2.0])}
   grads = {'w': jnp.array([0.5, 0.25])}
   fresh = tx.init(params)
-  lowered = fresh[:-1] + (fresh[-1]._replace(scale=jnp.float32(0.1)),)
-  np.testing.assert_array_equal(
-      tx.update(grads, lowered, params)[0]['w'],
-      np.float32(0.1) * tx.update(grads, fresh, params)[0]['w'],
+  lowered = fresh.copy()
+  lowered['plateau'] = fresh['plateau']._replace(scale=jnp.float32(0.1))
+  (update, after), (fresh_update, _) = (
+      tx.update(grads, s, params) for s in (lowered, fresh)
   )
+  np.testing.assert_array_equal(
+      update['w'], np.float32(0.1) * fresh_update['w']
+  )
+  assert train.learning_rate(after) == np.float32(0.1) * np.float32(0.1)
 
 
 def test_batch_must_divide_over_the_devices():
@@ -252,43 +262,90 @@ def test_checkpoints_kept_are_the_latest_and_the_best(tmp_path):
   assert manager.all_steps() == [2, 4, 5]  # Best (2) and the latest two.
 
 
-def test_a_run_resumes_and_evaluates_in_either_block_form(tmp_path):
-  # tests/data/resnet14_unrolled: a smoke ResNet-14 (two blocks per stage)
-  # trained for 10 steps with scan_blocks=False by the code of b7e9ebf,
-  # whose checkpoints held the form a run computed in (here its blocks one
-  # by one): a workdir written before one layout.
+def saved_arrays(path):
+  """A checkpoint's arrays as it holds them (lists, dicts), on one device."""
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      checkpointer.metadata(path).item_metadata,
+  )
+  return checkpointer.restore(path, target)
+
+
+def test_a_workdir_of_earlier_code_evaluates_and_resumes_in_either_form(
+    tmp_path,
+):
+  # tests/data/workdir_b7e9ebf: a smoke ResNet-14 (two blocks per stage)
+  # trained for 8 steps by the code of b7e9ebf with scan_blocks=False and
+  # the plateau schedule (patience 2, evaluated every step). That code
+  # saved the form a run computed in (here its blocks one by one) and the
+  # optimiser's state as a chain; at step 8 the rate had dropped once
+  # (scale 0.1) and one evaluation had not beaten the best (since 1).
   run = tmp_path / 'run'
   shutil.copytree(
-      pathlib.Path(__file__).parent / 'data' / 'resnet14_unrolled', run
+      pathlib.Path(__file__).parent / 'data' / 'workdir_b7e9ebf', run
   )
-  recorded = metrics.final_test(metrics.read(run))
-  config = smoke.get_config()
-  config.depth = 14
-  assert config.scan_blocks
+  recorded = metrics.read(run)
+  config = workdir.saved_config(run)
+  assert config.scan_blocks is False and config.lr_schedule == 'plateau'
+  config.scan_blocks = True
   result = evaluate.evaluate_checkpoint(config, str(run))
-  assert result['images'] == recorded['images']
+  final = metrics.final_test(recorded)
+  assert result['images'] == final['images']
   # The same weights, run as a loop: float32 sums in another order, ~1e-6
   # of the loss; a logit that changed would move it by far more. An image
   # whose top two logits are that close could change class.
-  assert result['loss'] == pytest.approx(recorded['loss'], rel=1e-4)
-  assert abs(result['error'] - recorded['error']) <= 100 / 64
-  # The scanned form resumes it, and the unrolled form that.
-  for scan_blocks, length in ((True, 20), (False, 30)):
+  assert result['loss'] == pytest.approx(final['loss'], rel=1e-4)
+  assert abs(result['error'] - final['error']) <= 100 / 64
+  # Its optimiser's state, read as this code's: the same momenta, count
+  # and plateau decisions.
+  saved = saved_arrays(run / 'checkpoints' / '8' / 'default')
+  manager = workdir.checkpoint_manager(run, 1, read_only=True)
+  abstract = workdir.abstract(
+      train.state_shapes(config),
+      jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+  )
+  state = workdir.restore(manager, abstract, 8, older=train.from_chain_state)
+  plateau, sgd = state.opt_state['plateau'], state.opt_state['sgd']
+  assert (float(plateau.scale), int(plateau.plateau_count)) == (
+      float(np.float32(0.1)),
+      1,
+  )
+  assert float(plateau.best_value) == saved['opt_state'][2]['best']
+  assert int(sgd.count) == 8
+  for a, b in zip(
+      jax.tree.leaves(models.unroll_blocks(sgd.inner_state[0].trace)),
+      jax.tree.leaves(saved['opt_state'][1][0]['trace']),
+      strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(workdir.OtherCodeError, match='opt_state'):
+    workdir.restore(manager, abstract, 8)  # Without the reader.
+  # The scanned form resumes it at the rate it had reached, and the
+  # unrolled form resumes that.
+  for scan_blocks, length in ((True, 10), (False, 12)):
     config.scan_blocks = scan_blocks
-    config.train_length = config.eval_every_steps = length
+    config.train_length = length
     train.train_and_evaluate(config, str(run))
     assert metrics.final_test(metrics.read(run))['step'] == length
-  assert [r['step'] for r in metrics.read(run) if r['split'] == 'train'] == (
-      list(range(5, 31, 5))
-  )
+  rates = {
+      r['step']: r['learning_rate']
+      for r in metrics.read(run)
+      if r['split'] == 'train'
+  }
+  assert list(rates) == list(range(1, 13))
+  assert rates[9] == rates[8] == pytest.approx(0.01)
   # One layout on disk whatever the form a run computes in: blocks 2..n of
   # each stage stacked (here written by the unrolled form), their momenta
   # too; restored in either form, the same arrays.
   manager = workdir.checkpoint_manager(run, 1, read_only=True)
-  stored = manager.item_metadata(30).tree
+  stored = manager.item_metadata(12).tree
   assert 'stage1_blocks' in stored['params']
   assert 'stage1_block2' not in stored['params']
-  assert 'stage1_blocks' in stored['opt_state'][1][0]['trace']
+  assert (
+      'stage1_blocks' in stored['opt_state']['sgd']['inner_state'][0]['trace']
+  )
   states = {}
   for scan_blocks in (False, True):
     config.scan_blocks = scan_blocks
@@ -296,7 +353,7 @@ def test_a_run_resumes_and_evaluates_in_either_block_form(tmp_path):
         train.state_shapes(config),
         jax.sharding.SingleDeviceSharding(jax.devices()[0]),
     )
-    states[scan_blocks] = workdir.restore(manager, abstract, 30)
+    states[scan_blocks] = workdir.restore(manager, abstract, 12)
   assert 'stage1_block2' in states[False].params
   for a, b in zip(
       jax.tree.leaves(models.stack_blocks(states[False])),
@@ -360,7 +417,7 @@ def test_host_batches_per_dispatch_are_each_steps_batch():
       jax.device_get(inputs.draw(images, labels, key, step))
       for step in range(4)
   ]
-  host = train.make_steps(steps.mesh, lambda step: 0.1, None, 2)
+  host = train.make_steps(steps.mesh, None, 2)
   host_batches = iter(batches)
   dispatches = host.dispatches(host_batches)
   first = next(dispatches)
@@ -427,7 +484,7 @@ def test_a_block_defined_outside_the_package_trains(scan_blocks):
   state = train.create_train_state(model, tx, seed=0, image_size=8)
   images = jax.random.randint(jax.random.key(1), (16, 8, 8, 3), 0, 256)
   images, labels = images.astype(jnp.uint8), jnp.arange(16) % 10
-  step = jax.jit(functools.partial(train.train_step, schedule=lambda s: 0.1))
+  step = jax.jit(train.train_step)
 
   def dropped(step_number):
     before = state.replace(step=step_number)
