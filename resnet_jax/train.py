@@ -400,10 +400,13 @@ def from_chain_state(abstract_state):
 
   Returns that state's shapes (``abstract_state`` with the chain) and the
   function that makes such a state, restored, this code's: the same
-  momenta, step count and plateau decisions. The injected learning rate is
-  recomputed from the schedule at the next step (``learning_rate``).
+  momenta, step count and plateau decisions; None for an optimiser other
+  than ``create_optimizer``'s. The injected learning rate is recomputed
+  from the schedule at the next step (``learning_rate``).
   """
   opt = abstract_state.opt_state
+  if not isinstance(opt, dict) or 'sgd' not in opt:
+    return None
   sgd = opt['sgd']
   chain = (
       opt['weight_decay'],

@@ -446,16 +446,16 @@ def restore(
 
   ``older`` reads a state that earlier code laid out otherwise: a function
   of this code's state's shapes that returns the earlier layout's and the
-  function that makes a restored one this code's
+  function that makes a restored one this code's, or None
   (``train.from_chain_state``).
   """
   wanted = abstract_state
   stored = abstract_state = stored_form(manager, step, wanted)
   upgrade = None
   if older and not weights_only and differences(manager, step, stored):
-    earlier, earlier_upgrade = older(stored)
-    if not differences(manager, step, earlier):
-      abstract_state, upgrade = earlier, earlier_upgrade
+    earlier = older(stored)
+    if earlier and not differences(manager, step, earlier[0]):
+      abstract_state, upgrade = earlier
   other_optimiser = check_code(manager, step, abstract_state, weights_only)
   saved = manager.metadata(step).custom_metadata or {}
   target = fields(abstract_state)

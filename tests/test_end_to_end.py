@@ -355,10 +355,9 @@ def test_a_checkpoint_of_other_code_is_refused_and_kept(
       with_code(EDITS[edit], command(workdir, '--config.train_length=30'))
   )
   assert f'checkpoint 20 in {workdir} was written by other code' in message
-  assert {
-      'optimiser': 'opt_state/1/0: in the checkpoint, not in this code',
-      'layer': 'params/before_head: in this code, not in the checkpoint',
-  }[edit] in message
+  assert {'optimiser': 'opt_state/', 'layer': 'params/before_head'}[edit] in (
+      message
+  )
   # Its weights start a new run, unless the network differs too.
   assert ('--config.init_from' in message) == (edit == 'optimiser')
   assert contents(workdir) == before  # Nothing moved, renamed or written.
