@@ -42,11 +42,11 @@ from resnet_jax import train
 # Killed after the first checkpoint, it resumes across both rate drops.
 LONG = (
     '--config.depth=14',
-    '--config.train_length=60',
-    '--config.lr_boundaries=(30, 50)',
-    '--config.checkpoint_every_steps=20',
-    '--config.eval_every_steps=20',
-    '--config.log_every_steps=10',
+    '--config.train_length=30',
+    '--config.lr_boundaries=(15, 25)',
+    '--config.checkpoint_every_steps=10',
+    '--config.eval_every_steps=10',
+    '--config.log_every_steps=5',
 )
 
 
@@ -101,17 +101,18 @@ def kill_after_checkpoint(workdir, step, *flags):
 def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
   ok(run(tmp_path / 'straight', *LONG))
   killed = tmp_path / 'killed'
-  kill_after_checkpoint(killed, 20, *LONG)
-  assert not (killed / 'checkpoints' / '60').exists()  # Killed mid-run.
+  kill_after_checkpoint(killed, 10, *LONG)
+  assert not (killed / 'checkpoints' / '30').exists()  # Killed mid-run.
   resumed = ok(run(killed, *LONG))
-  assert 'Resuming from checkpoint at step' in resumed.stdout
-  a, b = params(tmp_path / 'straight', 60), params(killed, 60)
+  # Across both rate drops.
+  assert 'Resuming from checkpoint at step 10.' in resumed.stdout
+  a, b = params(tmp_path / 'straight', 30), params(killed, 30)
   assert 'stage1_blocks' in a  # Scanned.
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   # The metrics file reads as one run: no step is logged twice.
   steps = [r['step'] for r in records(killed, 'train')]
-  assert steps == sorted(set(steps)) == [10, 20, 30, 40, 50, 60]
+  assert steps == sorted(set(steps)) == [5, 10, 15, 20, 25, 30]
 
 
 def test_plateau_decisions_resume_exactly_after_sigkill(tmp_path):
