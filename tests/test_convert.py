@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from commands import python
 from configs import imagenet_resnet18
 from configs import imagenet_resnet50
 from configs import resnet20
+from configs import resnet32
 from numerics import assert_close
 from resnet_jax import convert
 from resnet_jax import models
@@ -213,21 +213,23 @@ def test_common_cifar_layout_with_data_parallel_prefix(tmp_path):
 
 
 def test_a_checkpoint_that_does_not_fit_is_one_error_line(tmp_path):
+  # A ConvertError: the command line prints it as its one error line (as
+  # test_malformed's PyTorch files show).
   from resnet_jax import torch_baseline  # pylint: disable=g-import-not-at-top
 
   torch.save(torch_baseline.CifarResNet(20).state_dict(), tmp_path / 'r20.pth')
-  result = python(
-      'resnet_jax.convert',
-      '--config=configs/resnet32.py',
-      f'--torch={tmp_path / "r20.pth"}',
-      f'--workdir={tmp_path / "run"}',
-  )
-  assert result.returncode == 2, result.stderr[-2000:]
-  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
   # ResNet-20's fourth block starts stage 2 (32 filters); ResNet-32's is
   # still in stage 1 (16).
-  assert errors == [
-      'error: blocks.3.bn1.weight has shape (32,); ResNet-32 ' 'needs (16,)'
+  with pytest.raises(convert.ConvertError) as error:
+    convert.to_jax(
+        resnet32.get_config(),
+        tmp_path / 'r20.pth',
+        tmp_path / 'run',
+        [0.5] * 3,
+        [0.25] * 3,
+    )
+  assert str(error.value).splitlines() == [
+      'blocks.3.bn1.weight has shape (32,); ResNet-32 needs (16,)'
   ]
   assert not (tmp_path / 'run').exists()  # Nothing written.
 
@@ -289,26 +291,14 @@ def test_an_existing_file_or_run_is_not_overwritten(tmp_path):
   convert.to_jax(
       config, tmp_path / 'r8.pth', tmp_path / 'run', [0.5] * 3, [0.25] * 3
   )
-  # Back to the file the weights came from (the user's download).
-  result = python(
-      'resnet_jax.convert',
-      '--to=torch',
-      f'--workdir={tmp_path / "run"}',
-      f'--torch={tmp_path / "r8.pth"}',
-  )
-  assert result.returncode == 2, result.stderr[-2000:]
-  assert [l for l in result.stderr.splitlines() if l.startswith('error: ')] == [
-      f'error: {tmp_path / "r8.pth"} exists; --overwrite replaces ' 'it'
-  ]
+  # Back to the file the weights came from (the user's download), as
+  # --to=torch (with its default --layout) calls it.
+  with pytest.raises(convert.ConvertError) as error:
+    convert.to_torch(tmp_path / 'run', tmp_path / 'r8.pth', None)
+  assert str(error.value).startswith(f'{tmp_path / "r8.pth"} exists;')
+  assert '--overwrite' in str(error.value)
   assert (tmp_path / 'r8.pth').read_bytes() == original
-  result = python(
-      'resnet_jax.convert',
-      '--to=torch',
-      f'--workdir={tmp_path / "run"}',
-      f'--torch={tmp_path / "r8.pth"}',
-      '--overwrite',
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
+  convert.to_torch(tmp_path / 'run', tmp_path / 'r8.pth', None, overwrite=True)
   assert 'num_batches_tracked' in ''.join(
       torch.load(tmp_path / 'r8.pth', weights_only=True)
   )

@@ -1,6 +1,10 @@
 """The main job end to end: resume after SIGKILL, eval elsewhere, bad input.
 
-Each run is a real ``python -m resnet_jax.main`` process on the CPU.
+Where the process is the point (a kill, a lock, another device count, two
+processes, the command line's exit status) a run is a real ``python -m
+resnet_jax.main`` process on the CPU; the rest train and evaluate in this
+process, on its 8 devices, and a user's mistake is the UserError that the
+command line prints as its one ``error:`` line.
 """
 
 import json
@@ -8,9 +12,12 @@ import shutil
 import signal
 import subprocess
 import time
+import types
 
+from flax import linen as nn
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -24,26 +31,59 @@ from commands import python
 from commands import records
 from commands import run
 from commands import start
-from commands import with_code
+from configs import smoke
+from resnet_jax import cli
+from resnet_jax import evaluate
+from resnet_jax import models
+from resnet_jax import train
 
 # ResNet-14: two blocks per stage, so blocks 2..n run scanned, and their
 # stacked parameters, statistics and momenta go through the checkpoints.
 # Killed after the first checkpoint, it resumes across both rate drops.
 LONG = (
     '--config.depth=14',
-    '--config.train_length=60',
-    '--config.lr_boundaries=(30, 50)',
-    '--config.checkpoint_every_steps=20',
-    '--config.eval_every_steps=20',
-    '--config.log_every_steps=10',
+    '--config.train_length=30',
+    '--config.lr_boundaries=(15, 25)',
+    '--config.checkpoint_every_steps=10',
+    '--config.eval_every_steps=10',
+    '--config.log_every_steps=5',
 )
+
+
+def config_of(**fields):
+  """configs/smoke.py with ``fields`` changed, as ``--config.FIELD=``."""
+  config = smoke.get_config()
+  config.update(fields)
+  return config
+
+
+def train_in_process(
+    workdir, start_over=False, allow_config_changes=False, **fields
+):
+  """``--mode=train`` in this process: the final test metrics."""
+  return train.train_and_evaluate(
+      config_of(**fields), str(workdir), start_over, allow_config_changes
+  )
+
+
+def evaluate_in_process(workdir, **fields):
+  """``--mode=eval`` in this process (on a run of the smoke config's data)."""
+  return evaluate.evaluate_checkpoint(config_of(**fields), str(workdir))
+
+
+def refused(call, *args, **kwargs):
+  """The message of the user's mistake that ``call`` raises (what the
+  command line prints after ``error: ``)."""
+  with pytest.raises(cli.USER_ERRORS) as error:
+    call(*args, **kwargs)
+  return str(error.value)
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """A smoke run on 8 devices; tests copy it before changing it."""
   workdir = tmp_path_factory.mktemp('runs') / 'smoke'
-  ok(run(workdir, devices=8))
+  train_in_process(workdir)
   return workdir
 
 
@@ -61,17 +101,18 @@ def kill_after_checkpoint(workdir, step, *flags):
 def test_resumed_after_sigkill_equals_uninterrupted(tmp_path):
   ok(run(tmp_path / 'straight', *LONG))
   killed = tmp_path / 'killed'
-  kill_after_checkpoint(killed, 20, *LONG)
-  assert not (killed / 'checkpoints' / '60').exists()  # Killed mid-run.
+  kill_after_checkpoint(killed, 10, *LONG)
+  assert not (killed / 'checkpoints' / '30').exists()  # Killed mid-run.
   resumed = ok(run(killed, *LONG))
-  assert 'Resuming from checkpoint at step' in resumed.stdout
-  a, b = params(tmp_path / 'straight', 60), params(killed, 60)
+  # Across both rate drops.
+  assert 'Resuming from checkpoint at step 10.' in resumed.stdout
+  a, b = params(tmp_path / 'straight', 30), params(killed, 30)
   assert 'stage1_blocks' in a  # Scanned.
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
   # The metrics file reads as one run: no step is logged twice.
   steps = [r['step'] for r in records(killed, 'train')]
-  assert steps == sorted(set(steps)) == [10, 20, 30, 40, 50, 60]
+  assert steps == sorted(set(steps)) == [5, 10, 15, 20, 25, 30]
 
 
 def test_plateau_decisions_resume_exactly_after_sigkill(tmp_path):
@@ -106,15 +147,13 @@ def test_plateau_decisions_resume_exactly_after_sigkill(tmp_path):
 def test_a_run_keeps_its_learning_rate_schedule(trained, tmp_path):
   workdir = tmp_path / 'schedule'
   shutil.copytree(trained, workdir)
-  message = error_line(
-      run(
-          workdir,
-          '--config.lr_schedule=plateau',
-          '--allow_config_changes',
-          devices=8,
-      )
+  message = refused(
+      train_in_process,
+      workdir,
+      allow_config_changes=True,
+      lr_schedule='plateau',
   )
-  assert 'trained with another learning-rate schedule' in message
+  assert 'learning-rate schedule' in message
 
 
 def assert_one_record_per_step_and_split(workdir):
@@ -150,16 +189,19 @@ def test_metrics_exact_after_a_kill_before_the_first_checkpoint(tmp_path):
   assert [r['step'] for r in records(tmp_path, 'train')] == list(range(1, 61))
 
 
-def test_a_finished_run_is_not_run_again(trained, tmp_path):
+def test_a_finished_run_is_not_run_again(trained, tmp_path, capsys):
   workdir = tmp_path / 'finished'
   shutil.copytree(trained, workdir)
   before = {p: p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
-  result = ok(run(workdir, devices=8))
-  assert 'holds a finished run (step 20); nothing to do' in result.stdout
-  (final,) = records(trained, 'final_test')
-  assert f'final test error {final["error"]:.2f}% on 64 images' in (
-      result.stdout
+  result = train_in_process(workdir)
+  assert 'holds a finished run (step 20); nothing to do' in (
+      capsys.readouterr().out
   )
+  (final,) = records(trained, 'final_test')
+  assert result == {
+      k: v for k, v in final.items() if k not in ('step', 'split')
+  }
+  assert result['images'] == 64
   assert {
       p: p.read_bytes()
       for p in workdir.rglob('*')
@@ -172,10 +214,10 @@ def test_lost_checkpoints_are_refused_unless_starting_over(trained, tmp_path):
   shutil.copytree(trained, workdir)
   shutil.rmtree(workdir / 'checkpoints')
   old_metrics = (workdir / 'metrics.jsonl').read_text()
-  message = error_line(run(workdir, devices=8))
-  assert 'metrics up to step 20 but no checkpoint to resume from' in message
+  message = refused(train_in_process, workdir)
+  assert f'{workdir} has metrics up to step 20' in message
   assert (workdir / 'metrics.jsonl').read_text() == old_metrics
-  ok(run(workdir, '--start_over', devices=8))
+  train_in_process(workdir, start_over=True)
   (aside,) = workdir.glob('metrics.replaced-*.jsonl')
   assert aside.read_text() == old_metrics
   assert_one_record_per_step_and_split(workdir)
@@ -185,14 +227,12 @@ def test_resuming_with_other_settings_needs_a_flag(trained, tmp_path):
   workdir = tmp_path / 'changed'
   shutil.copytree(trained, workdir)
   saved = (workdir / 'config.json').read_text()
-  flags = ('--config.batch_size=64', '--config.train_length=30')
-  message = error_line(run(workdir, *flags, devices=8))
-  assert 'trained with other settings (batch_size: 32 there, 64 here)' in (
-      message
-  )
+  fields = dict(batch_size=64, train_length=30)
+  message = refused(train_in_process, workdir, **fields)
+  assert 'batch_size: 32 there, 64 here' in message
   assert (workdir / 'config.json').read_text() == saved
   assert not (workdir / 'checkpoints' / '30').exists()
-  ok(run(workdir, *flags, '--allow_config_changes', devices=8))
+  train_in_process(workdir, allow_config_changes=True, **fields)
   assert json.loads((workdir / 'config.json').read_text())['batch_size'] == 64
   (change,) = map(
       json.loads, (workdir / 'config_changes.jsonl').read_text().splitlines()
@@ -221,20 +261,13 @@ def test_eval_restores_on_another_device_count(trained):
   )
   # Nothing about orbax opening the checkpoints read-only: eval never writes.
   assert 'read only' not in result.stderr, result.stderr
-  result = ok(
-      run(trained, '--config.eval_checkpoint_step=10', mode='eval', devices=1)
-  )
-  assert 'at step 10:' in result.stdout
+  # Which checkpoint is no matter of the device count.
+  assert evaluate_in_process(trained, eval_checkpoint_step=10)['step'] == 10
 
 
 def test_eval_uses_the_runs_own_data_settings(tmp_path):
-  ok(
-      run(
-          tmp_path,
-          '--config.synthetic_train_size=512',
-          '--config.train_length=5',
-      )
-  )
+  # The run's config.json read back by the command line (main.py).
+  train_in_process(tmp_path, synthetic_train_size=512, train_length=5)
   (final,) = records(tmp_path, 'final_test')
   assert final['images'] == 128  # Not smoke's 64: the run's own test set.
   result = ok(run(tmp_path, mode='eval'))  # Without the data flag.
@@ -246,19 +279,18 @@ def test_eval_uses_the_runs_own_data_settings(tmp_path):
 
 
 def test_eval_errors(trained, tmp_path):
-  assert 'holds no run' in error_line(run(tmp_path / 'empty', mode='eval'))
-  assert 'another model' in error_line(
-      run(trained, '--config.depth=14', mode='eval')
-  )
-  assert 'no checkpoint at step 15' in error_line(
-      run(trained, '--config.eval_checkpoint_step=15', mode='eval')
+  empty = tmp_path / 'empty'
+  assert f'{empty} holds no run' in refused(evaluate_in_process, empty)
+  assert 'another model' in refused(evaluate_in_process, trained, depth=14)
+  assert 'no checkpoint at step 15' in refused(
+      evaluate_in_process, trained, eval_checkpoint_step=15
   )
   broken = tmp_path / 'broken'
   shutil.copytree(trained, broken)
   for f in (broken / 'checkpoints' / '20').rglob('*'):
     if f.is_file() and f.stat().st_size > 1000:
       f.write_bytes(f.read_bytes()[:100])
-  assert 'unreadable' in error_line(run(broken, mode='eval'))
+  assert 'unreadable' in refused(evaluate_in_process, broken)
 
 
 def flip_bytes(workdir, step):
@@ -282,7 +314,9 @@ def flip_bytes(workdir, step):
   checkpointer.wait_until_finished()
 
 
-def test_training_falls_back_from_a_corrupt_checkpoint(trained, tmp_path):
+def test_training_falls_back_from_a_corrupt_checkpoint(
+    trained, tmp_path, capsys
+):
   workdir = tmp_path / 'corrupt'
   shutil.copytree(trained, workdir)
   flip_bytes(workdir, 20)
@@ -290,21 +324,22 @@ def test_training_falls_back_from_a_corrupt_checkpoint(trained, tmp_path):
   earlier.parent.mkdir(parents=True)
   earlier.write_text('kept')
   # The arrays still parse: only the checksum saved with them tells.
-  message = error_line(run(workdir, mode='eval'))
+  message = refused(evaluate_in_process, workdir)
   assert (
-      'checkpoint 20 in' in message
-      and 'is corrupt: its params do not '
-      'match the checksum saved with them' in message
+      f'checkpoint 20 in {workdir}' in message
+      and 'is corrupt: its params do not match the checksum' in message
   ), message
-  result = ok(run(workdir, '--config.train_length=30', devices=8))
-  assert (
-      'warning: checkpoint 20 is unreadable (its params do not match'
-      in result.stderr
-  )
-  assert 'Resuming from checkpoint at step 10' in result.stdout
+  with pytest.warns(UserWarning) as warned:
+    train_in_process(workdir, train_length=30)
+  warnings = [str(w.message) for w in warned]
+  assert any(
+      w.startswith('checkpoint 20 is unreadable (its params do not match')
+      for w in warnings
+  ), warnings
+  assert 'Resuming from checkpoint at step 10' in capsys.readouterr().out
   # Kept, aside, beside (not inside) the one moved there before.
   aside = workdir / 'corrupt_checkpoints' / '20.1'
-  assert f'(moved to {aside})' in result.stderr
+  assert any(f'(moved to {aside})' in w for w in warnings), warnings
   assert (aside / '_CHECKPOINT_METADATA').is_file()
   assert [p.name for p in earlier.parent.iterdir()] == ['moved before']
   assert (workdir / 'checkpoints' / '30').is_dir()
@@ -313,26 +348,31 @@ def test_training_falls_back_from_a_corrupt_checkpoint(trained, tmp_path):
 # A researcher's edits to the code, made after a run was trained: the
 # optimiser clips the gradient first (its state gains a level), or a Dense
 # layer comes before the classifier (the network gains parameters).
-EDITS = {
-    'optimiser': """
-import optax
-from resnet_jax import train
-create = train.create_optimizer
-train.create_optimizer = lambda config, schedule: optax.chain(
-    optax.clip_by_global_norm(1.0), create(config, schedule))
-""",
-    'layer': """
-import types
-from flax import linen as nn
-from resnet_jax import models
-def Dense(features, name=None, **kwargs):
-  if name != 'head':
-    return nn.Dense(features, name=name, **kwargs)
-  return lambda x: nn.Dense(features, name=name, **kwargs)(
-      nn.Dense(x.shape[-1], name='before_head')(x))
-models.nn = types.SimpleNamespace(**{**vars(nn), 'Dense': Dense})
-""",
-}
+def clip_first(monkeypatch):
+  create = train.create_optimizer
+  monkeypatch.setattr(
+      train,
+      'create_optimizer',
+      lambda config, schedule: optax.chain(
+          optax.clip_by_global_norm(1.0), create(config, schedule)
+      ),
+  )
+
+
+def dense_before_head(monkeypatch):
+  def Dense(features, name=None, **kwargs):
+    if name != 'head':
+      return nn.Dense(features, name=name, **kwargs)
+    return lambda x: nn.Dense(features, name=name, **kwargs)(
+        nn.Dense(x.shape[-1], name='before_head')(x)
+    )
+
+  monkeypatch.setattr(
+      models, 'nn', types.SimpleNamespace(**{**vars(nn), 'Dense': Dense})
+  )
+
+
+EDITS = {'optimiser': clip_first, 'layer': dense_before_head}
 
 
 def contents(workdir):
@@ -346,33 +386,34 @@ def contents(workdir):
 
 @pytest.mark.parametrize('edit', EDITS)
 def test_a_checkpoint_of_other_code_is_refused_and_kept(
-    edit, trained, tmp_path
+    edit, trained, tmp_path, monkeypatch, capsys
 ):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
   before = contents(workdir)
-  message = error_line(
-      with_code(EDITS[edit], command(workdir, '--config.train_length=30'))
-  )
-  assert f'checkpoint 20 in {workdir} was written by other code' in message
-  assert {'optimiser': 'opt_state/', 'layer': 'params/before_head'}[edit] in (
-      message
-  )
-  # Its weights start a new run, unless the network differs too.
-  assert ('--config.init_from' in message) == (edit == 'optimiser')
-  assert contents(workdir) == before  # Nothing moved, renamed or written.
-  evaluated = with_code(EDITS[edit], command(workdir, mode='eval'))
-  if edit == 'layer':
-    assert 'params/before_head' in error_line(evaluated)
-    return
+  with monkeypatch.context() as edited_code:
+    EDITS[edit](edited_code)
+    message = refused(train_in_process, workdir, train_length=30)
+    assert f'checkpoint 20 in {workdir} was written by other code' in message
+    assert {'optimiser': 'opt_state/', 'layer': 'params/before_head'}[
+        edit
+    ] in message
+    # Its weights start a new run, unless the network differs too.
+    assert ('--config.init_from' in message) == (edit == 'optimiser')
+    assert contents(workdir) == before  # Nothing moved, renamed or written.
+    if edit == 'layer':
+      assert 'params/before_head' in refused(evaluate_in_process, workdir)
+      return
+    evaluated = evaluate_in_process(workdir)
   # Evaluation reads the weights alone: the optimiser's form is no matter.
-  assert ok(evaluated).stdout == ok(run(workdir, mode='eval')).stdout
-  resumed = ok(run(workdir, '--config.train_length=30'))
-  assert 'Resuming from checkpoint at step 20.' in resumed.stdout
+  assert evaluated == evaluate_in_process(workdir)
+  capsys.readouterr()
+  train_in_process(workdir, train_length=30)
+  assert 'Resuming from checkpoint at step 20.' in capsys.readouterr().out
 
 
 def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
-  message = error_line(run(tmp_path, '--config.learning_rate=1e30'))
+  message = refused(train_in_process, tmp_path, learning_rate=1e30)
   assert 'stopped' in message and 'nan' in message, message
   # It diverged before the first checkpoint (step 10): none to speak of.
   assert 'No checkpoint was written' in message, message
@@ -382,20 +423,22 @@ def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
 
 
 def test_bad_training_settings_write_nothing(tmp_path):
-  for flag in ('--config.batch_size=0', '--config.log_every_steps=0'):
-    assert 'must be positive' in error_line(run(tmp_path / 'run', flag))
+  for field in ('batch_size', 'log_every_steps'):
+    message = refused(train_in_process, tmp_path / 'run', **{field: 0})
+    assert f'{field} must be positive, got 0' in message
     assert not (tmp_path / 'run').exists()
 
 
 def test_bad_workdir_input(trained, tmp_path):
+  # The command line's own check: one error line, exit status 2.
   assert 'needs --workdir' in error_line(
       python('resnet_jax.main', '--config=configs/smoke.py', devices=1)
   )
-  assert 'another model' in error_line(run(trained, '--config.depth=14'))
+  assert 'another model' in refused(train_in_process, trained, depth=14)
   config = (trained / 'config.json').read_text()
   assert json.loads(config)['depth'] == 8  # Not overwritten.
-  assert 'does not divide over 8' in error_line(
-      run(tmp_path, '--config.batch_size=36', devices=8)
+  assert 'batch_size 36 does not divide over 8' in refused(
+      train_in_process, tmp_path, batch_size=36
   )
 
 
@@ -403,20 +446,23 @@ def test_workdir_that_cannot_be_written(tmp_path):
   a_file = tmp_path / 'notes.txt'
   a_file.write_text('keep me')
   for workdir in (a_file, a_file / 'run'):
-    assert 'is a file, not a directory' in error_line(run(workdir))
+    assert f'{a_file} is a file, not a directory' in refused(
+        train_in_process, workdir
+    )
   assert a_file.read_text() == 'keep me'
   # Not writable, as on a read-only filesystem (access(2) says so for both).
-  assert 'is not writable' in error_line(run('/proc/1/run'))
+  assert 'is not writable' in refused(train_in_process, '/proc/1/run')
 
 
 def test_one_run_per_workdir_and_a_killed_run_does_not_block(tmp_path):
+  # The lock is another process's; the runs it blocks, or not, run here.
   first = start(command(tmp_path, '--config.train_length=100000'))
   try:
     deadline = time.time() + 120
     while not (tmp_path / 'config.json').exists():
       assert first.poll() is None and time.time() < deadline
       time.sleep(0.2)
-    message = error_line(run(tmp_path))
+    message = refused(train_in_process, tmp_path)
     assert f'in use by another run (pid {first.pid} on ' in message, message
   finally:
     first.kill()  # SIGKILL: the lock goes with the process.
@@ -425,7 +471,7 @@ def test_one_run_per_workdir_and_a_killed_run_does_not_block(tmp_path):
       json.loads((tmp_path / 'config.json').read_text())['train_length']
       == 100000
   )  # The second run wrote nothing.
-  assert 'final test error' in ok(run(tmp_path)).stdout  # Not blocked.
+  assert train_in_process(tmp_path)['images'] == 64  # Not blocked.
 
 
 def test_two_processes_train_like_one(tmp_path):
@@ -460,12 +506,12 @@ def test_two_processes_train_like_one(tmp_path):
 
 
 def test_a_run_that_cannot_start_leaves_no_trace(tmp_path):
-  message = error_line(
-      run(
-          tmp_path / 'run',
-          '--config.data_source=archive',
-          f'--config.data_dir={tmp_path / "missing.tar.gz"}',
-      )
+  missing = tmp_path / 'missing.tar.gz'
+  message = refused(
+      train_in_process,
+      tmp_path / 'run',
+      data_source='archive',
+      data_dir=str(missing),
   )
-  assert 'does not exist' in message
+  assert f'{missing} does not exist' in message
   assert not (tmp_path / 'run').exists()

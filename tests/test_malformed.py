@@ -18,8 +18,26 @@ from commands import ok
 from commands import python
 from commands import run
 from configs import imagenet_resnet50 as imagenet_config
+from configs import smoke
+from resnet_jax import cli
+from resnet_jax import evaluate
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
+
+
+def smoke_config(**fields):
+  """configs/smoke.py with ``fields`` changed, as ``--config.FIELD=``."""
+  config = smoke.get_config()
+  config.update(fields)
+  return config
+
+
+def refused(call, *args, **kwargs):
+  """The message of the user's mistake that ``call`` raises (what the
+  command line prints after ``error: ``)."""
+  with pytest.raises(cli.USER_ERRORS) as error:
+    call(*args, **kwargs)
+  return str(error.value)
 
 
 @pytest.mark.parametrize('value', ['foo', "(10,'x')"])
@@ -64,7 +82,11 @@ def test_test_scales_are_imagenet_only_and_refused_when_a_run_starts(
   config = imagenet_config.get_config()
   config.test_scales = (224, 256, 384, 480, 640)  # The paper's (Table 4).
   train.check_config(config)
-  message = error_line(run(tmp_path / 'run', '--config.test_scales=(224,)'))
+  message = refused(
+      train.train_and_evaluate,
+      smoke_config(test_scales=(224,)),
+      str(tmp_path / 'run'),
+  )
   assert 'test_scales' in message and 'cifar10' in message, message
   assert not (tmp_path / 'run').exists()
 
@@ -86,7 +108,7 @@ def test_a_config_file_without_get_config(tmp_path):
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('runs') / 'smoke'
-  ok(run(workdir, '--config.train_length=10'))
+  train.train_and_evaluate(smoke_config(train_length=10), str(workdir))
   return workdir
 
 
@@ -95,8 +117,9 @@ def test_a_config_json_that_is_not_an_object(content, trained, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(trained, workdir)
   (workdir / 'config.json').write_text(content)
-  for mode in ('train', 'eval'):
-    message = error_line(run(workdir, '--config.train_length=10', mode=mode))
+  config = smoke_config(train_length=10)
+  for mode in (train.train_and_evaluate, evaluate.evaluate_checkpoint):
+    message = refused(mode, config, str(workdir))
     assert f'{workdir / "config.json"} holds no config (JSON ' in message
   assert (workdir / 'config.json').read_text() == content
 
@@ -118,9 +141,14 @@ def test_checkpoints_that_are_a_file(trained, tmp_path):
   shutil.rmtree(workdir / 'checkpoints')
   (workdir / 'checkpoints').write_text('not a directory')
   metrics = (workdir / 'metrics.jsonl').read_text()
-  for flags in ((), ('--start_over',)):
-    message = error_line(run(workdir, '--config.train_length=10', *flags))
-    assert 'checkpoints is a file, not the directory of the run' in message
+  for start_over in (False, True):
+    message = refused(
+        train.train_and_evaluate,
+        smoke_config(train_length=10),
+        str(workdir),
+        start_over,
+    )
+    assert f'{workdir / "checkpoints"} is a file' in message
   # --start_over moved nothing aside.
   assert (workdir / 'metrics.jsonl').read_text() == metrics
   assert not list(workdir.glob('metrics.replaced-*'))

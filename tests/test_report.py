@@ -1,10 +1,9 @@
 """Sweeps, the paper's table and figures, and the Colab notebook, end to end."""
 
 import csv
+import importlib
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import nbclient
@@ -21,6 +20,7 @@ from commands import ROOT
 from commands import with_code
 from numerics import assert_close
 from resnet_jax import cifar
+from resnet_jax import cli
 from resnet_jax import evaluate
 from resnet_jax import models
 from resnet_jax import report
@@ -79,20 +79,9 @@ def test_sweep_bad_input(tmp_path):
 
 def fake_run(workdir, config_name, errors_by_split):
   """A finished run's config.json and metrics.jsonl, without training."""
-  config = subprocess.run(
-      [
-          sys.executable,
-          '-c',
-          f'from configs import {config_name}; '
-          f'print({config_name}.get_config().to_json())',
-      ],
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      check=True,
-  ).stdout
+  config = importlib.import_module(f'configs.{config_name}').get_config()
   workdir.mkdir(parents=True)
-  (workdir / 'config.json').write_text(config)
+  (workdir / 'config.json').write_text(config.to_json())
   (workdir / 'metrics.jsonl').write_text(
       ''.join(
           json.dumps({'step': step, 'split': split, 'error': error}) + '\n'
@@ -183,16 +172,23 @@ def test_validation_ties_pick_the_checkpoint_orbax_keeps(sweep, tmp_path):
 
 def test_figures_write_their_numbers(sweep, tmp_path):
   run = sweep / 'smoke' / 'seed0'
+  # One through the command line (which says what it wrote), the rest as
+  # its report.run calls them.
+  assert f'wrote {tmp_path / "fig6"}.png, .pdf and .csv' in (
+      ok(
+          python(
+              'resnet_jax.report',
+              'fig6',
+              f'--workdirs={run}',
+              f'--out={tmp_path}',
+          )
+      ).stdout
+  )
+  report.fig7([str(run)], tmp_path)
+  report.curve(str(run), tmp_path)
+  report.filters(str(run), 5, tmp_path)
+  report.deconv(str(run), 5, 9, 'map', tmp_path)
   for command in ('fig6', 'fig7', 'curve', 'filters', 'deconv'):
-    ok(
-        python(
-            'resnet_jax.report',
-            command,
-            f'--workdirs={run}',
-            f'--out={tmp_path}',
-            '--image=5',
-        )
-    )
     for suffix in ('png', 'pdf', 'csv'):
       assert (tmp_path / f'{command}.{suffix}').stat().st_size > 0
   fig6 = read_csv(tmp_path / 'fig6.csv')
@@ -310,48 +306,35 @@ def test_ensemble_averages_the_members_softmax(sweep, tmp_path):
   assert rows[2]['error'] not in (rows[0]['error'], rows[1]['error'])
 
 
+def refused(call, *args):
+  """The message of the user's mistake that ``call`` raises (what the
+  command line prints after ``error: ``)."""
+  with pytest.raises(cli.USER_ERRORS) as error:
+    call(*args)
+  return str(error.value)
+
+
 def test_ensemble_bad_input(sweep, tmp_path):
   run = sweep / 'smoke' / 'seed0'
+  out = tmp_path / 'out'
   other = copy_run(run, tmp_path / 'cifar100', dataset='cifar100')
-  assert 'tested on the same images' in error_line(
-      python('resnet_jax.report', 'ensemble', f'--workdirs={run},{other}')
+  assert 'tested on the same images' in refused(
+      report.ensemble, [str(run), str(other)], out
   )
   fewer = copy_run(run, tmp_path / 'fewer', synthetic_train_size=128)
-  assert 'test set (32 images) is not' in error_line(
-      python(
-          'resnet_jax.report',
-          'ensemble',
-          f'--workdirs={run},{fewer}',
-          f'--out={tmp_path}',
-      )
+  assert 'test set (32 images) is not' in refused(
+      report.ensemble, [str(run), str(fewer)], out
   )
-  assert 'not a resnet_jax run' in error_line(
-      python(
-          'resnet_jax.report',
-          'ensemble',
-          f'--workdirs={run},{tmp_path}',
-          f'--out={tmp_path}',
-      )
+  assert f'{tmp_path} is not a resnet_jax run' in refused(
+      report.ensemble, [str(run), str(tmp_path)], out
   )
   (tmp_path / 'again').symlink_to(run)
-  message = error_line(
-      python(
-          'resnet_jax.report',
-          'ensemble',
-          f'--workdirs={run},{tmp_path / "again"}',
-          f'--out={tmp_path}',
-      )
-  )
+  message = refused(report.ensemble, [str(run), str(tmp_path / 'again')], out)
   assert f'{run} twice' in message, message
-  assert 'multi-scale testing' in error_line(
-      python(
-          'resnet_jax.report',
-          'ensemble',
-          f'--workdirs={run}',
-          '--test_scales=32,48',
-          f'--out={tmp_path}',
-      )
+  assert 'multi-scale testing' in refused(
+      report.ensemble, [str(run)], out, [32, 48]
   )
+  assert not out.exists()
 
 
 def test_report_outputs_are_whole_or_absent_on_a_full_disk(sweep, tmp_path):
@@ -380,41 +363,34 @@ os.fsync = fsync
 
 
 def test_report_bad_input(tmp_path):
-  assert 'not a resnet_jax run' in error_line(
-      python(
-          'resnet_jax.report',
-          'fig6',
-          f'--workdirs={tmp_path}',
-          f'--out={tmp_path}',
-      )
+  assert f'{tmp_path} is not a resnet_jax run' in refused(
+      report.fig6, [str(tmp_path)], tmp_path
   )
-  assert 'holds no runs' in error_line(
-      python(
-          'resnet_jax.report',
-          'table',
-          f'--root={tmp_path}',
-          f'--out={tmp_path}',
-      )
+  assert f'{tmp_path} holds no runs' in refused(
+      report.table, tmp_path, 'final', tmp_path
   )
+  # The command line's own check: one error line, exit status 2.
   assert 'give one command' in error_line(python('resnet_jax.report', 'fig8'))
 
 
 def test_deconv_bad_input(sweep, tmp_path):
   run = sweep / 'smoke' / 'seed0'
-  for flag, message in (
-      ('--image=64', '--image must be in [0, 64)'),
-      ('--channels=17', '--channels must be in [1, 16]'),
-      ('--keep=all', 'flag --keep'),
-  ):
-    assert message in error_line(
-        python(
-            'resnet_jax.report',
-            'deconv',
-            f'--workdirs={run}',
-            f'--out={tmp_path}',
-            flag,
-        )
-    )
+  assert '--image must be in [0, 64)' in refused(
+      report.deconv, str(run), 64, 9, 'map', tmp_path
+  )
+  assert '--channels must be in [1, 16]' in refused(
+      report.deconv, str(run), 5, 17, 'map', tmp_path
+  )
+  # A flag's value the parser refuses: one error line, exit status 2.
+  assert 'flag --keep' in error_line(
+      python(
+          'resnet_jax.report',
+          'deconv',
+          f'--workdirs={run}',
+          f'--out={tmp_path}',
+          '--keep=all',
+      )
+  )
   assert not any(tmp_path.iterdir())
 
 
