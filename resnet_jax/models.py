@@ -446,12 +446,10 @@ class ResNet(nn.Module):
       scanned_cls = block_cls
     index = 0
     for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
-      block = functools.partial(
-          block_cls, width=width, conv=conv, norm=norm, act=act
-      )
-      x = block(strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1')(
-          x, index
-      )
+      shared = dict(width=width, conv=conv, norm=norm, act=act)
+      x = block_cls(
+          strides=2 if i > 0 else 1, name=f'stage{i + 1}_block1', **shared
+      )(x, index)
       if self.scan_blocks and size > 1:
         # Blocks 2..n of a stage have the same shapes: one loop body, its
         # parameters and BN statistics stacked along a leading axis, its
@@ -464,20 +462,15 @@ class ResNet(nn.Module):
             unroll=self.unroll_scan,
         )
         x, _ = repeat(
-            scanned_cls(
-                width=width,
-                strides=1,
-                conv=conv,
-                norm=norm,
-                act=act,
-                name=scanned_name(i + 1),
-            ),
+            scanned_cls(strides=1, name=scanned_name(i + 1), **shared),
             x,
             jnp.arange(index + 1, index + size),
         )
       else:
         for j in range(1, size):
-          x = block(strides=1, name=f'stage{i + 1}_block{j + 1}')(x, index + j)
+          x = block_cls(strides=1, name=f'stage{i + 1}_block{j + 1}', **shared)(
+              x, index + j
+          )
       index += size
       self.sow('intermediates', f'stage{i + 1}', x)
     if self.preactivation:

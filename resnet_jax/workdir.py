@@ -340,15 +340,21 @@ def finish(manager):
     manager.wait_until_finished()
 
 
-def differences(manager, step: int, abstract_state) -> dict[str, str]:
-  """Where checkpoint ``step``'s arrays (orbax's metadata, read without the
-  arrays) differ from ``abstract_state``'s: path -> how."""
+def saved_tree(manager, step: int):
+  """Checkpoint ``step``'s tree of arrays as orbax's metadata describes it
+  (read without the arrays)."""
   metadata = manager.item_metadata(step)
   if not metadata or not metadata.tree:
     raise WorkdirError('its metadata is missing')
+  return metadata.tree
+
+
+def differences(tree, abstract_state) -> dict[str, str]:
+  """Where a checkpoint's arrays (``saved_tree``) differ from
+  ``abstract_state``'s: path -> how."""
   saved = {
       '/'.join(path): leaf
-      for path, leaf in ocp.tree.to_flat_dict(metadata.tree).items()
+      for path, leaf in ocp.tree.to_flat_dict(tree).items()
       if leaf is not None
   }
   here = {
@@ -389,11 +395,11 @@ def differences(manager, step: int, abstract_state) -> dict[str, str]:
   return found
 
 
-def check_code(manager, step: int, abstract_state, weights_only: bool):
+def check_code(manager, step: int, found: dict[str, str], weights_only: bool):
   """Raises OtherCodeError if checkpoint ``step`` holds other arrays than
-  this code builds (only its WEIGHTS count for ``weights_only``); returns
-  whether anything outside its weights differs."""
-  found = differences(manager, step, abstract_state)
+  this code builds (``found``: its ``differences``; only its WEIGHTS count
+  for ``weights_only``); returns whether anything outside its weights
+  differs."""
   weights = {p: w for p, w in found.items() if p.split('/')[0] in WEIGHTS}
   refused = weights if weights_only else found
   if refused:
@@ -414,12 +420,11 @@ def check_code(manager, step: int, abstract_state, weights_only: bool):
   return bool(found)
 
 
-def stored_form(manager, step: int, abstract_state):
-  """``abstract_state`` in the form checkpoint ``step`` holds its blocks in:
-  the scanned form (``save``), or the unrolled form of checkpoints that
-  runs with ``scan_blocks=False`` wrote before every run saved one form."""
-  metadata = manager.item_metadata(step)
-  tree = (metadata.tree if metadata else None) or {}
+def stored_form(tree, abstract_state):
+  """``abstract_state`` in the form a checkpoint (``saved_tree``) holds its
+  blocks in: the scanned form (``save``), or the unrolled form of
+  checkpoints that runs with ``scan_blocks=False`` wrote before every run
+  saved one form."""
   scan_blocks = models.scanned(tree.get('params') or {})
   if models.scanned(abstract_state.params) == scan_blocks:
     return abstract_state
@@ -449,14 +454,15 @@ def restore(
   function that makes a restored one this code's, or None
   (``train.from_chain_state``).
   """
+  tree = saved_tree(manager, step)
   wanted = abstract_state
-  stored = abstract_state = stored_form(manager, step, wanted)
-  upgrade = None
-  if older and not weights_only and differences(manager, step, stored):
+  stored = abstract_state = stored_form(tree, wanted)
+  found, upgrade = differences(tree, stored), None
+  if found and older and not weights_only:
     earlier = older(stored)
-    if earlier and not differences(manager, step, earlier[0]):
-      abstract_state, upgrade = earlier
-  other_optimiser = check_code(manager, step, abstract_state, weights_only)
+    if earlier and not differences(tree, earlier[0]):
+      (abstract_state, upgrade), found = earlier, {}
+  other_optimiser = check_code(manager, step, found, weights_only)
   saved = manager.metadata(step).custom_metadata or {}
   target = fields(abstract_state)
   # A checkpoint from before the checksum of each field has one of the whole

@@ -1,6 +1,7 @@
 """The command lines as the tests run them: real ``python -m`` processes on
 simulated CPU devices, and what a test reads of them (one error line, the
-metrics records, a checkpoint's parameters)."""
+metrics records, a checkpoint's arrays); in-process, a config as its flags
+give it and a user's mistake as the error the command line prints."""
 
 import json
 import os
@@ -11,6 +12,10 @@ import sys
 
 import jax
 import orbax.checkpoint as ocp
+import pytest
+
+from configs import smoke
+from resnet_jax import cli
 
 ROOT = pathlib.Path(__file__).parent.parent
 
@@ -114,8 +119,9 @@ def records(workdir, split=None):
   return [r for r in map(json.loads, lines) if split in (None, r['split'])]
 
 
-def params(workdir, step):
-  """A checkpoint's parameters, on this process's first device."""
+def saved(workdir, step):
+  """A checkpoint's arrays as it holds them (dicts and lists), on this
+  process's first device."""
   path = (
       pathlib.Path(workdir).absolute() / 'checkpoints' / str(step) / 'default'
   )
@@ -125,7 +131,27 @@ def params(workdir, step):
       lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
       checkpointer.metadata(path).item_metadata,
   )
-  return checkpointer.restore(path, target)['params']
+  return checkpointer.restore(path, target)
+
+
+def params(workdir, step):
+  """A checkpoint's parameters, on this process's first device."""
+  return saved(workdir, step)['params']
+
+
+def smoke_config(**fields):
+  """configs/smoke.py with ``fields`` changed, as ``--config.FIELD=``."""
+  config = smoke.get_config()
+  config.update(fields)
+  return config
+
+
+def refused(call, *args, **kwargs):
+  """The message of the user's mistake that ``call`` raises (what the
+  command line prints after ``error: ``)."""
+  with pytest.raises(cli.USER_ERRORS) as error:
+    call(*args, **kwargs)
+  return str(error.value)
 
 
 def free_port():

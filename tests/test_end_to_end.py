@@ -29,10 +29,11 @@ from commands import ok
 from commands import params
 from commands import python
 from commands import records
+from commands import refused
 from commands import run
+from commands import saved
+from commands import smoke_config
 from commands import start
-from configs import smoke
-from resnet_jax import cli
 from resnet_jax import evaluate
 from resnet_jax import models
 from resnet_jax import train
@@ -50,33 +51,18 @@ LONG = (
 )
 
 
-def config_of(**fields):
-  """configs/smoke.py with ``fields`` changed, as ``--config.FIELD=``."""
-  config = smoke.get_config()
-  config.update(fields)
-  return config
-
-
 def train_in_process(
     workdir, start_over=False, allow_config_changes=False, **fields
 ):
   """``--mode=train`` in this process: the final test metrics."""
   return train.train_and_evaluate(
-      config_of(**fields), str(workdir), start_over, allow_config_changes
+      smoke_config(**fields), str(workdir), start_over, allow_config_changes
   )
 
 
 def evaluate_in_process(workdir, **fields):
   """``--mode=eval`` in this process (on a run of the smoke config's data)."""
-  return evaluate.evaluate_checkpoint(config_of(**fields), str(workdir))
-
-
-def refused(call, *args, **kwargs):
-  """The message of the user's mistake that ``call`` raises (what the
-  command line prints after ``error: ``)."""
-  with pytest.raises(cli.USER_ERRORS) as error:
-    call(*args, **kwargs)
-  return str(error.value)
+  return evaluate.evaluate_checkpoint(smoke_config(**fields), str(workdir))
 
 
 @pytest.fixture(scope='module')
@@ -297,15 +283,8 @@ def flip_bytes(workdir, step):
   """Silent corruption: one bit of a weight changes on disk, in arrays that
   still parse (written again by orbax), beside the checksums of the old."""
   path = workdir.absolute() / 'checkpoints' / str(step) / 'default'
+  state = saved(workdir, step)
   checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  state = checkpointer.restore(
-      path,
-      jax.tree.map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-          checkpointer.metadata(path).item_metadata,
-      ),
-  )
   bias = np.array(state['params']['head']['bias'])
   bias.view(np.uint32)[0] ^= 1
   state['params']['head']['bias'] = bias

@@ -16,28 +16,13 @@ import pytest
 from commands import error_line
 from commands import ok
 from commands import python
+from commands import refused
 from commands import run
+from commands import smoke_config
 from configs import imagenet_resnet50 as imagenet_config
-from configs import smoke
-from resnet_jax import cli
 from resnet_jax import evaluate
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
-
-
-def smoke_config(**fields):
-  """configs/smoke.py with ``fields`` changed, as ``--config.FIELD=``."""
-  config = smoke.get_config()
-  config.update(fields)
-  return config
-
-
-def refused(call, *args, **kwargs):
-  """The message of the user's mistake that ``call`` raises (what the
-  command line prints after ``error: ``)."""
-  with pytest.raises(cli.USER_ERRORS) as error:
-    call(*args, **kwargs)
-  return str(error.value)
 
 
 @pytest.mark.parametrize('value', ['foo', "(10,'x')"])

@@ -16,11 +16,11 @@ from commands import module
 from commands import ok
 from commands import python
 from commands import records
+from commands import refused
 from commands import ROOT
 from commands import with_code
 from numerics import assert_close
 from resnet_jax import cifar
-from resnet_jax import cli
 from resnet_jax import evaluate
 from resnet_jax import models
 from resnet_jax import report
@@ -304,14 +304,6 @@ def test_ensemble_averages_the_members_softmax(sweep, tmp_path):
   assert [r['views'] for r in rows] == ['whole image', 'whole image', '']
   # The test can tell the ensemble from its members.
   assert rows[2]['error'] not in (rows[0]['error'], rows[1]['error'])
-
-
-def refused(call, *args):
-  """The message of the user's mistake that ``call`` raises (what the
-  command line prints after ``error: ``)."""
-  with pytest.raises(cli.USER_ERRORS) as error:
-    call(*args)
-  return str(error.value)
 
 
 def test_ensemble_bad_input(sweep, tmp_path):

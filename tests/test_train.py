@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
+from commands import saved
 from numerics import assert_trees_close
 
 from configs import default as default_config
@@ -262,17 +262,6 @@ def test_checkpoints_kept_are_the_latest_and_the_best(tmp_path):
   assert manager.all_steps() == [2, 4, 5]  # Best (2) and the latest two.
 
 
-def saved_arrays(path):
-  """A checkpoint's arrays as it holds them (lists, dicts), on one device."""
-  checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-      checkpointer.metadata(path).item_metadata,
-  )
-  return checkpointer.restore(path, target)
-
-
 def test_a_workdir_of_earlier_code_evaluates_and_resumes_in_either_form(
     tmp_path,
 ):
@@ -306,7 +295,7 @@ def test_a_workdir_of_earlier_code_evaluates_and_resumes_in_either_form(
   assert abs(result['error'] - final['error']) <= 100 / 64
   # Its optimiser's state, read as this code's: the same momenta, count
   # and plateau decisions.
-  saved = saved_arrays(run / 'checkpoints' / '8' / 'default')
+  chain = saved(run, 8)['opt_state']
   manager = workdir.checkpoint_manager(run, 1, read_only=True)
   abstract = workdir.abstract(
       train.state_shapes(config),
@@ -318,11 +307,11 @@ def test_a_workdir_of_earlier_code_evaluates_and_resumes_in_either_form(
       float(np.float32(0.1)),
       1,
   )
-  assert float(plateau.best_value) == saved['opt_state'][2]['best']
+  assert float(plateau.best_value) == chain[2]['best']
   assert int(sgd.count) == 8
   for a, b in zip(
       jax.tree.leaves(models.unroll_blocks(sgd.inner_state[0].trace)),
-      jax.tree.leaves(saved['opt_state'][1][0]['trace']),
+      jax.tree.leaves(chain[1][0]['trace']),
       strict=True,
   ):
     np.testing.assert_array_equal(a, b)
