@@ -6,6 +6,7 @@ give it and a user's mistake as the error the command line prints."""
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -21,10 +22,15 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 
 def env(devices=2):
+  """The tests' environment (conftest.py's), on ``devices`` CPU devices."""
   return dict(
       os.environ,
       JAX_PLATFORMS='cpu',
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+      XLA_FLAGS=re.sub(
+          r'--xla_force_host_platform_device_count=\d+',
+          f'--xla_force_host_platform_device_count={devices}',
+          os.environ['XLA_FLAGS'],
+      ),
   )
 
 
