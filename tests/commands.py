@@ -152,6 +152,13 @@ def smoke_config(**fields):
   return config
 
 
+def assert_names(message, *subjects):
+  """That ``message`` names each of ``subjects``: the paths, fields, values
+  and steps a user acts on. Its wording is free to change."""
+  for subject in subjects:
+    assert str(subject) in message, f'{subject!r} not in {message!r}'
+
+
 def refused(call, *args, **kwargs):
   """The message of the user's mistake that ``call`` raises (what the
   command line prints after ``error: ``)."""

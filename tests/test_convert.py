@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from commands import assert_names
+from commands import refused
 from configs import imagenet_resnet18
 from configs import imagenet_resnet50
 from configs import resnet20
@@ -220,17 +222,16 @@ def test_a_checkpoint_that_does_not_fit_is_one_error_line(tmp_path):
   torch.save(torch_baseline.CifarResNet(20).state_dict(), tmp_path / 'r20.pth')
   # ResNet-20's fourth block starts stage 2 (32 filters); ResNet-32's is
   # still in stage 1 (16).
-  with pytest.raises(convert.ConvertError) as error:
-    convert.to_jax(
-        resnet32.get_config(),
-        tmp_path / 'r20.pth',
-        tmp_path / 'run',
-        [0.5] * 3,
-        [0.25] * 3,
-    )
-  assert str(error.value).splitlines() == [
-      'blocks.3.bn1.weight has shape (32,); ResNet-32 needs (16,)'
-  ]
+  message = refused(
+      convert.to_jax,
+      resnet32.get_config(),
+      tmp_path / 'r20.pth',
+      tmp_path / 'run',
+      [0.5] * 3,
+      [0.25] * 3,
+  )
+  assert len(message.splitlines()) == 1
+  assert_names(message, 'blocks.3.bn1.weight', '(32,)', 'ResNet-32', '(16,)')
   assert not (tmp_path / 'run').exists()  # Nothing written.
 
 
@@ -293,10 +294,11 @@ def test_an_existing_file_or_run_is_not_overwritten(tmp_path):
   )
   # Back to the file the weights came from (the user's download), as
   # --to=torch (with its default --layout) calls it.
-  with pytest.raises(convert.ConvertError) as error:
-    convert.to_torch(tmp_path / 'run', tmp_path / 'r8.pth', None)
-  assert str(error.value).startswith(f'{tmp_path / "r8.pth"} exists;')
-  assert '--overwrite' in str(error.value)
+  assert_names(
+      refused(convert.to_torch, tmp_path / 'run', tmp_path / 'r8.pth', None),
+      tmp_path / 'r8.pth',
+      '--overwrite',
+  )
   assert (tmp_path / 'r8.pth').read_bytes() == original
   convert.to_torch(tmp_path / 'run', tmp_path / 'r8.pth', None, overwrite=True)
   assert 'num_batches_tracked' in ''.join(
@@ -306,8 +308,13 @@ def test_an_existing_file_or_run_is_not_overwritten(tmp_path):
   # A workdir with a run's checkpoints but no config.json (lost): a step-0
   # checkpoint would not be kept beside them, and eval would test theirs.
   (tmp_path / 'trained' / 'checkpoints' / '125').mkdir(parents=True)
-  with pytest.raises(convert.ConvertError, match='already holds a run'):
-    convert.to_jax(
-        config, tmp_path / 'r8.pth', tmp_path / 'trained', [0.5] * 3, [0.25] * 3
-    )
+  message = refused(
+      convert.to_jax,
+      config,
+      tmp_path / 'r8.pth',
+      tmp_path / 'trained',
+      [0.5] * 3,
+      [0.25] * 3,
+  )
+  assert_names(message, tmp_path / 'trained', 'checkpoints')
   assert [p.name for p in (tmp_path / 'trained').iterdir()] == ['checkpoints']

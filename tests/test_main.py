@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from commands import assert_names
+from commands import error_line
 from commands import finish
 from commands import module
 from commands import python
@@ -146,23 +148,20 @@ def test_every_command_says_errors_and_warnings_in_one_line():
 
 
 @pytest.mark.parametrize(
-    'args, message',
+    'flag, subjects',
     [
-        (['--config.depth=57'], 'depth 6n+2'),
-        (['--config.shortcut=D'], 'shortcut must be one of A, B, C'),
-        (['--config.model=vgg'], "unknown model 'vgg'"),
-        (['--config.dataset=mnist'], "unknown dataset 'mnist'"),
-        (['--config.no_such_field=1'], "unknown config field 'no_such_field'"),
-        (['--config.depth=deep'], 'invalid literal'),
-        (['--config=configs/missing.py'], 'No such file'),
-        (['--mode=sumary'], 'value should be one of'),
+        ('--config.depth=57', ('depth', 57)),
+        ('--config.shortcut=D', ('shortcut', 'D')),
+        ('--config.model=vgg', ('model', 'vgg')),
+        ('--config.dataset=mnist', ('dataset', 'mnist')),
+        ('--config.no_such_field=1', ('no_such_field',)),
+        ('--config.depth=deep', ('depth', 'deep')),
+        ('--config=configs/missing.py', ('configs/missing.py',)),
+        ('--mode=sumary', ('--mode', 'sumary')),
     ],
 )
-def test_bad_input_is_one_error_line_and_exit_2(args, message):
+def test_bad_input_is_one_error_line_and_exit_2(flag, subjects):
   result = python(
-      'resnet_jax.main', '--config=configs/resnet56.py', '--mode=summary', *args
+      'resnet_jax.main', '--config=configs/resnet56.py', '--mode=summary', flag
   )
-  assert result.returncode == 2
-  errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
-  assert len(errors) == 1 and message in errors[0], result.stderr
-  assert 'Traceback' not in result.stderr
+  assert_names(error_line(result), *subjects)

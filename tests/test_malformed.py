@@ -13,6 +13,7 @@ import ml_collections
 import optax
 import pytest
 
+from commands import assert_names
 from commands import error_line
 from commands import ok
 from commands import python
@@ -28,8 +29,7 @@ from resnet_jax import workdir as workdir_lib
 @pytest.mark.parametrize('value', ['foo', "(10,'x')"])
 def test_bad_lr_boundaries(value, tmp_path):
   message = error_line(run(tmp_path / 'run', f'--config.lr_boundaries={value}'))
-  assert 'lr_boundaries must be positive and increasing, got ' in message
-  assert 'numbers of steps or epochs' in message
+  assert_names(message, 'lr_boundaries', 'x' if 'x' in value else value)
   assert not (tmp_path / 'run').exists()
 
 
@@ -83,11 +83,7 @@ def test_a_config_file_without_get_config(tmp_path):
           'resnet_jax.main', f'--config={tmp_path}/notes.py', '--mode=summary'
       )
   )
-  assert message == (
-      'error: the config file defines no get_config() (a '
-      'function returning the ConfigDict, as in '
-      'configs/default.py)'
-  )
+  assert_names(message, 'get_config()')
 
 
 @pytest.fixture(scope='module')
@@ -105,7 +101,7 @@ def test_a_config_json_that_is_not_an_object(content, trained, tmp_path):
   config = smoke_config(train_length=10)
   for mode in (train.train_and_evaluate, evaluate.evaluate_checkpoint):
     message = refused(mode, config, str(workdir))
-    assert f'{workdir / "config.json"} holds no config (JSON ' in message
+    assert_names(message, workdir / 'config.json')
   assert (workdir / 'config.json').read_text() == content
 
 
@@ -117,7 +113,7 @@ def test_a_config_json_field_of_the_wrong_type(trained, tmp_path):
       json.dumps(saved | {'eval_batch_size': 'sixty-four'})
   )
   message = error_line(run(workdir, mode='eval'))
-  assert "has eval_batch_size='sixty-four', not a int" in message
+  assert_names(message, 'eval_batch_size', 'sixty-four')
 
 
 def test_checkpoints_that_are_a_file(trained, tmp_path):
@@ -133,26 +129,21 @@ def test_checkpoints_that_are_a_file(trained, tmp_path):
         str(workdir),
         start_over,
     )
-    assert f'{workdir / "checkpoints"} is a file' in message
+    assert_names(message, workdir / 'checkpoints')
   # --start_over moved nothing aside.
   assert (workdir / 'metrics.jsonl').read_text() == metrics
   assert not list(workdir.glob('metrics.replaced-*'))
 
 
 @pytest.mark.parametrize(
-    'name, content, expected',
+    'name, content, subject',
     [
-        ('empty.pth', b'', 'is empty (0 bytes): not a PyTorch checkpoint'),
-        (
-            'garbage.pth',
-            b'garbage\n',
-            'holds more than tensors, or is no '
-            'PyTorch file: only a state_dict is read',
-        ),
-        ('folder', None, 'is a directory, not a state_dict file'),
+        ('empty.pth', b'', '0 bytes'),
+        ('garbage.pth', b'garbage\n', 'state_dict'),
+        ('folder', None, 'state_dict'),
     ],
 )
-def test_a_pytorch_file_that_is_none(name, content, expected, tmp_path):
+def test_a_pytorch_file_that_is_none(name, content, subject, tmp_path):
   path = tmp_path / name
   if content is None:
     path.mkdir()
@@ -166,7 +157,7 @@ def test_a_pytorch_file_that_is_none(name, content, expected, tmp_path):
           f'--workdir={tmp_path / "run"}',
       )
   )
-  assert expected in message
+  assert_names(message, path, subject)
   assert 'weights_only' not in message  # Not torch's unsafe advice.
   assert not (tmp_path / 'run').exists()
 
@@ -210,11 +201,9 @@ def test_an_eval_that_races_the_deletion_of_its_checkpoint(
   shapes = workdir_lib.abstract(
       train.state_shapes(workdir_lib.saved_config(workdir)), device
   )
-  with pytest.raises(
-      workdir_lib.WorkdirError,
-      match='checkpoint 10 in .* was deleted while it was read',
-  ):
-    workdir_lib.load(workdir, shapes)
+  assert_names(
+      refused(workdir_lib.load, workdir, shapes), 'checkpoint 10', workdir
+  )
 
 
 @pytest.mark.parametrize('damage', ['removed', 'zeroed'])
@@ -276,11 +265,9 @@ def test_a_checkpoint_with_one_checksum_of_its_whole_state(trained, tmp_path):
   with pytest.warns(UserWarning, match='weights are restored unchecked'):
     assert workdir_lib.load(workdir, other).opt_state is None
   saved_checksum('0' * 64)
-  with pytest.raises(
-      workdir_lib.WorkdirError,
-      match='checkpoint 10 in .* is corrupt: its arrays do not match',
-  ):
-    workdir_lib.load(workdir, shapes)
+  assert_names(
+      refused(workdir_lib.load, workdir, shapes), 'checkpoint 10', workdir
+  )
 
 
 def test_a_half_deleted_checkpoint_is_ignored_and_removed(trained, tmp_path):
@@ -309,13 +296,8 @@ def test_an_unreadable_checkpoint_is_one_short_line(trained, tmp_path):
       b''
   )
   message = error_line(run(workdir, mode='eval'))
-  assert message.startswith(
-      f'error: checkpoint 10 in {workdir} is '
-      'unreadable: ValueError: DATA_LOSS: '
-  )
-  assert message.endswith(
-      'Encoded length (0) is less than minimum length ' '(16)'
-  )
+  assert_names(message, 'checkpoint 10', workdir, 'DATA_LOSS')
+  assert '{' not in message  # None of the spec, a JSON object.
 
 
 def test_a_sweep_whose_run_is_refused_says_it_once(tmp_path):
@@ -328,4 +310,4 @@ def test_a_sweep_whose_run_is_refused_says_it_once(tmp_path):
     result = python(
         'resnet_jax.sweep', f'--root={tmp_path}', '--configs=configs/smoke.py'
     )
-  assert 'in use by another run (pid 1 on elsewhere)' in error_line(result)
+  assert_names(error_line(result), workdir, 'pid 1 on elsewhere')

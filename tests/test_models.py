@@ -519,5 +519,5 @@ def test_padding_must_be_a_multiple_of_the_total_stride():
   x = jnp.zeros((1, 72, 64, 3))
   variables = model.init(jax.random.key(0), x, train=False)
   assert model.total_stride == 8
-  with pytest.raises(models.ModelError, match='total stride'):
+  with pytest.raises(models.ModelError, match='68x64'):
     model.apply(variables, x[:, :68], train=False, sizes=jnp.array([[60, 60]]))

@@ -12,12 +12,13 @@ import numpy as np
 import optax
 import pytest
 
+from commands import assert_names
+from commands import refused
 from commands import saved
 from numerics import assert_trees_close
 
 from configs import default as default_config
 from configs import smoke
-from resnet_jax import devices
 from resnet_jax import evaluate
 from resnet_jax import metrics
 from resnet_jax import models
@@ -106,60 +107,41 @@ def test_bad_training_fields_are_rejected(field, value):
 
 
 @pytest.mark.parametrize(
-    'field, value, message',
+    'field, value, others',
     [
-        ('batch_size', 0, 'batch_size must be positive'),
-        ('batch_size', -1, 'batch_size must be positive'),
-        ('eval_batch_size', 0, 'eval_batch_size must be positive'),
-        ('log_every_steps', 0, 'log_every_steps must be positive'),
-        ('eval_every_steps', 0, 'eval_every_steps must be positive'),
-        (
-            'checkpoint_every_steps',
-            0,
-            'checkpoint_every_steps must be positive',
-        ),
-        ('train_length', 0, 'train_length must be positive'),
-        ('train_length', -5, 'train_length must be positive'),
-        ('learning_rate', -0.1, 'learning_rate must be positive'),
-        ('momentum', -1.0, r'momentum must be in \[0, 1\)'),
-        ('momentum', 1.0, r'momentum must be in \[0, 1\)'),
-        ('weight_decay', -0.5, 'weight_decay must not be negative'),
-        (
-            'lr_boundaries',
-            (15, 10),
-            'positive and increasing, got \\(15, 10\\)',
-        ),
-        ('lr_schedule', 'cosine', 'lr_schedule must be piecewise or plateau'),
-        ('lr_patience', 0, 'lr_patience must be positive'),
-        (
-            'bn_group_size',
-            12,
-            'bn_group_size must be 0 .* or divide batch_size 32',
-        ),
-        ('bn_group_size', -16, 'bn_group_size must be 0'),
-        ('steps_per_dispatch', 0, 'steps_per_dispatch must be positive'),
-        (
-            'steps_per_dispatch',
-            3,
-            r'train_length \(20 steps\) is not a multiple '
-            'of steps_per_dispatch 3',
-        ),
-        ('batch_size', 512, r'larger than the training set \(192 images\)'),
+        ('batch_size', 0, ()),
+        ('batch_size', -1, ()),
+        ('eval_batch_size', 0, ()),
+        ('log_every_steps', 0, ()),
+        ('eval_every_steps', 0, ()),
+        ('checkpoint_every_steps', 0, ()),
+        ('train_length', 0, ()),
+        ('train_length', -5, ()),
+        ('learning_rate', -0.1, ()),
+        ('momentum', -1.0, ()),
+        ('momentum', 1.0, ()),
+        ('weight_decay', -0.5, ()),
+        ('lr_boundaries', (15, 10), ()),
+        ('lr_schedule', 'cosine', ()),
+        ('lr_patience', 0, ()),
+        ('bn_group_size', 12, ('batch_size', 32)),
+        ('bn_group_size', -16, ()),
+        ('steps_per_dispatch', 0, ()),
+        ('steps_per_dispatch', 3, ('train_length', 20)),
+        ('batch_size', 512, (192,)),  # The training set's size.
     ],
 )
-def test_settings_no_run_can_train_with_are_refused(field, value, message):
+def test_settings_no_run_can_train_with_are_refused(field, value, others):
   config = smoke.get_config()
   config[field] = value
-  with pytest.raises(train.TrainingError, match=message):
-    train.setup(config)
+  assert_names(refused(train.setup, config), field, value, *others)
 
 
 def test_the_plateau_schedule_needs_a_validation_split():
   config = smoke.get_config()
   config.lr_schedule = 'plateau'
   config.validation_size = 0
-  with pytest.raises(train.TrainingError, match='no validation split'):
-    train.setup(config)
+  assert_names(refused(train.setup, config), 'lr_schedule', 'validation_size')
 
 
 def test_plateau_divides_the_rate_after_patience_evaluations_without_gain():
@@ -201,8 +183,7 @@ def test_plateau_divides_the_rate_after_patience_evaluations_without_gain():
 def test_batch_must_divide_over_the_devices():
   config = smoke.get_config()
   config.batch_size = 36
-  with pytest.raises(devices.MeshError, match='does not divide over 8'):
-    train.setup(config)
+  assert_names(refused(train.setup, config), 'batch_size', 36, 8)
 
 
 def run_steps(devices, n=3):
