@@ -62,7 +62,7 @@ def test_benchmark_rows():
         ('--depths=21', ('depth', 21)),
         ('--dtypes=float16', ('--dtypes', 'float16')),
         ('--modes=infer', ('--modes', 'infer')),
-        ('--batch_sizes=3', ('batch_size', 3, 2)),  # Over 2 devices.
+        ('--batch_sizes=3', ('batch size', 3, 2)),  # Over 2 devices.
         ('--input_pipeline', ('--input_pipeline', '--config')),
         ('--repeats=0', ('--repeats',)),
         ('--seeds=2,0', ('--seeds',)),
