@@ -48,11 +48,14 @@ def test_flops_per_image_is_six_times_the_summary_multiply_adds(
 
 
 def test_a_single_v5e_chip_fits_and_an_impossible_batch_is_a_row():
+  # A batch of 8: XLA's TPU compiler takes about half the time it takes at
+  # smoke's 32 (measured on the training step).
   result = commands.ok(
       commands.python(
           'resnet_jax.compile',
           '--config=configs/smoke.py',
           '--topology=v5e:1x1',
+          '--config.batch_size=8',
           devices=1,
       )
   )
@@ -62,8 +65,8 @@ def test_a_single_v5e_chip_fits_and_an_impossible_batch_is_a_row():
     assert row['fits'] and row['chips'] == row['hosts'] == 1
     assert 0 < row['bytes_per_chip'] < row['hbm_bytes_per_chip']
     assert row['images_per_s_per_chip_bound'] > 0
-  assert found[0]['images_per_chip'] == smoke.get_config().batch_size
-  assert '| train | 32 |' in result.stdout  # The table.
+  assert found[0]['images_per_chip'] == 8
+  assert '| train | 8 |' in result.stdout  # The table.
   # 2^17 images of a chip's 16 GB: the compiler's out-of-memory is a row.
   result = commands.ok(
       commands.python(
