@@ -1,10 +1,11 @@
 """Eight simulated CPU devices, so sharding is tested without accelerators.
 
-The tests' programs are small and each runs a few times: LLVM's costlier
+The tests' programs are small and each runs a few times: LLVM's
 optimisations take more time in the compiler than they save in the run, so
-they compile at ``--xla_backend_optimization_level=1``, whose results are
-the default level's to the bit (measured: the smoke run's checkpoints,
-ResNet-50's two block forms); level 0 rounds otherwise.
+they compile at ``--xla_backend_optimization_level=0``. Their results round
+otherwise than the default level's, in the last bits, as another CPU's do:
+what the tests compare bitwise is compiled alike, and every other
+comparison has a tolerance derived from the arithmetic.
 
 One XLA compilation cache serves the whole run, every xdist worker and every
 subprocess they start: the many runs of configs/smoke.py compile the same
@@ -18,7 +19,7 @@ import tempfile
 os.environ['XLA_FLAGS'] = ' '.join(
     [
         os.environ.get('XLA_FLAGS', ''),
-        '--xla_backend_optimization_level=1',
+        '--xla_backend_optimization_level=0',
         '--xla_force_host_platform_device_count=8',
     ]
 ).strip()

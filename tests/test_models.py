@@ -322,7 +322,12 @@ def test_scanned_bottlenecks_with_projections():
   )
   out_unrolled, _ = unrolled.apply(variables, x, mutable=['batch_stats'])
   out_scanned, _ = scanned.apply(stacked, x, mutable=['batch_stats'])
-  assert_close(out_scanned, out_unrolled, FORMS_RTOL)
+  # ResNet-50 is 53 layers deep, and the last stage's BN (training mode)
+  # normalises 16 values per channel, which magnifies its inputs' rounding:
+  # a few ulps per layer over this depth are some 3e-5 of the scale (2e-5
+  # measured where the forms round apart). 1e-4 of the scale is still far
+  # below what a wrong weight or statistic changes.
+  assert_close(out_scanned, out_unrolled, 1e-4)
 
 
 def test_block_forms_convert_both_ways_exactly():
