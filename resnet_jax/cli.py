@@ -55,8 +55,10 @@ def quiet(record) -> bool:
   metadata (a deletion killed half-way, which the next save removes; the
   restore of such a checkpoint says it has no checksum), its threads'
   tracebacks of an error that the save raises again (and the command
-  reports), and jax's line about each platform it did not find (TPU on
-  every CPU machine)."""
+  reports), asyncio's report of the reads orbax abandons when one read of a
+  checkpoint fails (TensorStore's errors of the same file, the first already
+  raised), and jax's line about each platform it did not find (TPU on every
+  CPU machine)."""
   message = record.getMessage()
   if record.levelno >= std_logging.WARNING:
     return not (
@@ -68,6 +70,7 @@ def quiet(record) -> bool:
                 or message.startswith('Metadata file does not exist')
             )
         )
+        or (record.name == 'asyncio' and 'tensorstore_spec=' in message)
     )
   return not (
       'orbax' in record.pathname

@@ -1,6 +1,7 @@
 """The command line: summaries of every config, and one-line errors."""
 
 import importlib
+import logging
 import os
 import re
 import sys
@@ -13,6 +14,7 @@ from commands import finish
 from commands import module
 from commands import python
 from commands import ROOT
+from resnet_jax import cli
 from resnet_jax import main
 
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py'))
@@ -134,6 +136,30 @@ def test_every_command_says_errors_and_warnings_in_one_line():
       'warning: a re-encoded copy of the data',
       'error: the data are gone',
   ]
+
+
+def test_the_reads_orbax_abandons_are_not_reported():
+  # When one read of a broken checkpoint fails, asyncio may report the other
+  # reads' errors as their tasks are collected: TensorStore's, of the same
+  # file, after the command's one error line.
+  def record(error):
+    return logging.LogRecord(
+        'asyncio',
+        logging.ERROR,
+        'asyncio/base_events.py',
+        1771,
+        'Task exception was never retrieved\nfuture: <Task finished '
+        f'exception={error!r}>',
+        None,
+        None,
+    )
+
+  abandoned = ValueError(
+      'DATA_LOSS: Error reading "mean/.zarray" in OCDBT database '
+      '[tensorstore_spec=\'{"driver":"zarr"}\']'
+  )
+  assert not cli.quiet(record(abandoned))
+  assert cli.quiet(record(ValueError('a task of other code')))
 
 
 @pytest.mark.parametrize(
