@@ -122,9 +122,19 @@ def parse_flags(argv):
     fail(f'cannot load the config file: {type(e).__name__}: {e}')
 
 
+def user_message(error: BaseException) -> str | None:
+  """The error line a command prints for ``error``: a user's mistake
+  (``USER_ERRORS``) or a full disk. None: a bug, whose traceback shows."""
+  if isinstance(error, USER_ERRORS):
+    return str(error)
+  if isinstance(error, OSError) and atomic.is_full(error):
+    return atomic.full_disk(error.filename or '.')
+  return None
+
+
 def run(main: Callable[[list[str]], None]):
-  """``app.run(main)``, with a UserError (``USER_ERRORS``) or a full disk
-  reported as one error line."""
+  """``app.run(main)``, with a user's mistake or a full disk
+  (``user_message``) reported as one error line."""
   warnings.formatwarning = one_line_warning
   sys.unraisablehook = unraisable(sys.unraisablehook)
 
@@ -132,11 +142,10 @@ def run(main: Callable[[list[str]], None]):
     logging.get_absl_handler().python_handler.addFilter(quiet)
     try:
       main(argv)
-    except USER_ERRORS as e:
-      fail(str(e))
-    except OSError as e:
-      if not atomic.is_full(e):
+    except Exception as e:  # pylint: disable=broad-except
+      message = user_message(e)
+      if message is None:
         raise
-      fail(atomic.full_disk(e.filename or '.'))
+      fail(message)
 
   app.run(guarded, flags_parser=parse_flags)

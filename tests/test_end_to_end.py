@@ -136,13 +136,15 @@ def assert_one_record_per_step_and_split(workdir):
 
 
 def test_metrics_exact_after_a_kill_before_the_first_checkpoint(tmp_path):
-  flags = (
-      '--config.train_length=60',
-      '--config.log_every_steps=1',
-      '--config.eval_every_steps=30',
-      '--config.checkpoint_every_steps=60',
+  fields = dict(
+      train_length=60,
+      log_every_steps=1,
+      eval_every_steps=30,
+      checkpoint_every_steps=60,
   )
-  process = start(command(tmp_path, *flags))
+  process = start(
+      command(tmp_path, *(f'--config.{k}={v}' for k, v in fields.items()))
+  )
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 300
   while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
@@ -151,7 +153,7 @@ def test_metrics_exact_after_a_kill_before_the_first_checkpoint(tmp_path):
   process.send_signal(signal.SIGKILL)
   assert process.wait() == -signal.SIGKILL
   assert not (tmp_path / 'checkpoints' / '60').exists()
-  ok(run(tmp_path, *flags))
+  train_in_process(tmp_path, **fields)
   assert_one_record_per_step_and_split(tmp_path)
   assert [r['step'] for r in records(tmp_path, 'train')] == list(range(1, 61))
 

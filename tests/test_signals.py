@@ -1,7 +1,10 @@
 """SIGTERM, SIGINT and SIGHUP: a run saves the step it reached, stops, and
-resumes exactly. Real ``python -m resnet_jax.main`` (and sweep) processes."""
+resumes exactly. A signal from outside at any moment goes to real
+``python -m resnet_jax.main`` (and sweep) processes; one at a known moment
+(a step's record) is sent by the run's own process, here the test's."""
 
 import fcntl
+import os
 import re
 import signal
 import subprocess
@@ -12,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from resnet_jax import metrics
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 from commands import assert_names
@@ -19,20 +23,19 @@ from commands import command
 from commands import distributed
 from commands import free_port
 from commands import module
-from commands import ok
 from commands import params
 from commands import records
-from commands import run
+from commands import smoke_config
 from commands import start
-from commands import with_code
 
 # Checkpoints only far past where the signal comes: what is saved at the
 # stop is the stop's own.
-FLAGS = (
-    '--config.log_every_steps=5',
-    '--config.eval_every_steps=20',
-    '--config.checkpoint_every_steps=1000',
-)
+FIELDS = {
+    'log_every_steps': 5,
+    'eval_every_steps': 20,
+    'checkpoint_every_steps': 1000,
+}
+FLAGS = tuple(f'--config.{field}={value}' for field, value in FIELDS.items())
 
 
 def wait_for_training(process, workdir):
@@ -53,11 +56,16 @@ def stop_line(path):
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum, tmp_path):
+def test_a_signal_saves_the_step_and_the_run_resumes_exactly(
+    signum, tmp_path, capsys
+):
   stopped = tmp_path / 'stopped'
   with open(tmp_path / 'stderr', 'w') as stderr:
+    # On this process's devices: the run resumes here, to compare bitwise.
     process = start(
-        command(stopped, *FLAGS, '--config.train_length=100000'), stderr=stderr
+        command(stopped, *FLAGS, '--config.train_length=100000'),
+        devices=jax.device_count(),
+        stderr=stderr,
     )
     wait_for_training(process, stopped)
     process.send_signal(signum)
@@ -69,10 +77,11 @@ def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum, tmp_path):
   # No record for a part of a logging interval.
   assert records(stopped, 'train')[-1]['step'] == step - step % 5
 
-  end = f'--config.train_length={step + 5}'
-  resumed = ok(run(stopped, *FLAGS, end))
-  assert f'Resuming from checkpoint at step {step}.' in resumed.stdout
-  ok(run(tmp_path / 'straight', *FLAGS, end))
+  config = smoke_config(**FIELDS, train_length=step + 5)
+  capsys.readouterr()
+  train.train_and_evaluate(config, str(stopped))
+  assert f'Resuming from checkpoint at step {step}.' in capsys.readouterr().out
+  train.train_and_evaluate(config, str(tmp_path / 'straight'))
   for x, y in zip(
       jax.tree.leaves(params(tmp_path / 'straight', step + 5)),
       jax.tree.leaves(params(stopped, step + 5)),
@@ -86,25 +95,34 @@ def test_a_signal_saves_the_step_and_the_run_resumes_exactly(signum, tmp_path):
 
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
-  """An uninterrupted smoke run (on 2 devices, as the stopped ones)."""
+  """An uninterrupted smoke run, in this process as the stopped ones."""
   workdir = tmp_path_factory.mktemp('straight') / 'run'
-  ok(run(workdir))
+  train.train_and_evaluate(smoke_config(), str(workdir))
   return workdir
 
 
-def signal_after(step, split, signum):
-  """Code that sends the run ``signum`` as it writes ``step``'s ``split``
-  record: a signal at a known moment."""
-  return f"""
-import os
-from resnet_jax import metrics
-append = metrics.append
-def append_then_signal(workdir, step, split, values):
-  append(workdir, step, split, values)
-  if (step, split) == ({step}, {split!r}):
-    os.kill(os.getpid(), {int(signum)})
-metrics.append = append_then_signal
-"""
+def signal_after(monkeypatch, step, split, signum):
+  """Sends this process ``signum`` as the run writes ``step``'s ``split``
+  record: a signal at a known moment, which the run's handler receives."""
+  append = metrics.append
+
+  def append_then_signal(workdir, at, kind, values):
+    append(workdir, at, kind, values)
+    if (at, kind) == (step, split):
+      os.kill(os.getpid(), signum)
+
+  monkeypatch.setattr(metrics, 'append', append_then_signal)
+
+
+def stopped_run(monkeypatch, workdir, step, split, signum):
+  """The smoke run in ``workdir``, signalled at ``step``'s ``split``
+  record: what it says as it stops."""
+  with monkeypatch.context() as signalled:
+    signal_after(signalled, step, split, signum)
+    with pytest.raises(train.Stopped) as stopped:
+      train.train_and_evaluate(smoke_config(), str(workdir))
+  assert stopped.value.signum == signum
+  return str(stopped.value)
 
 
 def without_speed(workdir):
@@ -115,20 +133,20 @@ def without_speed(workdir):
 
 
 def test_a_hangup_inside_a_logging_interval_keeps_its_record_whole(
-    straight, tmp_path
+    straight, tmp_path, monkeypatch, capsys
 ):
   # A closed terminal just after step 5's record: the run stops at step 6,
   # inside the interval that step 10's record averages.
   stopped = tmp_path / 'stopped'
-  result = with_code(signal_after(5, 'train', signal.SIGHUP), command(stopped))
-  assert result.returncode == 128 + signal.SIGHUP, result.stderr[-3000:]
-  assert (
-      'stopped: SIGHUP at step 6, its checkpoint saved; the same command '
-      'resumes the run' in result.stderr.splitlines()
+  assert stopped_run(monkeypatch, stopped, 5, 'train', signal.SIGHUP) == (
+      'SIGHUP at step 6, its checkpoint saved; the same command resumes the '
+      'run'
   )
   assert workdir_lib.checkpoint_steps(stopped) == {6}
   assert [r['step'] for r in records(stopped, 'train')] == [5]
-  assert 'Resuming from checkpoint at step 6.' in ok(run(stopped)).stdout
+  capsys.readouterr()
+  train.train_and_evaluate(smoke_config(), str(stopped))
+  assert 'Resuming from checkpoint at step 6.' in capsys.readouterr().out
   # Every record, step 10's training one included, is the uninterrupted
   # run's (the same float32 losses, averaged in the same order).
   assert without_speed(stopped) == without_speed(straight)
@@ -140,22 +158,22 @@ def test_a_hangup_inside_a_logging_interval_keeps_its_record_whole(
 
 
 def test_a_signal_after_the_last_step_saves_and_leaves_the_final_test(
-    straight, tmp_path
+    straight, tmp_path, monkeypatch, capsys
 ):
   # SIGTERM as the last step's validation is written: its checkpoint is
   # saved, then the run stops before its final test.
   stopped = tmp_path / 'stopped'
-  result = with_code(
-      signal_after(20, 'validation', signal.SIGTERM), command(stopped)
-  )
-  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
-  assert (
-      'stopped: SIGTERM at step 20, its checkpoint saved; the same command '
-      'runs the final test' in result.stderr.splitlines()
+  assert stopped_run(
+      monkeypatch, stopped, 20, 'validation', signal.SIGTERM
+  ) == (
+      'SIGTERM at step 20, its checkpoint saved; the same command runs the '
+      'final test'
   )
   assert workdir_lib.checkpoint_steps(stopped) == {10, 20}
   assert 'final_test' not in {r['split'] for r in records(stopped)}
-  assert 'Resuming from checkpoint at step 20.' in ok(run(stopped)).stdout
+  capsys.readouterr()
+  train.train_and_evaluate(smoke_config(), str(stopped))
+  assert 'Resuming from checkpoint at step 20.' in capsys.readouterr().out
   assert without_speed(stopped) == without_speed(straight)
 
 
@@ -212,7 +230,7 @@ def test_the_sweep_passes_a_signal_on_and_waits(tmp_path):
             f'--root={tmp_path}',
             '--configs=configs/smoke.py',
             '--set=train_length=100000',
-            *(f'--set={f.removeprefix("--config.")}' for f in FLAGS),
+            *(f'--set={field}={value}' for field, value in FIELDS.items()),
         ),
         stderr=stderr,
     )
