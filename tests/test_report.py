@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from commands import assert_names
+from commands import env
 from commands import error_line
 from commands import module
 from commands import ok
@@ -402,16 +403,19 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path):
   parameters = next(
       c for c in notebook.cells if 'parameters' in c.metadata.get('tags', [])
   )
+  # Four steps: each run still evaluates, checkpoints and logs every step
+  # (the quick schedule's smallest interval) and drops its rate twice.
   parameters.source += (  # As papermill would inject them.
-      f"\nCONFIG = 'smoke'\nQUICK_STEPS = 10\nDATA_SOURCE = 'synthetic'"
+      f"\nCONFIG = 'smoke'\nQUICK_STEPS = 4\nDATA_SOURCE = 'synthetic'"
       f"\nWORKDIR = '{tmp_path}/workdirs'\nREPORT = '{tmp_path}/report'"
   )
+  # The kernel is a process as the command lines are: on 2 CPU devices.
   nbclient.NotebookClient(
       notebook,
       timeout=600,
       kernel_name='python3',
       resources={'metadata': {'path': str(ROOT)}},
-  ).execute()
+  ).execute(env=env())
   text = '\n'.join(
       o.get('text', '')
       for c in notebook.cells
@@ -419,7 +423,7 @@ def test_colab_notebook_runs_top_to_bottom(tmp_path):
       for o in c.outputs
   )
   assert 'ResNet-8: final test error' in text
-  assert 'plain-8 checkpoint at step 10' in text
+  assert 'plain-8 checkpoint at step 4' in text
   images = [
       o
       for c in notebook.cells
