@@ -5,48 +5,90 @@ import os
 import re
 import sys
 
+from absl import flags
 import jax
 from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import smoke
 from commands import assert_names
 from commands import error_line
 from commands import finish
 from commands import python
+from commands import refused
 from commands import ROOT
 from numerics import assert_close
 from numerics import assert_trees_close
 
+from resnet_jax import benchmark as benchmark_lib
 from resnet_jax import models
+from resnet_jax import train
 
 
-def benchmark(*flags, devices=2, config='configs/default.py'):
+def benchmark(*args, devices=2, config='configs/default.py'):
   return python(
-      'resnet_jax.benchmark', f'--config={config}', *flags, devices=devices
+      'resnet_jax.benchmark', f'--config={config}', *args, devices=devices
   )
+
+
+def benchmark_here(*args, config='configs/default.py'):
+  """``benchmark.main`` as its command line runs it, in this process: its
+  flags parsed from ``args``, then removed (other commands define
+  flags of the same names)."""
+  before, parsed, argv = set(flags.FLAGS), flags.FLAGS.is_parsed(), sys.argv
+  benchmark_lib.define_flags()
+  # config_flags reads the --config.FIELD overrides from sys.argv.
+  sys.argv = ['benchmark', f'--config={ROOT / config}', *args]
+  try:
+    return benchmark_lib.main(flags.FLAGS(sys.argv))
+  finally:
+    sys.argv = argv
+    if not parsed:
+      flags.FLAGS.unparse_flags()
+    for name in set(flags.FLAGS) - before:
+      delattr(flags.FLAGS, name)
+
+
+def printed_rows(stdout: str) -> list[dict]:
+  """The rows a benchmark printed as JSON lines."""
+  return [json.loads(l) for l in stdout.splitlines() if l.startswith('{')]
 
 
 def json_rows(result) -> list[dict]:
   """The rows a benchmark that succeeded printed as JSON lines."""
   assert result.returncode == 0, result.stderr[-3000:]
-  return [
-      json.loads(l) for l in result.stdout.splitlines() if l.startswith('{')
-  ]
+  return printed_rows(result.stdout)
+
+
+# The training step that test_benchmark_rows, the benchmark without
+# TensorFlow and the accelerator benchmark's data placement time on
+# configs/default.py: one program, which conftest.py's compilation cache
+# compiles once for all three. K=2 steps per dispatch, so that a K left at
+# its default of 1 shows.
+TRAIN_ROW = (
+    '--depths=8',
+    '--batch_sizes=8',
+    '--dtypes=float32',
+    '--steps_per_dispatch=2',
+)
 
 
 def test_benchmark_rows():
   result = benchmark(
-      '--depths=8',
-      '--batch_sizes=8',
-      '--dtypes=float32',
+      *TRAIN_ROW,
       '--modes=train,eval,data',
       '--min_seconds=0',
+      '--repeats=1',  # Repeated rows: the accelerator benchmark's test.
       '--torch=off',
   )
   rows = json_rows(result)
-  assert [r['mode'] for r in rows] == ['train', 'eval', 'data']
+  assert [(r['mode'], r['steps_per_dispatch']) for r in rows] == [
+      ('train', 2),
+      ('eval', 1),
+      ('data', 1),
+  ]
   for row in rows:
     assert row['model'] == 'ResNet-8' and row['batch'] == 8
     assert row['devices'] == 2 and row['backend'] == 'cpu'
@@ -62,7 +104,7 @@ def test_benchmark_rows():
         ('--depths=21', ('depth', 21)),
         ('--dtypes=float16', ('--dtypes', 'float16')),
         ('--modes=infer', ('--modes', 'infer')),
-        ('--batch_sizes=3', ('batch size', 3, 2)),  # Over 2 devices.
+        ('--batch_sizes=3', ('batch size', 3, 8)),  # Over 8 devices.
         ('--input_pipeline', ('--input_pipeline', '--config')),
         ('--repeats=0', ('--repeats',)),
         ('--seeds=2,0', ('--seeds',)),
@@ -70,11 +112,25 @@ def test_benchmark_rows():
     ],
 )
 def test_benchmark_bad_flags(flag, subjects):
-  assert_names(error_line(benchmark(flag, '--torch=off')), *subjects)
+  assert_names(refused(benchmark_here, flag, '--torch=off'), *subjects)
 
 
-def test_benchmark_input_pipeline_rows():
-  result = benchmark(
+def test_benchmark_bad_flag_is_one_error_line():
+  # The command line's own report of what test_benchmark_bad_flags refuses
+  # in this process.
+  assert_names(
+      error_line(benchmark('--batch_sizes=3', '--torch=off')),
+      'batch size',
+      3,
+      2,  # Over 2 devices.
+  )
+
+
+def test_benchmark_input_pipeline_rows(monkeypatch, capsys):
+  # Batches of one image per device (of the 'training loop' stage's mesh):
+  # the rows, not their speed, are checked.
+  monkeypatch.setattr(benchmark_lib, 'INPUT_BATCH', jax.device_count())
+  benchmark_here(
       '--input_pipeline',
       '--input_images=2',
       '--input_threads=1,2',
@@ -82,7 +138,8 @@ def test_benchmark_input_pipeline_rows():
       '--repeats=2',
       config='configs/imagenet_resnet18.py',
   )
-  rows = json_rows(result)
+  stdout = capsys.readouterr().out
+  rows = printed_rows(stdout)
   assert [(r['stage'], r['threads']) for r in rows] == [
       (stage, threads)
       for stage in (
@@ -107,7 +164,7 @@ def test_benchmark_input_pipeline_rows():
           re.findall(
               r'^(decode|decode window|resize-then-crop|baseline|augment|'
               r'training loop) +[12] +\d',
-              result.stdout,
+              stdout,
               re.M,
           )
       )
@@ -115,10 +172,10 @@ def test_benchmark_input_pipeline_rows():
   )
 
 
-def test_benchmark_multiscale_counts_one_compilation_per_bucket():
+def test_benchmark_multiscale_counts_one_compilation_per_bucket(capsys):
   # A fully-convolutional ResNet-8 (CIFAR form: fast) for ImageNet's 1000
   # classes, on random images of ImageNet's sizes at two small scales.
-  result = benchmark(
+  row = benchmark_here(
       '--multiscale',
       '--multiscale_images=6',
       '--multiscale_checked=2',
@@ -128,7 +185,7 @@ def test_benchmark_multiscale_counts_one_compilation_per_bucket():
       '--config.eval_batch_size=8',
       config='configs/imagenet_resnet18.py',
   )
-  (row,) = json_rows(result)
+  assert printed_rows(capsys.readouterr().out) == [row]
   assert row['images'] == 6 and row['views'] == 12
   assert 1 <= row['compilations'] <= row['buckets'] < row['view_shapes']
   # Probabilities summed over 2 scales, each the same sums as the view's
@@ -247,10 +304,10 @@ runpy.run_module(module, run_name='__main__')
 """
 
 
-def run_blocked(module, blocked, *flags):
+def run_blocked(module, blocked, *args):
   """``python -m module`` on 2 CPU devices, with ``blocked`` unimportable."""
   return finish(
-      [sys.executable, '-c', BLOCK_IMPORTS, module, ','.join(blocked), *flags]
+      [sys.executable, '-c', BLOCK_IMPORTS, module, ','.join(blocked), *args]
   )
 
 
@@ -261,16 +318,15 @@ def test_benchmark_runs_without_tensorflow_tfds_or_clu():
       'resnet_jax.benchmark',
       ('tensorflow', 'tensorflow_datasets', 'clu'),
       '--config=configs/default.py',
-      '--depths=14',
-      '--batch_sizes=8',
-      '--dtypes=float32',
+      *TRAIN_ROW,
       '--modes=train',
       '--min_seconds=0',
+      '--repeats=1',
       '--torch=off',
       '--plain',
   )
   rows = json_rows(result)
-  assert [r['model'] for r in rows] == ['ResNet-14', 'plain-14']
+  assert [r['model'] for r in rows] == ['ResNet-8', 'plain-8']
   assert all(r['scan_blocks'] for r in rows)
   assert rows[0]['residual_tax'] == pytest.approx(
       rows[1]['images_per_s'] / rows[0]['images_per_s']
@@ -298,7 +354,7 @@ def test_accelerator_benchmark_without_tensorflow_clu_or_torch(tmp_path):
       'resnet_jax.accelerator_benchmark',
       ('tensorflow', 'tensorflow_datasets', 'clu', 'torch'),
       f'--out={tmp_path}',
-      '--depths=8',
+      '--depths=8',  # The data placement at K=2: TRAIN_ROW's step.
       '--batch_sizes=8',
       '--dtypes=float32',
       '--steps_per_dispatch=2,4',
@@ -344,36 +400,50 @@ def test_accelerator_benchmark_without_tensorflow_clu_or_torch(tmp_path):
   )
 
 
-@pytest.mark.parametrize('placement', ['vmap', 'shard_map'])
-def test_each_seed_side_by_side_is_its_step_alone(placement):
-  from configs import smoke  # pylint: disable=g-import-not-at-top
-  from resnet_jax import benchmark  # pylint: disable=g-import-not-at-top
-  from resnet_jax import train  # pylint: disable=g-import-not-at-top
+SEEDS = 2  # shard_map: one per device, on 2 of the 8 simulated.
 
-  seeds = 2  # shard_map: one per device, on 2 of the 8 simulated.
+
+def side_by_side_config(per_dispatch):
+  return benchmark_lib.benchmark_config(
+      smoke.get_config(),
+      8,
+      8,
+      'float32',
+      remat=False,
+      steps_per_dispatch=per_dispatch,
+  )
+
+
+@pytest.fixture(scope='module')
+def steps_alone():
+  """Each seed's first training dispatch alone, as ``train.setup`` makes it
+  on one device: (state, metrics) by steps per dispatch and seed. Every
+  placement is compared with the same."""
+  alone = {}
+  for per_dispatch in (1, 2):
+    for i in range(SEEDS):
+      config = side_by_side_config(per_dispatch)
+      config.seed += i
+      inputs, steps, state, _ = train.setup(config, jax.devices()[:1])
+      alone[per_dispatch, i] = steps.train(state, *next(inputs.train(0)))
+  return alone
+
+
+@pytest.mark.parametrize('placement', ['vmap', 'shard_map'])
+def test_each_seed_side_by_side_is_its_step_alone(placement, steps_alone):
   # One seed per device is that seed's own program: bitwise equal (measured).
   rtol = 1e-5 if placement == 'vmap' else 0
   for per_dispatch in (1, 2):
-    config = benchmark.benchmark_config(
-        smoke.get_config(),
-        8,
-        8,
-        'float32',
-        remat=False,
-        steps_per_dispatch=per_dispatch,
-    )
-    fn, stacked, images, labels = benchmark.batched_seeds(
-        config, placement, seeds
+    config = side_by_side_config(per_dispatch)
+    fn, stacked, images, labels = benchmark_lib.batched_seeds(
+        config, placement, SEEDS
     )
     assert len(stacked.params['head']['bias'].sharding.device_set) == (
         1 if placement == 'vmap' else 2
     )
     together, metrics = fn(stacked, images, labels)
-    for i in range(seeds):
-      alone_config = config.copy_and_resolve_references()
-      alone_config.seed = config.seed + i
-      inputs, steps, state, _ = train.setup(alone_config, jax.devices()[:1])
-      alone, alone_metrics = steps.train(state, *next(inputs.train(0)))
+    for i in range(SEEDS):
+      alone, alone_metrics = steps_alone[per_dispatch, i]
       seed = jax.tree.map(lambda x, i=i: x[i], together)
       # Batched, the seeds' convolutions become grouped ones: sums in another
       # order, a few float32 ulps apart (2e-6 of a leaf's scale measured
