@@ -152,6 +152,18 @@ def smoke_config(**fields):
   return config
 
 
+def config_flags(**fields):
+  """``fields`` as the command line's ``--config.FIELD=VALUE`` flags."""
+  return tuple(f'--config.{field}={value}' for field, value in fields.items())
+
+
+def printed(capsys, call, *args, **kwargs) -> str:
+  """What ``call`` prints on stdout, in this process."""
+  capsys.readouterr()
+  call(*args, **kwargs)
+  return capsys.readouterr().out
+
+
 def assert_names(message, *subjects):
   """That ``message`` names each of ``subjects``: the paths, fields, values
   and steps a user acts on. Its wording is free to change."""

@@ -72,10 +72,9 @@ def test_a_single_v5e_chip_fits_and_an_impossible_batch_is_a_row():
   config = smoke.get_config()
   config.batch_size, config.eval_batch_size = 2**17, 2**21
   devices = compile_lib.topology('v5e:1x1')
+  chip = compile_lib.CHIPS[devices[0].device_kind]
   for program in compile_lib.programs(config, devices, hosts=1):
-    row, compiled = compile_lib.compile_row(
-        program, compile_lib.CHIPS[devices[0].device_kind]
-    )
+    row, compiled = compile_lib.compile_row(program, chip)
     assert not row['fits'] and row['bytes_per_chip'] > row['hbm_bytes_per_chip']
     assert compiled is None
 

@@ -19,6 +19,7 @@ from resnet_jax import metrics
 from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 from commands import assert_names
+from commands import printed
 from commands import refused
 from commands import smoke_config
 
@@ -112,10 +113,9 @@ def test_a_full_disk_is_one_line_and_the_same_command_goes_on(
   if path in ('metrics.jsonl', 'events'):
     assert max(r['step'] for r in metrics.read(tmp_path)) == 10
   # The disk has room again.
-  capsys.readouterr()
-  train.train_and_evaluate(smoke_config(), str(tmp_path))
+  out = printed(capsys, train.train_and_evaluate, smoke_config(), str(tmp_path))
   if path != 'config.json':
-    assert 'Resuming from checkpoint at step 10.' in capsys.readouterr().out
+    assert 'Resuming from checkpoint at step 10.' in out
   assert workdir_lib.checkpoint_steps(tmp_path) == {10, 20}
   assert [
       r['step'] for r in metrics.read(tmp_path) if r['split'] == 'train'

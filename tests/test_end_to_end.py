@@ -23,11 +23,13 @@ import pytest
 
 from commands import assert_names
 from commands import command
+from commands import config_flags
 from commands import distributed
 from commands import error_line
 from commands import free_port
 from commands import ok
 from commands import params
+from commands import printed
 from commands import python
 from commands import records
 from commands import refused
@@ -142,9 +144,7 @@ def test_metrics_exact_after_a_kill_before_the_first_checkpoint(tmp_path):
       eval_every_steps=30,
       checkpoint_every_steps=60,
   )
-  process = start(
-      command(tmp_path, *(f'--config.{k}={v}' for k, v in fields.items()))
-  )
+  process = start(command(tmp_path, *config_flags(**fields)))
   metrics = tmp_path / 'metrics.jsonl'
   deadline = time.time() + 300
   while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
@@ -291,10 +291,10 @@ def test_training_falls_back_from_a_corrupt_checkpoint(
   message = refused(evaluate_in_process, workdir)
   assert_names(message, 'checkpoint 20', workdir, 'params')
   with pytest.warns(UserWarning) as warned:
-    train_in_process(workdir, train_length=30)
+    out = printed(capsys, train_in_process, workdir, train_length=30)
   warnings = [str(w.message) for w in warned]
   assert any('checkpoint 20' in w and 'params' in w for w in warnings)
-  assert 'Resuming from checkpoint at step 10' in capsys.readouterr().out
+  assert 'Resuming from checkpoint at step 10' in out
   # Kept, aside, beside (not inside) the one moved there before.
   aside = workdir / 'corrupt_checkpoints' / '20.1'
   assert any(f'(moved to {aside})' in w for w in warnings), warnings
@@ -365,9 +365,9 @@ def test_a_checkpoint_of_other_code_is_refused_and_kept(
     evaluated = evaluate_in_process(workdir)
   # Evaluation reads the weights alone: the optimiser's form is no matter.
   assert evaluated == evaluate_in_process(workdir)
-  capsys.readouterr()
-  train_in_process(workdir, train_length=30)
-  assert 'Resuming from checkpoint at step 20.' in capsys.readouterr().out
+  assert 'Resuming from checkpoint at step 20.' in printed(
+      capsys, train_in_process, workdir, train_length=30
+  )
 
 
 def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from commands import assert_names
 from commands import error_line
 from commands import ok
+from commands import printed
 from commands import python
 from commands import refused
 from commands import run
@@ -174,8 +175,12 @@ def test_metrics_lines_that_are_not_records(trained, tmp_path, capsys):
       b'{"step": true, "split": "train"}',
   ]
   (workdir / 'metrics.jsonl').write_bytes(b'\n'.join(bad) + b'\n' + good)
-  train.train_and_evaluate(smoke_config(train_length=20), str(workdir))
-  assert 'Resuming from checkpoint at step 10.' in capsys.readouterr().out
+  assert 'Resuming from checkpoint at step 10.' in printed(
+      capsys,
+      train.train_and_evaluate,
+      smoke_config(train_length=20),
+      str(workdir),
+  )
   # The resume kept the records up to its checkpoint, and only them.
   kept = [l for l in good.splitlines() if b'final_test' not in l]
   lines = (workdir / 'metrics.jsonl').read_bytes().splitlines()

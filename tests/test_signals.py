@@ -20,10 +20,12 @@ from resnet_jax import train
 from resnet_jax import workdir as workdir_lib
 from commands import assert_names
 from commands import command
+from commands import config_flags
 from commands import distributed
 from commands import free_port
 from commands import module
 from commands import params
+from commands import printed
 from commands import records
 from commands import smoke_config
 from commands import start
@@ -35,7 +37,7 @@ FIELDS = {
     'eval_every_steps': 20,
     'checkpoint_every_steps': 1000,
 }
-FLAGS = tuple(f'--config.{field}={value}' for field, value in FIELDS.items())
+FLAGS = config_flags(**FIELDS)
 
 
 def wait_for_training(process, workdir):
@@ -78,9 +80,9 @@ def test_a_signal_saves_the_step_and_the_run_resumes_exactly(
   assert records(stopped, 'train')[-1]['step'] == step - step % 5
 
   config = smoke_config(**FIELDS, train_length=step + 5)
-  capsys.readouterr()
-  train.train_and_evaluate(config, str(stopped))
-  assert f'Resuming from checkpoint at step {step}.' in capsys.readouterr().out
+  assert f'Resuming from checkpoint at step {step}.' in printed(
+      capsys, train.train_and_evaluate, config, str(stopped)
+  )
   train.train_and_evaluate(config, str(tmp_path / 'straight'))
   for x, y in zip(
       jax.tree.leaves(params(tmp_path / 'straight', step + 5)),
@@ -101,9 +103,10 @@ def straight(tmp_path_factory):
   return workdir
 
 
-def signal_after(monkeypatch, step, split, signum):
-  """Sends this process ``signum`` as the run writes ``step``'s ``split``
-  record: a signal at a known moment, which the run's handler receives."""
+def stopped_run(monkeypatch, workdir, step, split, signum):
+  """The smoke run in ``workdir``, sent ``signum`` by its own process as it
+  writes ``step``'s ``split`` record (a signal at a known moment, which the
+  run's handler receives): what it says as it stops."""
   append = metrics.append
 
   def append_then_signal(workdir, at, kind, values):
@@ -111,14 +114,8 @@ def signal_after(monkeypatch, step, split, signum):
     if (at, kind) == (step, split):
       os.kill(os.getpid(), signum)
 
-  monkeypatch.setattr(metrics, 'append', append_then_signal)
-
-
-def stopped_run(monkeypatch, workdir, step, split, signum):
-  """The smoke run in ``workdir``, signalled at ``step``'s ``split``
-  record: what it says as it stops."""
   with monkeypatch.context() as signalled:
-    signal_after(signalled, step, split, signum)
+    signalled.setattr(metrics, 'append', append_then_signal)
     with pytest.raises(train.Stopped) as stopped:
       train.train_and_evaluate(smoke_config(), str(workdir))
   assert stopped.value.signum == signum
@@ -144,9 +141,9 @@ def test_a_hangup_inside_a_logging_interval_keeps_its_record_whole(
   )
   assert workdir_lib.checkpoint_steps(stopped) == {6}
   assert [r['step'] for r in records(stopped, 'train')] == [5]
-  capsys.readouterr()
-  train.train_and_evaluate(smoke_config(), str(stopped))
-  assert 'Resuming from checkpoint at step 6.' in capsys.readouterr().out
+  assert 'Resuming from checkpoint at step 6.' in printed(
+      capsys, train.train_and_evaluate, smoke_config(), str(stopped)
+  )
   # Every record, step 10's training one included, is the uninterrupted
   # run's (the same float32 losses, averaged in the same order).
   assert without_speed(stopped) == without_speed(straight)
@@ -171,9 +168,9 @@ def test_a_signal_after_the_last_step_saves_and_leaves_the_final_test(
   )
   assert workdir_lib.checkpoint_steps(stopped) == {10, 20}
   assert 'final_test' not in {r['split'] for r in records(stopped)}
-  capsys.readouterr()
-  train.train_and_evaluate(smoke_config(), str(stopped))
-  assert 'Resuming from checkpoint at step 20.' in capsys.readouterr().out
+  assert 'Resuming from checkpoint at step 20.' in printed(
+      capsys, train.train_and_evaluate, smoke_config(), str(stopped)
+  )
   assert without_speed(stopped) == without_speed(straight)
 
 
